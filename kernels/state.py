@@ -1,0 +1,69 @@
+"""The per-sequence Fenwick-tree hidden state and level arithmetic shared by every op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FenwickState:
+    """Fenwick state of N sequences.
+
+    levels: [N, L, H, K, V] float32 (float64 in fp64 checks); ``levels[n, l]`` is ``S[l]`` of the
+        recurrence for sequence n after ``positions[n]`` tokens.
+    positions: [N] int64, the number of tokens absorbed so far.
+    """
+
+    levels: torch.Tensor  # (N, L, H, K, V)
+    positions: torch.Tensor  # (N,)
+
+    def __post_init__(self) -> None:
+        if self.levels.dim() != 5:
+            raise ValueError(f"FenwickState.levels must be [N, L, H, K, V], got {tuple(self.levels.shape)}")
+        if self.positions.shape != (self.levels.shape[0],):
+            raise ValueError(
+                f"FenwickState.positions must be [N={self.levels.shape[0]}], got {tuple(self.positions.shape)}"
+            )
+
+    @classmethod
+    def zeros(cls, n: int, num_levels: int, num_heads: int, k_dim: int, v_dim: int, *,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> FenwickState:
+        levels = torch.zeros(n, num_levels, num_heads, k_dim, v_dim, device=device, dtype=dtype)
+        return cls(levels, torch.zeros(n, dtype=torch.int64, device=device))
+
+    def clone(self) -> FenwickState:
+        return FenwickState(self.levels.clone(), self.positions.clone())
+
+
+def num_levels_for(length: int) -> int:
+    """Levels needed by positions 0..length-1: bitlen(length - 1) + 1."""
+    return max(int(length - 1).bit_length(), 0) + 1
+
+
+def max_positions(num_levels: int) -> int:
+    """Longest sequence that ``num_levels`` levels can hold: 2^(L-1)."""
+    return 1 << (num_levels - 1)
+
+
+def level_matrix(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """level(t, s) for broadcastable int64 position tensors: 0 on the diagonal, bitlen(t ^ s) else.
+
+    Only meaningful for s <= t.
+    """
+    x = torch.bitwise_xor(t, s)
+    lvl = torch.zeros_like(x)
+    nz = x > 0
+    # bitlen(x) = floor(log2 x) + 1; exact for x < 2^53
+    lvl[nz] = torch.floor(torch.log2(x[nz].double())).long() + 1
+    return lvl
+
+
+def ctz(t: torch.Tensor) -> torch.Tensor:
+    """Index of the lowest set bit of each positive int64 in t (-1 where t == 0)."""
+    low = torch.bitwise_and(t, -t)
+    out = torch.full_like(t, -1)
+    nz = t > 0
+    out[nz] = torch.round(torch.log2(low[nz].double())).long()
+    return out

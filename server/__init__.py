@@ -1,0 +1,1 @@
+"""Fenwick's OpenAI-compatible HTTP server."""
