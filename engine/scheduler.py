@@ -1,0 +1,161 @@
+"""Continuous batching over state slots: who runs how many tokens this step. Holds no tensors.
+
+Each step has one token budget. Decodes go first (one token per live sequence), then the next prompt
+chunk of requests already prefilling, then new requests from the waiting queue (first come, first
+served) while slots and budget last. A prompt chunk is at most ``long_prefill_chunk`` tokens; the
+runner routes by token count (more than one: chunk path, exactly one: step path). A request holds
+``n`` slots from admission to its end: its prompt runs in ``seqs[0]``'s slot and is forked into the
+others after the last chunk. ``prompt + max_tokens <= max_model_len`` is checked on arrival, so a
+running request never runs out of room and nothing is ever preempted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError, QueueFullError
+from engine.request import Request, RequestStatus, Sequence
+from engine.state_pool import SlotAllocator
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int  # sequences holding a slot at once (<= slots in the pool)
+    max_num_batched_tokens: int  # token budget per step, shared by decodes and prompt chunks
+    long_prefill_chunk: int  # most prompt tokens one request runs in one step
+    max_waiting: int  # bound of the waiting queue (QueueFullError beyond it)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence  # whose slot absorbs the tokens (seqs[0] for a prompt chunk)
+    token_ids: list[int]  # prompt slice, or the one last sampled token of a decode
+    is_prompt: bool  # a prompt chunk (else a decode)
+    sample: bool  # sample after it: a decode, or the prompt's last chunk
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes first, then prompt chunks
+    reset_slots: list[int] = field(default_factory=list)  # zero before running (new requests' slot 0)
+    forks: list[tuple[int, list[int]]] = field(default_factory=list)  # (src, dsts): copy after the step
+    num_prompt_tokens: int = 0
+    num_decode_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_decode_tokens
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        """Sequences that get a token this step, in sampler row order (a fork's n samples together)."""
+        out: list[Sequence] = []
+        for c in self.chunks:
+            if c.sample:
+                out.extend(c.seq.request.live_seqs if c.is_prompt else [c.seq])
+        return out
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, slots: SlotAllocator) -> None:
+        self.config = config
+        self.slots = slots
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}  # admitted, in admission order
+        self.num_running_seqs = 0
+
+    # ---- queue ---------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.params.n > min(self.config.max_num_seqs, self.slots.num_slots):
+            raise InvalidRequestError(
+                f"n={request.params.n} exceeds the {min(self.config.max_num_seqs, self.slots.num_slots)} "
+                "sequences the engine can run at once")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests)")
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request with reason "abort" and free its slots now. None if unknown or finished."""
+        request = self.running.get(request_id)
+        if request is None:
+            request = next((r for r in self.waiting if r.request_id == request_id), None)
+            if request is None:
+                return None
+            self.waiting.remove(request)
+        for seq in request.live_seqs:
+            seq.finish_reason = "abort"
+        self.free_finished(request)
+        return request
+
+    def free_finished(self, request: Request) -> None:
+        """Return the slots of finished sequences; retire the request once all n are done."""
+        for seq in request.seqs:
+            if seq.finished and seq.slot >= 0:
+                self.slots.free(seq.slot)
+                seq.slot = -1
+                self.num_running_seqs -= 1
+        if request.finished:
+            request.status = RequestStatus.FINISHED
+            self.running.pop(request.request_id, None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        for request in self.running.values():
+            if request.status is not RequestStatus.DECODE:
+                continue
+            for seq in request.live_seqs:
+                if budget == 0:
+                    break
+                out.chunks.append(ScheduledChunk(seq, [seq.token_ids[-1]], is_prompt=False, sample=True))
+                out.num_decode_tokens += 1
+                budget -= 1
+        for request in self.running.values():
+            if budget == 0:
+                break
+            if request.status is RequestStatus.PREFILL:
+                budget -= self._schedule_prompt_chunk(request, budget, out)
+        now = time.monotonic()
+        while self.waiting and budget > 0:
+            request = self.waiting[0]
+            n = request.params.n
+            if self.num_running_seqs + n > self.config.max_num_seqs or self.slots.num_free < n:
+                break
+            self.waiting.popleft()
+            for seq in request.seqs:
+                seq.slot = self.slots.allocate()
+            self.num_running_seqs += n
+            request.status = RequestStatus.PREFILL
+            request.scheduled_time = now
+            self.running[request.request_id] = request
+            out.reset_slots.append(request.seqs[0].slot)
+            budget -= self._schedule_prompt_chunk(request, budget, out)
+        return out
+
+    def _schedule_prompt_chunk(self, request: Request, budget: int, out: SchedulerOutput) -> int:
+        start = request.num_computed_tokens
+        size = min(request.num_prompt_tokens - start, self.config.long_prefill_chunk, budget)
+        request.num_computed_tokens += size
+        last = request.num_computed_tokens == request.num_prompt_tokens
+        out.chunks.append(ScheduledChunk(request.seqs[0], request.prompt_token_ids[start:start + size],
+                                         is_prompt=True, sample=last))
+        out.num_prompt_tokens += size
+        if last:
+            request.status = RequestStatus.DECODE
+            if len(request.seqs) > 1:
+                out.forks.append((request.seqs[0].slot, [s.slot for s in request.seqs[1:]]))
+        return size

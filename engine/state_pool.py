@@ -1,0 +1,108 @@
+"""The per-request state pool: one ModelState allocated once at start-up, and a slot allocator over it.
+
+Slot count = min(max_num_seqs, what fits in the memory budget). On CUDA the budget is a fraction of
+the memory free after the model is loaded, minus headroom for prefill activations; on the CPU a
+fraction of the available RAM. One extra slot past the allocator's range is reserved as the dummy
+that CUDA-graph padding rows write into; no request ever holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+class SlotAllocator:
+    """Free list over slots 0..num_slots-1 (lowest first). Pure Python, shared with the scheduler."""
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError("a state pool needs at least one slot")
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # a stack: pop() gives the lowest free slot
+        self._used: set[int] = set()
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free state slot")
+        slot = self._free.pop()
+        self._used.add(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot not in self._used:
+            raise RuntimeError(f"slot {slot} is not allocated")
+        self._used.remove(slot)
+        self._free.append(slot)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+
+def state_bytes_per_slot(model_config: Any, dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+    """Bytes one slot of ModelState takes, measured on the meta device (no memory touched)."""
+    from engine.state import ModelState
+
+    try:
+        probe = ModelState.allocate(model_config, 1, torch.device("meta"), dtype, state_dtype=state_dtype)
+    except (NotImplementedError, RuntimeError):
+        probe = ModelState.allocate(model_config, 1, torch.device("cpu"), dtype, state_dtype=state_dtype)
+    return int(probe.bytes_per_slot)
+
+
+def memory_budget(device: torch.device, memory_fraction: float, headroom_bytes: int) -> int:
+    """Bytes the pool may take: a fraction of free device memory (CUDA) or available RAM (CPU)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(int(free * memory_fraction) - headroom_bytes, 0)
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        available = 8 * GiB
+    return int(available * memory_fraction)
+
+
+class StatePool:
+    """Owns the ModelState of every running request (slots) plus the CUDA-graph dummy slot."""
+
+    def __init__(self, model_config: Any, *, max_num_seqs: int, device: torch.device, dtype: torch.dtype,
+                 state_dtype: torch.dtype, memory_fraction: float, headroom_bytes: int = 0) -> None:
+        from engine.state import ModelState
+
+        self.bytes_per_slot = state_bytes_per_slot(model_config, dtype, state_dtype)
+        budget = memory_budget(device, memory_fraction, headroom_bytes)
+        fit = budget // self.bytes_per_slot - 1  # minus the dummy slot
+        if fit < 1:
+            raise RuntimeError(
+                f"not enough memory for one state slot: {self.bytes_per_slot / 2**20:.1f} MiB per slot, "
+                f"budget {budget / 2**20:.1f} MiB on {device}")
+        num_slots = int(min(max_num_seqs, fit))
+        if num_slots < max_num_seqs:
+            logger.warning("state pool: memory fits %d slots, fewer than max_num_seqs=%d", num_slots,
+                           max_num_seqs)
+        self.state = ModelState.allocate(model_config, num_slots + 1, device, dtype, state_dtype=state_dtype)
+        self.allocator = SlotAllocator(num_slots)
+        self.dummy_slot = num_slots  # CUDA-graph padding rows write here
+        self.state.reset(torch.arange(num_slots + 1, device=device))
+        logger.info("state pool: %d slots (+1 dummy) x %.2f MiB per request (%s) = %.2f GiB on %s",
+                    num_slots, self.bytes_per_slot / 2**20, state_dtype, self.nbytes / GiB, device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.allocator.num_slots
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.state.nbytes)
