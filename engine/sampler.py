@@ -1,0 +1,150 @@
+"""Batched sampling with per-request parameters, on the logits' device.
+
+Order per row: penalties (repetition over prompt + output, presence / frequency over the output) →
+min_tokens (stop and EOS ids masked) → greedy argmax, or temperature → top_k → top_p → min_p →
+softmax → exponential race (argmax of p / q, q ~ Exp(1)). A seeded sequence draws its q from its own
+torch.Generator, one draw of [V] per token, so its samples do not depend on the batch it runs in.
+Logprobs are the log-softmax of the raw model logits (before penalties, temperature and filtering).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Sequence
+
+
+@dataclass
+class RowLogprobs:
+    sampled: float  # logprob of the sampled token
+    top_ids: list[int]  # the params.logprobs most likely tokens, most likely first
+    top_logprobs: list[float]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # [N] one per row
+    logprobs: list[RowLogprobs | None]  # [N] None where the request did not ask
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Sample `index` of an n > 1 request gets its own stream; sample 0 uses the seed itself."""
+    return seed if index == 0 else hash((seed, index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded requests
+        self._generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded sequence
+
+    def release(self, seq: Sequence) -> None:
+        self._generators.pop(seq.seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            seed = derive_seed(int(seq.request.params.seed), seq.index)  # type: ignore[arg-type]
+            gen = self._generators[seq.seq_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return gen
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits: [N, V] (any float dtype), row i for seqs[i] -> one token per row."""
+        n_rows, vocab = logits.shape
+        raw = logits.float()  # (N, V)
+        x = raw.clone()
+        params = [s.request.params for s in seqs]
+        self._apply_penalties(x, seqs)
+        self._mask_min_tokens(x, seqs)
+        greedy = [p.greedy for p in params]
+        sampled = x.argmax(dim=-1)  # (N,)
+        if not all(greedy):
+            idx = [i for i, g in enumerate(greedy) if not g]
+            rows = torch.tensor(idx, device=x.device)
+            sampled[rows] = self._sample_random(x[rows], [seqs[i] for i in idx])
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs: list[RowLogprobs | None] = [None] * n_rows
+        if want:
+            rows = torch.tensor(want, device=x.device)
+            lp = torch.log_softmax(raw[rows], dim=-1)  # (M, V)
+            k = max(int(params[i].logprobs or 0) for i in want)
+            top_v, top_i = lp.topk(max(k, 1), dim=-1)  # (M, k)
+            picked = lp.gather(1, sampled[rows][:, None])[:, 0]
+            picked_l, top_vl, top_il = picked.tolist(), top_v.tolist(), top_i.tolist()
+            for j, i in enumerate(want):
+                ki = int(params[i].logprobs or 0)
+                logprobs[i] = RowLogprobs(picked_l[j], top_il[j][:ki], top_vl[j][:ki])
+        return SamplerOutput(sampled.tolist(), logprobs)
+
+    def _apply_penalties(self, x: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows = [i for i, s in enumerate(seqs) if _has_penalty(s)]
+        if not rows:
+            return
+        vocab = x.shape[1]
+        dev = x.device
+        out_ids = _pad([seqs[i].token_ids for i in rows], vocab, dev)  # (M, Tout), pad = vocab
+        prompt_ids = _pad([seqs[i].request.prompt_token_ids for i in rows], vocab, dev)  # (M, Tp)
+        counts = torch.zeros(len(rows), vocab + 1, device=dev)
+        counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
+        counts = counts[:, :vocab]  # (M, V) output token counts
+        in_prompt = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=dev)
+        in_prompt.scatter_(1, prompt_ids, True)
+        seen = in_prompt[:, :vocab] | (counts > 0)
+        p = [seqs[i].request.params for i in rows]
+        rep = torch.tensor([q.repetition_penalty for q in p], device=dev)[:, None]
+        freq = torch.tensor([q.frequency_penalty for q in p], device=dev)[:, None]
+        pres = torch.tensor([q.presence_penalty for q in p], device=dev)[:, None]
+        idx = torch.tensor(rows, device=dev)
+        sub = x[idx]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - freq * counts - pres * (counts > 0).float()
+        x[idx] = sub
+
+    def _mask_min_tokens(self, x: torch.Tensor, seqs: list[Sequence]) -> None:
+        vocab = x.shape[1]
+        pairs = [(i, t) for i, s in enumerate(seqs) if len(s.token_ids) < s.request.params.min_tokens
+                 for t in s.request.stop_ids if t < vocab]
+        if pairs:
+            r, c = zip(*pairs, strict=True)
+            x[torch.tensor(r, device=x.device), torch.tensor(c, device=x.device)] = float("-inf")
+
+    def _sample_random(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """x: [M, V] penalised logits of the non-greedy rows -> [M] sampled ids."""
+        dev = x.device
+        params = [s.request.params for s in seqs]
+        vocab = x.shape[1]
+        x = x / torch.tensor([p.temperature for p in params], device=dev)[:, None]
+        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
+            xs, order = x.sort(dim=-1, descending=True)  # (M, V)
+            rank = torch.arange(vocab, device=dev)[None, :]
+            drop = rank >= torch.tensor(top_k, device=dev)[:, None]
+            xs = xs.masked_fill(drop, float("-inf"))
+            ps = torch.softmax(xs, dim=-1)
+            before = ps.cumsum(dim=-1) - ps  # mass strictly above each token
+            drop = before >= torch.tensor([p.top_p for p in params], device=dev)[:, None]
+            drop[:, 0] = False
+            xs = xs.masked_fill(drop, float("-inf"))
+            x = torch.empty_like(x).scatter_(1, order, xs)
+        probs = torch.softmax(x, dim=-1)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        q = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, s in enumerate(seqs):
+            if s.request.params.seed is not None:
+                q[i].exponential_(generator=self._generator(s))
+        return (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
+
+
+def _has_penalty(s: Sequence) -> bool:
+    p = s.request.params
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
