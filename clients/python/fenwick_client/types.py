@@ -1,0 +1,153 @@
+"""Typed responses of the Fenwick HTTP API (OpenAI's shapes plus Fenwick's /tokenize and /detokenize).
+
+Every model accepts fields it does not know, so a newer server never breaks an older client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Usage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(_Model):
+    tokens: list[str] | None = None
+    token_logprobs: list[float | None] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
+    text_offset: list[int] | None = None
+
+
+class CompletionChoice(_Model):
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(_Model):
+    """Response of POST /v1/completions; also each chunk of its stream (`object: text_completion`)."""
+
+    id: str = ""
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    choices: list[CompletionChoice] = []
+    usage: Usage | None = None
+
+
+CompletionChunk = Completion
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "tool", "developer"] | str
+    content: str | None = None
+
+
+class ChatChoice(_Model):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletion(_Model):
+    """Response of POST /v1/chat/completions."""
+
+    id: str = ""
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChoice] = []
+    usage: Usage | None = None
+
+
+class ChoiceDelta(_Model):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Model):
+    index: int = 0
+    delta: ChoiceDelta = ChoiceDelta()
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(_Model):
+    """One event of a chat stream; the last one carries only `usage` when `include_usage` is set."""
+
+    id: str = ""
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChunkChoice] = []
+    usage: Usage | None = None
+
+
+class Model(_Model):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "fenwick"
+    max_model_len: int | None = None
+
+
+class ModelList(_Model):
+    object: str = "list"
+    data: list[Model] = []
+
+
+class TokenizeResponse(_Model):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None = None
+
+
+class DetokenizeResponse(_Model):
+    prompt: str
+
+
+class VersionResponse(_Model):
+    version: str = ""
+
+
+class ErrorBody(_Model):
+    """The `error` object of OpenAI's error shape."""
+
+    message: str = ""
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+    @classmethod
+    def from_payload(cls, payload: Any) -> ErrorBody | None:
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            return cls.model_validate(payload["error"])
+        return None
