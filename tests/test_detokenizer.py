@@ -1,0 +1,79 @@
+"""Incremental detokenization on a byte-level BPE that splits multi-byte characters; stop-string helpers."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, find_stop, stop_prefix_len
+
+CORPUS = ["hello world, the quick brown fox jumps over the lazy dog", "streaming text one token at a time"] * 20
+TEXT = "hello 世界! café — 🦊 jumps over the lazy 🐶 dog, ça va? 日本語のテキスト"
+
+
+class Wrapped:
+    """The `decode(ids, skip_special_tokens)` shape of engine.tokenizer.Tokenizer."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+
+@pytest.fixture(scope="module")
+def tok() -> Wrapped:
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    t.train_from_iterator(CORPUS, trainer)
+    return Wrapped(t)
+
+
+def test_multibyte_characters_are_split_across_tokens(tok: Wrapped) -> None:
+    ids = tok.encode(TEXT)
+    assert any(REPLACEMENT in tok.decode([i]) for i in ids)  # the test exercises partial characters
+
+
+@pytest.mark.parametrize("prompt", ["", "say: ", "emoji 🦊"], ids=["no-prompt", "ascii-prompt", "emoji-prompt"])
+def test_streamed_text_equals_full_decode_and_never_has_replacement(tok: Wrapped, prompt: str) -> None:
+    prompt_ids = tok.encode(prompt) if prompt else []
+    ids = tok.encode(TEXT)
+    detok = IncrementalDetokenizer(tok, prompt_ids)
+    deltas = [detok.step(i) for i in ids]
+    assert all(REPLACEMENT not in d for d in deltas)
+    assert "".join(deltas) + detok.flush() == TEXT == tok.decode(ids)
+    assert sum(1 for d in deltas if d == "") > 0  # some tokens had to wait for the rest of a character
+
+
+def test_special_tokens_skipped_or_kept(tok: Wrapped) -> None:
+    eos = tok.tok.token_to_id("<eos>")
+    ids = tok.encode("hello") + [eos]
+    skip = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    keep = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+    assert "".join(skip.step(i) for i in ids) == "hello"
+    assert "".join(keep.step(i) for i in ids) == "hello<eos>"
+
+
+def test_flush_releases_a_truly_incomplete_tail(tok: Wrapped) -> None:
+    ids = tok.encode("a🦊")
+    detok = IncrementalDetokenizer(tok, [])
+    text = "".join(detok.step(i) for i in ids[:-1])
+    assert REPLACEMENT not in text
+    assert REPLACEMENT in text + detok.flush()
+
+
+def test_find_stop_and_holdback() -> None:
+    assert find_stop("abc STOP def", 0, ["STOP"]) == (4, "STOP")
+    assert find_stop("abc STO", 0, ["STOP"]) is None
+    assert find_stop("xx abSTOP", 4, ["STOP", "ab"]) == (3, "ab")  # 'ab' ends inside the new text
+    assert find_stop("ab____ new", 8, ["ab"]) is None  # an old match is not re-found
+    assert stop_prefix_len("hello ST", ["STOP"]) == 2
+    assert stop_prefix_len("hello S", ["STOP", "xyz"]) == 1
+    assert stop_prefix_len("hello", ["STOP"]) == 0
+    assert stop_prefix_len("aaa", ["aaab"]) == 3
