@@ -15,3 +15,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---- tiny model directories (tests/tiny.py), built once per session ----------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random model directory with adaptive (mlp) decay."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_mlp"), lambda_mode="mlp")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_linear(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random model directory with FLA's linear λ (the L parameter)."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_linear"), lambda_mode="linear")

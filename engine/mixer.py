@@ -1,0 +1,210 @@
+"""The log-linear Mamba-2 mixer (DESIGN §2): in_proj → conv1d → log-linear attention → gated norm → out_proj.
+
+Parameter names and shapes follow FLA's ``LogLinearMamba2`` layer so that its checkpoints load unchanged.
+Small parameters (A_log, dt_bias, D, L, the λ MLP and every norm weight) are kept in float32 and the
+norms, Δ, g and λ are computed in float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from engine.model_config import ModelConfig
+from kernels import FenwickState
+
+
+def inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32 over groups of ``group_size`` channels; the weight is stored in float32."""
+
+    def __init__(self, size: int, eps: float, group_size: int | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size or size
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float().unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return xf.flatten(-2) * self.weight.float()  # float32; callers cast
+
+
+class LambdaMLP(nn.Module):
+    """Adaptive decay: λ = softplus(fc2(GELU(fc1(dl)))) over the level axis, shared across heads."""
+
+    def __init__(self, levels: int, hidden: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(levels, hidden, device=device, dtype=torch.float32)
+        self.fc2 = nn.Linear(hidden, levels, device=device, dtype=torch.float32)
+        if self.fc2.weight.device.type != "meta":
+            with torch.no_grad():
+                self.fc2.weight.zero_()
+                self.fc2.bias.fill_(inv_softplus(1.0))  # λ = 1 at initialisation
+
+    def forward(self, dl: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.fc2(F.gelu(self.fc1(dl.float()))))
+
+
+class LogLinearMamba2Mixer(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        H, I, W = c.num_heads, c.intermediate_size, c.conv_kernel
+        f32 = dict(device=device, dtype=torch.float32)
+        self.in_proj = nn.Linear(c.hidden_size, c.in_proj_size, bias=c.use_bias, device=device, dtype=dtype)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, W, groups=c.conv_dim, padding=W - 1, bias=c.use_conv_bias,
+                                device=device, dtype=dtype)
+        self.dt_bias = nn.Parameter(torch.full((H,), inv_softplus(0.01), **f32))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, H + 1, **f32)))
+        if c.lambda_mode == "linear":
+            self.L = nn.Parameter(torch.ones(H, c.lambda_levels, **f32))
+        elif c.lambda_mode == "mlp":
+            self.lambda_mlp = LambdaMLP(c.lambda_levels, c.lambda_mlp_hidden, device=device)
+        self.D = nn.Parameter(torch.ones(I if c.D_has_hdim else H, **f32))
+        if c.rmsnorm:
+            self.norm = RMSNorm(I, c.norm_eps, group_size=I // c.n_groups, device=device)
+        self.out_proj = nn.Linear(I, c.hidden_size, bias=c.use_bias, device=device, dtype=dtype)
+
+    # ---- pieces shared by every path -------------------------------------------------------------------------
+    def _split(self, proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c = self.config
+        return proj.split([c.intermediate_size, c.conv_dim, c.num_heads, c.num_heads * c.lambda_levels], dim=-1)
+
+    def _level_scales(self, dl: torch.Tensor) -> torch.Tensor:
+        """dl: [..., H * L] -> λ: [..., H, L] float32."""
+        c = self.config
+        dl = dl.unflatten(-1, (c.num_heads, c.lambda_levels))  # (..., H, L)
+        if c.lambda_mode == "linear":
+            return F.softplus(self.L * dl.float())
+        if c.lambda_mode == "mlp":
+            return self.lambda_mlp(dl)
+        return torch.ones(dl.shape, device=dl.device, dtype=torch.float32)
+
+    def _attn_inputs(self, xBC: torch.Tensor, dt: torch.Tensor, dl: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """xBC (after conv + SiLU): [..., conv_dim]; dt: [..., H]; dl: [..., H * L].
+
+        Returns q, k: [..., G, K]; v, x: [..., H, V]; g: [..., H] float32; λ: [..., H, L] float32.
+        """
+        c = self.config
+        GK = c.n_groups * c.state_size
+        x, B, C = xBC.split([c.intermediate_size, GK, GK], dim=-1)
+        x = x.unflatten(-1, (c.num_heads, c.head_dim))  # (..., H, V)
+        delta = F.softplus(dt.float() + self.dt_bias)  # (..., H)
+        g = -torch.exp(self.A_log.float()) * delta
+        v = (x * delta[..., None]).to(x.dtype)
+        q = C.unflatten(-1, (c.n_groups, c.state_size))  # (..., G, K)
+        k = B.unflatten(-1, (c.n_groups, c.state_size))
+        return q, k, v, g, self._level_scales(dl), x
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """o, x: [..., H, V]; z: [..., I] -> out_proj(norm(y, z)): [..., hidden]."""
+        c = self.config
+        D = self.D.view(c.num_heads, c.head_dim) if c.D_has_hdim else self.D[:, None]
+        y = (o.float() + x.float() * D).flatten(-2)  # (..., I)
+        if not c.rmsnorm:
+            y = y * F.silu(z.float())
+        elif c.norm_before_gate:
+            y = self.norm(y) * F.silu(z.float())
+        else:
+            y = self.norm(y * F.silu(z.float()))
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def _conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight[:, 0].float()  # (conv_dim, W)
+
+    def _conv_bias(self) -> torch.Tensor | float:
+        return self.conv1d.bias.float() if self.conv1d.bias is not None else 0.0
+
+    # ---- full sequence from an empty state ----------------------------------------------------------------
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, T, hidden] -> [B, T, hidden]."""
+        z, xBC, dt, dl = self._split(self.in_proj(h))
+        xBC = F.silu(self._causal_conv(xBC.float().transpose(1, 2)))  # (B, conv_dim, T)
+        xBC = xBC.transpose(1, 2).to(h.dtype)  # (B, T, conv_dim)
+        q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
+        o, _ = kernels.chunk_log_linear_attn(q, k, v, g, lam, scale=1.0)
+        return self._output(o, x, z)
+
+    def _causal_conv(self, xf: torch.Tensor) -> torch.Tensor:
+        """xf: [B, conv_dim, T] float32 -> causal depthwise conv: [B, conv_dim, T] (before SiLU)."""
+        W = self.config.conv_kernel
+        bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
+        return F.conv1d(F.pad(xf, (W - 1, 0)), self._conv_weight()[:, None], bias, groups=xf.shape[1])
+
+    # ---- packed sequences continuing from saved state -------------------------------------------------------
+    def prefill(self, h: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
+                fenwick: FenwickState) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
+        """Continue N packed sequences from their state.
+
+        Args:
+            h: [1, T_total, hidden]; cu_seqlens: [N + 1] int64 (every sequence non-empty);
+            conv_state: [N, conv_dim, W - 1], the last conv inputs of each sequence (oldest first);
+            fenwick: FenwickState of the N sequences (levels float32).
+        Returns:
+            (out [1, T_total, hidden], new conv_state [N, conv_dim, W - 1], final FenwickState).
+        """
+        W = self.config.conv_kernel
+        z, xBC, dt, dl = self._split(self.in_proj(h))
+        # Extended rows: each sequence's W - 1 saved inputs followed by its new tokens, addressed by index.
+        ext = torch.cat([conv_state.transpose(1, 2).flatten(0, 1).to(xBC.dtype), xBC[0]])  # (N*(W-1)+T, conv_dim)
+        T = xBC.shape[1]
+        idx = _window_index(cu_seqlens, T, W)  # (T_total + N*(W-1), W): rows feeding each output / new state row
+        weight, bias = self._conv_weight(), self._conv_bias()
+        acc = sum(ext[idx[:T, w]].float() * weight[:, w] for w in range(W)) + bias  # (T_total, conv_dim)
+        xBC = F.silu(acc).to(h.dtype)[None]  # (1, T_total, conv_dim)
+        new_conv = ext[idx[T:, -1]].view(-1, W - 1, ext.shape[-1]).transpose(1, 2)  # (N, conv_dim, W-1)
+        q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
+        o, final = kernels.chunk_log_linear_attn(q, k, v, g, lam, scale=1.0, initial_state=fenwick,
+                                                 output_final_state=True, cu_seqlens=cu_seqlens)
+        return self._output(o, x, z), new_conv, final
+
+    # ---- one token per sequence, state pools updated in place ------------------------------------------------
+    def decode(self, h: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor, slots: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """h: [N, hidden]; conv_pool: [P, conv_dim, W - 1]; levels_pool: [P, L, H, K, V]; slots, positions: [N].
+
+        Returns [N, hidden]. Writes conv_pool[slots] and levels_pool[slots]; no host synchronisation.
+        """
+        z, xBC, dt, dl = self._split(self.in_proj(h))
+        window = torch.cat([conv_pool[slots], xBC[:, :, None].to(conv_pool.dtype)], dim=-1)  # (N, conv_dim, W)
+        conv_pool[slots] = window[:, :, 1:]
+        acc = (window.float() * self._conv_weight()).sum(-1) + self._conv_bias()
+        xBC = F.silu(acc).to(h.dtype)  # (N, conv_dim)
+        q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
+        o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0)
+        return self._output(o, x, z)
+
+
+def _window_index(cu_seqlens: torch.Tensor, T: int, W: int) -> torch.Tensor:
+    """Row indices into ``ext`` = [saved windows of N sequences (W-1 rows each); packed tokens].
+
+    Row r < T_total of the result lists the W extended rows that the conv output at packed token r reads
+    (oldest first); the N * (W - 1) rows after it list, in their last column, the rows that become each
+    sequence's new saved window.
+    """
+    device = cu_seqlens.device
+    cu = cu_seqlens.long()
+    N = cu.numel() - 1
+    lens = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(N, device=device), lens, output_size=T)  # (T,)
+    offs = torch.arange(T, device=device) - cu[:-1][seq]  # token offset within its sequence
+    # The new window of sequence n ends at its last token: offsets len-W+1 .. len-1, one row each.
+    tail_seq = torch.arange(N, device=device).repeat_interleave(W - 1)
+    tail_off = lens[tail_seq] - (W - 1) + torch.arange(W - 1, device=device).repeat(N)
+    seq = torch.cat([seq, tail_seq])
+    offs = torch.cat([offs, tail_off])
+    rel = offs[:, None] + torch.arange(-(W - 1), 1, device=device)  # (rows, W) offsets, may be negative
+    token_row = N * (W - 1) + cu[:-1][seq][:, None] + rel
+    saved_row = seq[:, None] * (W - 1) + (W - 1) + rel
+    return torch.where(rel >= 0, token_row, saved_row)

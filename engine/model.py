@@ -1,0 +1,149 @@
+"""Log-linear Mamba-2 causal LM, weight-compatible with FLA's ``log_linear_mamba2`` (DESIGN §2).
+
+Three entry points share the layers: ``forward`` (full sequences from an empty state, for tests and
+training), ``prefill`` (packed chunks continuing from the state pool) and ``decode`` (one token per
+sequence, in place on the pool, free of host synchronisation so that it can be CUDA-graph captured).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.mixer import LogLinearMamba2Mixer, RMSNorm
+from engine.model_config import ModelConfig
+from engine.state import ModelState
+from kernels import FenwickState
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases (FLA's GatedMLP)."""
+
+    def __init__(self, hidden: int, intermediate: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden, intermediate, **kw)
+        self.up_proj = nn.Linear(hidden, intermediate, **kw)
+        self.down_proj = nn.Linear(intermediate, hidden, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
+        return self.down_proj(y.to(x.dtype))
+
+
+class LogLinearMamba2Block(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps, device=device)
+        self.mixer = LogLinearMamba2Mixer(config, device=device, dtype=dtype)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, device=device)
+        self.mlp = GatedMLP(config.hidden_size, config.mlp_intermediate_size, device=device, dtype=dtype)
+
+    def mixer_input(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mixer_norm(h).to(h.dtype)
+
+    def add_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(self.mlp_norm(h).to(h.dtype))
+
+
+class LogLinearMamba2Model(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(LogLinearMamba2Block(config, device, dtype)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.norm_eps, device=device)
+
+
+class LogLinearMamba2ForCausalLM(nn.Module):
+    """``state_dict()`` names equal FLA's checkpoint names; ``lm_head.weight`` is the embedding when tied."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = LogLinearMamba2Model(config, device, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.embeddings.weight.device
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.backbone.norm_f(h).to(h.dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [B, T] -> logits [B, T, vocab] in the model dtype (full sequences, empty state)."""
+        if input_ids.shape[1] > self.config.max_model_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_model_len="
+                             f"{self.config.max_model_len}")
+        h = self.backbone.embeddings(input_ids)  # (B, T, hidden)
+        for layer in self.backbone.layers:
+            h = h + layer.mixer(layer.mixer_input(h))
+            h = layer.add_mlp(h)
+        return self._logits(h)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, state: ModelState,
+                slots: torch.Tensor) -> torch.Tensor:
+        """Continue N packed sequences from their slots and write the state back.
+
+        Args:
+            input_ids: [T_total] the new tokens of N sequences, packed;
+            cu_seqlens: [N + 1] cumulative lengths (each sequence has at least one token);
+            state: the pool; slots: [N] distinct slot indices.
+        Returns:
+            logits of each sequence's last token: [N, vocab] float32. Advances state.positions[slots].
+        """
+        device = self.device
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        slots = torch.as_tensor(slots, device=device, dtype=torch.int64)
+        if cu.numel() != slots.numel() + 1 or int(cu[-1]) != input_ids.numel():
+            raise ValueError(f"prefill: cu_seqlens {cu.tolist()} does not match {slots.numel()} slots and "
+                             f"{input_ids.numel()} tokens")
+        lens = cu[1:] - cu[:-1]
+        start = state.positions[slots]
+        end = start + lens
+        if slots.numel() and (int(lens.min()) < 1 or int(end.max()) > self.config.max_model_len):
+            raise ValueError(f"prefill: sequence lengths {lens.tolist()} from positions {start.tolist()} must be "
+                             f">= 1 token and end within max_model_len={self.config.max_model_len}")
+        h = self.backbone.embeddings(input_ids.to(device))[None]  # (1, T_total, hidden)
+        for i, layer in enumerate(self.backbone.layers):
+            fenwick = FenwickState(state.levels[i][slots].float(), start)
+            out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots], fenwick)
+            state.conv[i][slots] = conv.to(state.conv[i].dtype)
+            state.levels[i][slots] = final.levels.to(state.levels[i].dtype)
+            h = layer.add_mlp(h + out)
+        state.positions[slots] = end
+        return self._logits(h[0, cu[1:] - 1]).float()
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, state: ModelState, slots: torch.Tensor) -> torch.Tensor:
+        """One token for each of N sequences at its own position.
+
+        Args:
+            input_ids: [N]; state: the pool; slots: [N] int64 distinct slot indices on the model's device.
+        Returns:
+            logits [N, vocab] float32. Updates the slots' levels and conv windows in place and advances
+            state.positions[slots]; no host synchronisation (CUDA-graph capturable for a fixed N).
+        """
+        positions = state.positions[slots]  # (N,)
+        h = self.backbone.embeddings(input_ids)  # (N, hidden)
+        for i, layer in enumerate(self.backbone.layers):
+            h = h + layer.mixer.decode(layer.mixer_input(h), state.conv[i], state.levels[i], slots, positions)
+            h = layer.add_mlp(h)
+        state.positions[slots] = positions + 1
+        return self._logits(h).float()

@@ -1,0 +1,73 @@
+"""ModelState: the per-layer state pools of every running sequence, allocated once (DESIGN §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.model_config import ModelConfig
+
+
+@dataclass
+class ModelState:
+    """Slot p of every tensor belongs to one sequence; the engine hands out slots.
+
+    levels: per layer [P, L, H, K, V] in state_dtype (float32 default, bfloat16 allowed), the Fenwick levels;
+    conv: per layer [P, conv_dim, conv_kernel - 1] in the model dtype, the last inputs to conv1d (oldest first);
+    positions: [P] int64, tokens absorbed per slot.
+    """
+
+    levels: list[torch.Tensor]
+    conv: list[torch.Tensor]
+    positions: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_slots: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32) -> ModelState:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if state_dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype}")
+        c = config
+        P = num_slots
+        levels = [torch.zeros(P, c.lambda_levels, c.num_heads, c.state_size, c.head_dim, device=device,
+                              dtype=state_dtype) for _ in range(c.num_hidden_layers)]
+        conv = [torch.zeros(P, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
+                for _ in range(c.num_hidden_layers)]
+        return cls(levels, conv, torch.zeros(P, device=device, dtype=torch.int64))
+
+    @property
+    def num_slots(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def _index(self, slots: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
+        return torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
+
+    def reset(self, slots: torch.Tensor | Sequence[int] | int) -> None:
+        """Zero the slots: a new sequence starts there."""
+        idx = self._index(slots)
+        for t in (*self.levels, *self.conv):
+            t[idx] = 0
+        self.positions[idx] = 0
+
+    def copy_(self, src: int, dst: torch.Tensor | Sequence[int] | int) -> None:
+        """Fork: copy slot ``src`` into every slot of ``dst`` (for n > 1 samples of one prompt)."""
+        idx = self._index(dst)
+        for t in (*self.levels, *self.conv):
+            t[idx] = t[src]
+        self.positions[idx] = self.positions[src]
+
+    @property
+    def bytes_per_slot(self) -> int:
+        per = sum(t[0].numel() * t.element_size() for t in (*self.levels, *self.conv))
+        return per + self.positions.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.levels, *self.conv, self.positions))
