@@ -1,0 +1,145 @@
+"""`fenwick serve`: configuration is read here, once, and passed down frozen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server.config import ServerConfig, sampling_defaults_from_generation_config
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "fenwick-shakespeare"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fenwick", description="Fenwick: serve log-linear attention models")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"model directory (config.json, model.safetensors, tokenizer.json); "
+        f"default: the bundled demo model {DEMO_MODEL}",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("FENWICK_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $FENWICK_API_KEY)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name in the API (default: the model directory's name)",
+    )
+    serve.add_argument(
+        "--max-num-seqs", type=int, default=None, help="requests decoded together (state slots)"
+    )
+    serve.add_argument(
+        "--max-model-len", type=int, default=None, help="longest prompt + completion, in tokens"
+    )
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=60.0,
+        help="seconds SIGTERM waits for running requests before cancelling them",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def resolve_model_dir(model: Path | None) -> Path:
+    """The model directory, or SystemExit with a message saying what to pass."""
+    model_dir = (model or DEMO_MODEL).expanduser()
+    if (model_dir / "config.json").is_file():
+        return model_dir.resolve()
+    if model is None:
+        raise SystemExit(
+            f"fenwick serve: the bundled demo model is not at {DEMO_MODEL}.\n"
+            "Pass --model DIR, a model directory holding config.json, model.safetensors and tokenizer.json."
+        )
+    raise SystemExit(
+        f"fenwick serve: {model_dir} is not a model directory (no config.json); pass --model DIR."
+    )
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
+    """(EngineConfig, ServerConfig) from the parsed command line."""
+    from engine.config import EngineConfig
+
+    model_dir = resolve_model_dir(args.model)
+    engine_kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
+    if args.max_num_seqs is not None:
+        engine_kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.max_model_len is not None:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    engine_config = EngineConfig(model=str(model_dir), **engine_kwargs)
+    server_config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        served_model_name=args.served_model_name or model_dir.name,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+        sampling_defaults=sampling_defaults_from_generation_config(read_generation_config(model_dir)),
+    )
+    return engine_config, server_config
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from engine.async_llm import AsyncLLM
+
+    from server.app import create_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        engine_config, server_config = build_configs(args)
+    except ValueError as exc:
+        raise SystemExit(f"fenwick serve: {exc}") from None
+    engine = AsyncLLM(engine_config)
+    app = create_app(engine, server_config)
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=server_config.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=server_config.shutdown_timeout,
+    )
+    uvicorn.Server(uvicorn_config).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help(sys.stderr)
+        return 2
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What completions and chat share: model checks, sampling parameters, running requests, SSE framing."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from engine.errors import EngineError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from server.errors import APIError, bad_request, error_body, from_engine_error, from_value_error
+from server.protocol import SamplingRequest, UsageInfo
+from server.request_stream import EngineClient, RequestStream, unless_disconnected
+
+CLIENT_GONE_STATUS = 499  # nginx's "client closed request"; nobody reads it
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class Serving:
+    def __init__(self, engine: EngineClient, model_name: str, sampling_defaults: Mapping[str, Any]) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.sampling_defaults = sampling_defaults
+        self.vocab_size = int(engine.model_config.vocab_size)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_token_ids(self, prompts: list[str | list[int]]) -> None:
+        for prompt in prompts:
+            if isinstance(prompt, list) and any(t >= self.vocab_size for t in prompt):
+                raise bad_request(
+                    f"prompt token ids must be below the vocabulary size {self.vocab_size}", "prompt"
+                )
+
+    def sampling_params(
+        self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        try:
+            params = body.sampling_params(max_tokens, logprobs, self.sampling_defaults)
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise bad_request(
+                f"stop_token_ids must be below the vocabulary size {self.vocab_size}", "stop_token_ids"
+            )
+        return params
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    async def run(
+        self,
+        request: Request,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        request_id: str,
+        stream: bool,
+        events: Callable[[RequestStream], AsyncIterator[str]],
+        respond: Callable[[list[RequestOutput]], BaseModel],
+    ) -> Response:
+        """Start the engine requests, then stream `events` as SSE or answer `respond(final outputs)`."""
+        engine_stream = RequestStream(self.engine, prompts, params, request_id)
+        try:
+            connected, _ = await unless_disconnected(request, engine_stream.prefetch())
+            if not connected:
+                await engine_stream.aclose()
+                return Response(status_code=CLIENT_GONE_STATUS)
+            if stream:
+                return StreamingResponse(
+                    self._sse(engine_stream, events),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            connected, outputs = await unless_disconnected(request, engine_stream.final_outputs())
+            await engine_stream.aclose()
+            if not connected or outputs is None:
+                return Response(status_code=CLIENT_GONE_STATUS)
+            return JSONResponse(respond(outputs).model_dump())
+        except EngineError as exc:
+            await engine_stream.aclose()
+            raise from_engine_error(exc) from None
+        except BaseException:
+            await engine_stream.aclose()
+            raise
+
+    @staticmethod
+    async def _sse(
+        engine_stream: RequestStream, events: Callable[[RequestStream], AsyncIterator[str]]
+    ) -> AsyncIterator[str]:
+        try:
+            async for event in events(engine_stream):
+                yield event
+        except EngineError as exc:  # after the headers went out: report in-band, then end the stream
+            err = from_engine_error(exc)
+            yield sse(error_body(err.status, err.message, err.param, err.code))
+        finally:
+            await engine_stream.aclose()
+        yield SSE_DONE
+
+
+def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+@dataclass
+class ChoiceProgress:
+    """How much of one choice's cumulative output has been streamed so far."""
+
+    text_len: int = 0  # characters of text sent
+    num_tokens: int = 0  # generated tokens seen
+    num_logprobs: int = 0  # logprob entries sent
+    token_chars: int = 0  # characters of the sent logprob tokens (completions' text_offset)
+    finished: bool = False  # the chunk with finish_reason went out
+
+
+def streamed_usage(progress: Mapping[int, ChoiceProgress], prompt_tokens: int) -> UsageInfo:
+    completion = sum(p.num_tokens for p in progress.values())
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+    )

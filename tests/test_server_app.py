@@ -1,0 +1,306 @@
+"""The HTTP layer in-process, over a fake engine: shapes, SSE framing, every error path, disconnects."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.config import ServerConfig
+from tests.server_utils import FakeEngine, free_port, parse_sse
+
+
+@pytest.fixture
+async def engine_client() -> AsyncIterator[tuple[FakeEngine, httpx.AsyncClient]]:
+    engine = FakeEngine()
+    app = create_app(engine, ServerConfig(max_body_bytes=4096))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield engine, client
+    assert engine.started and engine.stopped
+
+
+@pytest.fixture
+async def client(engine_client: tuple[FakeEngine, httpx.AsyncClient]) -> httpx.AsyncClient:
+    return engine_client[1]
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+async def test_completion_and_stream_agree(client: httpx.AsyncClient) -> None:
+    body = {"model": "fake", "prompt": "hello", "max_tokens": 6, "logprobs": 2}
+    full = (await client.post("/v1/completions", json=body)).json()
+    assert full["object"] == "text_completion" and full["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 6,
+        "total_tokens": 12,
+    }
+    choice = full["choices"][0]
+    assert choice["finish_reason"] == "length" and len(choice["logprobs"]["tokens"]) == 6
+
+    r = await client.post(
+        "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"] == full["usage"]
+    chunks = events[:-2]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]] == choice["logprobs"]["tokens"]
+    offsets = [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == choice["logprobs"]["text_offset"] == list(range(6))
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 5 + ["length"]
+    assert len({c["id"] for c in events[:-1]}) == 1
+
+
+async def test_batch_prompts_and_n(client: httpx.AsyncClient) -> None:
+    texts_full = (
+        await client.post("/v1/completions", json={"prompt": ["ab", "cde"], "max_tokens": 2})
+    ).json()
+    assert texts_full["usage"]["prompt_tokens"] == 3 + 4
+    body = {"prompt": [[40, 41], [5, 6, 7]], "n": 2, "max_tokens": 3}
+    full = (await client.post("/v1/completions", json=body)).json()
+    assert [c["index"] for c in full["choices"]] == [0, 1, 2, 3]
+    assert full["usage"]["prompt_tokens"] == 2 + 3 and full["usage"]["completion_tokens"] == 12
+    events = parse_sse((await client.post("/v1/completions", json={**body, "stream": True})).text)
+    texts: dict[int, str] = {}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {c["index"]: c["text"] for c in full["choices"]}
+
+
+async def test_chat_stream_shape(client: httpx.AsyncClient) -> None:
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "max_tokens": 4,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    full = (await client.post("/v1/chat/completions", json=body)).json()
+    assert full["object"] == "chat.completion" and full["choices"][0]["message"]["role"] == "assistant"
+    entry = full["choices"][0]["logprobs"]["content"][0]
+    assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"} and len(entry["top_logprobs"]) == 2
+    events = parse_sse(
+        (
+            await client.post(
+                "/v1/chat/completions",
+                json={**body, "stream": True, "stream_options": {"include_usage": True}},
+            )
+        ).text
+    )
+    assert events[0]["object"] == "chat.completion.chunk"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-2])
+    assert text == full["choices"][0]["message"]["content"]
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["usage"] == full["usage"] and events[-1] == "[DONE]"
+
+
+async def test_stop_string(client: httpx.AsyncClient) -> None:
+    full = (await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 6})).json()
+    stop = full["choices"][0]["text"][3]
+    r = (await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 6, "stop": stop})).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["stop_reason"] == stop
+    assert stop not in r["choices"][0]["text"]
+
+
+BAD_COMPLETIONS: list[tuple[str, Any, int, str | None]] = [
+    ("malformed-json", "{bad", 400, None),
+    ("not-an-object", "[1, 2]", 400, None),
+    ("missing-prompt", {"max_tokens": 3}, 400, "prompt"),
+    ("empty-prompt", {"prompt": ""}, 400, "prompt"),
+    ("empty-prompt-list", {"prompt": []}, 400, "prompt"),
+    ("prompt-wrong-type", {"prompt": 12}, 400, "prompt"),
+    ("negative-temperature", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("top-p-zero", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("top-p-above-one", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("max-tokens-zero", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("max-tokens-string", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("n-zero", {"prompt": "x", "n": 0}, 400, "n"),
+    ("presence-out-of-range", {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("min-tokens-over-max", {"prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens"),
+    ("token-id-out-of-vocab", {"prompt": [1, 5000]}, 400, "prompt"),
+    ("negative-token-id", {"prompt": [1, -5]}, 400, None),
+    ("empty-stop", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("logprobs-too-many", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("echo", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("prompt-too-long", {"prompt": "x" * 300}, 400, "prompt"),
+    ("unknown-model", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(
+    "body,status,param", [b[1:] for b in BAD_COMPLETIONS], ids=[b[0] for b in BAD_COMPLETIONS]
+)
+async def test_completion_errors(
+    client: httpx.AsyncClient, body: Any, status: int, param: str | None
+) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = await client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert_error(r, status, param)
+    ok = await client.post("/v1/completions", json={"prompt": "still serving", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+BAD_CHATS: list[tuple[str, Any, int, str | None]] = [
+    ("no-messages", {"messages": []}, 400, "messages"),
+    ("message-not-object", {"messages": ["hi"]}, 400, None),
+    (
+        "image-part",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        400,
+        "messages",
+    ),
+    (
+        "top-logprobs-without-logprobs",
+        {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "tools",
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+        400,
+        "tools",
+    ),
+    (
+        "max-completion-tokens-zero",
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+        400,
+        "max_completion_tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize("body,status,param", [b[1:] for b in BAD_CHATS], ids=[b[0] for b in BAD_CHATS])
+async def test_chat_errors(client: httpx.AsyncClient, body: Any, status: int, param: str | None) -> None:
+    assert_error(await client.post("/v1/chat/completions", json=body), status, param)
+
+
+async def test_routes_and_request_id(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health")).status_code == 200
+    assert (await client.get("/version")).json()["version"]
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "fake"
+    assert (await client.get("/v1/models/fake")).json()["max_model_len"] == 256
+    assert_error(await client.get("/v1/models/other"), 404, "model")
+    assert_error(await client.get("/no/such/path"), 404)
+    assert_error(await client.get("/v1/completions"), 405)
+    tok = (await client.post("/tokenize", json={"prompt": "abc"})).json()
+    assert tok["count"] == 4 and tok["tokens"][0] == 1
+    assert (await client.post("/detokenize", json={"tokens": tok["tokens"][1:]})).json()["prompt"] == "abc"
+    chat_tok = (await client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})).json()
+    assert chat_tok["count"] == len("user: hi\nassistant:")
+    assert_error(await client.post("/tokenize", json={}), 400)
+    assert_error(await client.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+    r = await client.get("/health", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len((await client.get("/health")).headers["x-request-id"]) == 32
+
+
+async def test_body_too_large(client: httpx.AsyncClient) -> None:
+    assert_error(await client.post("/v1/completions", json={"prompt": "x" * 5000}), 413)
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b" " * 1000
+
+    assert_error(await client.post("/v1/completions", content=chunked()), 413)
+    assert (await client.post("/v1/completions", json={"prompt": "ok", "max_tokens": 1})).status_code == 200
+
+
+async def test_metrics(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3})
+    await client.post("/v1/completions", json={"prompt": ""})
+    text = (await client.get("/metrics")).text
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "state_slots_used",
+        "state_slots_total",
+        "state_memory_bytes",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "request_success_total",
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "iteration_tokens",
+    ):
+        assert f"# TYPE fenwick_{name.removesuffix('_total')}" in text, name
+    assert "fenwick_generation_tokens_total 3.0" in text
+    assert 'fenwick_http_requests_total{path="/v1/completions",status="400"} 1.0' in text
+
+
+async def test_queue_full_is_429() -> None:
+    engine = FakeEngine(max_waiting=0)
+    app = create_app(engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        r = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
+        assert_error(r, 429)
+        assert r.headers["retry-after"] == "2"
+
+
+async def test_api_key() -> None:
+    app = create_app(FakeEngine(), ServerConfig(api_key="sekret"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert_error(await client.post("/v1/completions", json={"prompt": "x"}), 401)
+        assert_error(await client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer sekret"})).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+
+
+@pytest.fixture
+def live_fake() -> Iterator[tuple[FakeEngine, str]]:
+    """A real uvicorn (so disconnects are real) in a thread, over a slow fake engine."""
+    engine = FakeEngine(max_num_seqs=8, step_s=0.01)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield engine, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_disconnect_aborts(live_fake: tuple[FakeEngine, str], stream: bool) -> None:
+    engine, url = live_fake
+    body = {"prompt": "abc", "max_tokens": 200, "stream": stream}
+    with httpx.Client(base_url=url, timeout=5) as client:
+        if stream:
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                next(r.iter_lines())
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/completions", json=body, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while (engine.slots_used or not engine.aborted) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.slots_used == 0 and len(engine.aborted) == 1
+        assert client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2}).status_code == 200
