@@ -24,7 +24,8 @@ __all__ = ["CheckpointError", "ConfigError", "ModelFileNotFoundError", "load_che
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 _ALIASES = {"backbone.embedding.weight": "backbone.embeddings.weight"}  # older FLA / mamba checkpoints
 _GEN_CONFIG_IGNORED = ("transformers_version", "_from_model_config")

@@ -63,8 +63,8 @@ class LogLinearMamba2Mixer(nn.Module):
         H, I, W = c.num_heads, c.intermediate_size, c.conv_kernel
         f32 = dict(device=device, dtype=torch.float32)
         self.in_proj = nn.Linear(c.hidden_size, c.in_proj_size, bias=c.use_bias, device=device, dtype=dtype)
-        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, W, groups=c.conv_dim, padding=W - 1, bias=c.use_conv_bias,
-                                device=device, dtype=dtype)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, W, groups=c.conv_dim, padding=W - 1,
+                                bias=c.use_conv_bias, device=device, dtype=dtype)
         self.dt_bias = nn.Parameter(torch.full((H,), inv_softplus(0.01), **f32))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, H + 1, **f32)))
         if c.lambda_mode == "linear":
@@ -76,10 +76,11 @@ class LogLinearMamba2Mixer(nn.Module):
             self.norm = RMSNorm(I, c.norm_eps, group_size=I // c.n_groups, device=device)
         self.out_proj = nn.Linear(I, c.hidden_size, bias=c.use_bias, device=device, dtype=dtype)
 
-    # ---- pieces shared by every path -------------------------------------------------------------------------
+    # ---- pieces shared by every path --------------------------------------------------------------
     def _split(self, proj: torch.Tensor) -> tuple[torch.Tensor, ...]:
         c = self.config
-        return proj.split([c.intermediate_size, c.conv_dim, c.num_heads, c.num_heads * c.lambda_levels], dim=-1)
+        sizes = [c.intermediate_size, c.conv_dim, c.num_heads, c.num_heads * c.lambda_levels]
+        return proj.split(sizes, dim=-1)
 
     def _level_scales(self, dl: torch.Tensor) -> torch.Tensor:
         """dl: [..., H * L] -> λ: [..., H, L] float32."""
@@ -126,7 +127,7 @@ class LogLinearMamba2Mixer(nn.Module):
     def _conv_bias(self) -> torch.Tensor | float:
         return self.conv1d.bias.float() if self.conv1d.bias is not None else 0.0
 
-    # ---- full sequence from an empty state ----------------------------------------------------------------
+    # ---- full sequence from an empty state --------------------------------------------------------
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, hidden] -> [B, T, hidden]."""
         z, xBC, dt, dl = self._split(self.in_proj(h))
@@ -142,7 +143,7 @@ class LogLinearMamba2Mixer(nn.Module):
         bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
         return F.conv1d(F.pad(xf, (W - 1, 0)), self._conv_weight()[:, None], bias, groups=xf.shape[1])
 
-    # ---- packed sequences continuing from saved state -------------------------------------------------------
+    # ---- packed sequences continuing from saved state ---------------------------------------------
     def prefill(self, h: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
                 fenwick: FenwickState) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
         """Continue N packed sequences from their state.
@@ -157,9 +158,10 @@ class LogLinearMamba2Mixer(nn.Module):
         W = self.config.conv_kernel
         z, xBC, dt, dl = self._split(self.in_proj(h))
         # Extended rows: each sequence's W - 1 saved inputs followed by its new tokens, addressed by index.
-        ext = torch.cat([conv_state.transpose(1, 2).flatten(0, 1).to(xBC.dtype), xBC[0]])  # (N*(W-1)+T, conv_dim)
+        saved = conv_state.transpose(1, 2).flatten(0, 1).to(xBC.dtype)  # (N * (W-1), conv_dim)
+        ext = torch.cat([saved, xBC[0]])  # (N * (W-1) + T_total, conv_dim)
         T = xBC.shape[1]
-        idx = _window_index(cu_seqlens, T, W)  # (T_total + N*(W-1), W): rows feeding each output / new state row
+        idx = _window_index(cu_seqlens, T, W)  # (T_total + N * (W-1), W)
         weight, bias = self._conv_weight(), self._conv_bias()
         acc = sum(ext[idx[:T, w]].float() * weight[:, w] for w in range(W)) + bias  # (T_total, conv_dim)
         xBC = F.silu(acc).to(h.dtype)[None]  # (1, T_total, conv_dim)
@@ -169,15 +171,15 @@ class LogLinearMamba2Mixer(nn.Module):
                                                  output_final_state=True, cu_seqlens=cu_seqlens)
         return self._output(o, x, z), new_conv, final
 
-    # ---- one token per sequence, state pools updated in place ------------------------------------------------
+    # ---- one token per sequence, state pools updated in place -------------------------------------
     def decode(self, h: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor, slots: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
-        """h: [N, hidden]; conv_pool: [P, conv_dim, W - 1]; levels_pool: [P, L, H, K, V]; slots, positions: [N].
+        """h: [N, hidden]; conv_pool: [P, conv_dim, W-1]; levels_pool: [P, L, H, K, V]; slots, positions: [N].
 
         Returns [N, hidden]. Writes conv_pool[slots] and levels_pool[slots]; no host synchronisation.
         """
         z, xBC, dt, dl = self._split(self.in_proj(h))
-        window = torch.cat([conv_pool[slots], xBC[:, :, None].to(conv_pool.dtype)], dim=-1)  # (N, conv_dim, W)
+        window = torch.cat([conv_pool[slots], xBC[:, :, None].to(conv_pool.dtype)], -1)  # (N, conv_dim, W)
         conv_pool[slots] = window[:, :, 1:]
         acc = (window.float() * self._conv_weight()).sum(-1) + self._conv_bias()
         xBC = F.silu(acc).to(h.dtype)  # (N, conv_dim)

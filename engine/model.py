@@ -67,7 +67,8 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = LogLinearMamba2Model(config, device, dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device,
+                                 dtype=dtype)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -118,8 +119,8 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         start = state.positions[slots]
         end = start + lens
         if slots.numel() and (int(lens.min()) < 1 or int(end.max()) > self.config.max_model_len):
-            raise ValueError(f"prefill: sequence lengths {lens.tolist()} from positions {start.tolist()} must be "
-                             f">= 1 token and end within max_model_len={self.config.max_model_len}")
+            raise ValueError(f"prefill: sequence lengths {lens.tolist()} from positions {start.tolist()} "
+                             f"must be >= 1 token and end within max_model_len={self.config.max_model_len}")
         h = self.backbone.embeddings(input_ids.to(device))[None]  # (1, T_total, hidden)
         for i, layer in enumerate(self.backbone.layers):
             fenwick = FenwickState(state.levels[i][slots].float(), start)

@@ -13,16 +13,6 @@ from kernels.state import max_positions
 MODEL_TYPE = "log_linear_mamba2"
 LAMBDA_MODES = ("linear", "mlp", "none")
 
-# config.json keys that FLA writes and we read or accept as inert (initialisation, training, HF bookkeeping).
-_INERT_KEYS = frozenset({
-    "A_init_range", "architectures", "conv_init", "dt_init_floor", "dt_max", "dt_min", "dtype", "torch_dtype",
-    "fuse_cross_entropy", "fuse_linear_cross_entropy", "fuse_norm", "fuse_swiglu", "initializer_range",
-    "rescale_prenorm_residual", "transformers_version", "use_cache", "use_l2warp", "model_type", "num_heads",
-    "dt_limit", "residual_in_fp32", "attnres_block_size", "return_dict", "output_attentions",
-    "output_hidden_states", "_name_or_path", "hidden_ratio",
-})
-
-
 class ConfigError(ValueError):
     """config.json describes a model we cannot run; the message names the key and, when known, the file."""
 
@@ -93,12 +83,14 @@ class ModelConfig:
                  f"{name} must be a positive integer, got {value!r}")
         need(self.conv_kernel >= 2, f"conv_kernel must be >= 2, got {self.conv_kernel}")
         need(self.intermediate_size % self.head_dim == 0,
-             f"expand * hidden_size ({self.intermediate_size}) must be a multiple of head_dim ({self.head_dim})")
+             f"expand * hidden_size ({self.intermediate_size}) must be a multiple of head_dim "
+             f"({self.head_dim})")
         need(self.num_heads % self.n_groups == 0,
              f"num_heads ({self.num_heads}) must be a multiple of n_groups ({self.n_groups})")
         need(self.lambda_mode in LAMBDA_MODES,
              f"lambda_mode must be one of {LAMBDA_MODES}, got {self.lambda_mode!r}")
-        need(self.hidden_act in ("silu", "swish"), f"hidden_act {self.hidden_act!r} is not supported (silu only)")
+        need(self.hidden_act in ("silu", "swish"),
+             f"hidden_act {self.hidden_act!r} is not supported (silu only)")
         need(self.lambda_levels <= 40, f"lambda_levels={self.lambda_levels} is unreasonably large")
         limit = max_positions(self.lambda_levels)
         need(self.max_model_len <= limit,
@@ -106,7 +98,7 @@ class ModelConfig:
              f"raise lambda_levels")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
 
-    # ---- derived sizes -------------------------------------------------------------------------------------
+    # ---- derived sizes ----------------------------------------------------------------------------
     @property
     def intermediate_size(self) -> int:
         return self.expand * self.hidden_size
@@ -125,19 +117,21 @@ class ModelConfig:
         """Columns of in_proj: z | xBC | dt | dl."""
         return self.intermediate_size + self.conv_dim + self.num_heads * (1 + self.lambda_levels)
 
-    # ---- parsing -------------------------------------------------------------------------------------------
+    # ---- parsing ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> ModelConfig:
         """Parse FLA's ``log_linear_mamba2`` config dict (plus our lambda_* / max_model_len keys)."""
         d = dict(d)
         model_type = d.get("model_type")
         if model_type != MODEL_TYPE:
-            raise ConfigError(f"{source}: model_type {model_type!r} is not supported (expected {MODEL_TYPE!r})")
+            raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
+                              f"(expected {MODEL_TYPE!r})")
         if d.get("residual_in_fp32", False):
-            raise ConfigError(f"{source}: residual_in_fp32=True is not supported (FLA does not support it either)")
+            raise ConfigError(f"{source}: residual_in_fp32=True is not supported "
+                              "(FLA does not support it either)")
         if d.get("attnres_block_size") is not None:
-            raise ConfigError(f"{source}: attnres_block_size={d['attnres_block_size']!r} (attention residuals) "
-                              "is not supported")
+            raise ConfigError(f"{source}: attnres_block_size={d['attnres_block_size']!r} "
+                              "(attention residuals) is not supported")
         if "dt_limit" in d:
             lo, hi = (_decode_float(x) for x in d["dt_limit"])
             if lo != 0.0 or not math.isinf(hi):
@@ -150,11 +144,8 @@ class ModelConfig:
             d["eos_token_id"] = int(eos[0]) if eos else None
         elif "eos_token_ids" in d:
             d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        # Other keys (FLA's initialisation and training options, HF bookkeeping) do not change the math.
         known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in d if k not in known and k not in _INERT_KEYS)
-        if unknown:
-            # HF configs carry many harmless extras; only options that change the math are refused above.
-            d = {k: v for k, v in d.items() if k not in unknown}
         kwargs = {k: v for k, v in d.items() if k in known}
         expected_heads = d.get("num_heads")
         try:
@@ -162,8 +153,8 @@ class ModelConfig:
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         if expected_heads is not None and expected_heads != config.num_heads:
-            raise ConfigError(f"{source}: num_heads={expected_heads} disagrees with expand * hidden_size / head_dim "
-                              f"= {config.num_heads}")
+            raise ConfigError(f"{source}: num_heads={expected_heads} disagrees with "
+                              f"expand * hidden_size / head_dim = {config.num_heads}")
         return config
 
     @classmethod
@@ -185,6 +176,6 @@ class ModelConfig:
         d["eos_token_ids"] = list(self.eos_token_ids)
         if len(self.eos_token_ids) <= 1:
             del d["eos_token_ids"]
-        d.update(model_type=MODEL_TYPE, architectures=["LogLinearMamba2ForCausalLM"], num_heads=self.num_heads,
-                 residual_in_fp32=False, attnres_block_size=None)
+        d.update(model_type=MODEL_TYPE, architectures=["LogLinearMamba2ForCausalLM"],
+                 num_heads=self.num_heads, residual_in_fp32=False, attnres_block_size=None)
         return d

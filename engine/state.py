@@ -15,7 +15,7 @@ class ModelState:
     """Slot p of every tensor belongs to one sequence; the engine hands out slots.
 
     levels: per layer [P, L, H, K, V] in state_dtype (float32 default, bfloat16 allowed), the Fenwick levels;
-    conv: per layer [P, conv_dim, conv_kernel - 1] in the model dtype, the last inputs to conv1d (oldest first);
+    conv: per layer [P, conv_dim, conv_kernel - 1] in the model dtype, the last conv1d inputs (oldest first);
     positions: [P] int64, tokens absorbed per slot.
     """
 

@@ -35,6 +35,10 @@ def _token_content(tok: Any) -> str | None:
     return tok
 
 
+def _tojson(x: Any, indent: int | None = None, **_: Any) -> str:
+    return json.dumps(x, ensure_ascii=False, indent=indent)
+
+
 def _raise_exception(message: str) -> None:
     raise ChatTemplateError(message)
 
@@ -94,7 +98,7 @@ class Tokenizer:
                    eos_token=_token_content(cfg.get("eos_token")), eos_token_id=eos_id,
                    bos_token_id=ids.get("bos_token_id"), tokenizer_config=cfg)
 
-    # ---- encoding -------------------------------------------------------------------------------------------
+    # ---- encoding ---------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -117,7 +121,7 @@ class Tokenizer:
         special.update(i for i in (self.bos_token_id, self.eos_token_id) if i is not None)
         return sorted(special)
 
-    # ---- chat -----------------------------------------------------------------------------------------------
+    # ---- chat -------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs: Any) -> str:
         """Render messages ([{"role", "content"}, ...]) with the model's template (or the plain one)."""
@@ -126,7 +130,7 @@ class Tokenizer:
         try:
             if template is None:
                 env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+                env.filters["tojson"] = _tojson
                 env.globals["raise_exception"] = _raise_exception
                 env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
                 template = self._template_cache[source] = env.from_string(source)

@@ -87,9 +87,10 @@ def randomize_(model: LogLinearMamba2ForCausalLM) -> None:
 
 def tiny_config(lambda_mode: str = "mlp", vocab_size: int = 400, **overrides: Any) -> ModelConfig:
     d: dict[str, Any] = dict(
-        model_type="log_linear_mamba2", vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, head_dim=16,
-        state_size=16, expand=2, n_groups=1, conv_kernel=4, lambda_mode=lambda_mode, lambda_levels=15,
-        lambda_mlp_hidden=32, bos_token_id=None, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        model_type="log_linear_mamba2", vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+        head_dim=16, state_size=16, expand=2, n_groups=1, conv_kernel=4, lambda_mode=lambda_mode,
+        lambda_levels=15, lambda_mlp_hidden=32, bos_token_id=None, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=False,
     )
     d.update(overrides)
     return ModelConfig.from_dict(d)
