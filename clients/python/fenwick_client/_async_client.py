@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
@@ -36,33 +36,34 @@ R = TypeVar("R", bound=BaseModel)
 C = TypeVar("C", bound=BaseModel)
 
 
+async def _events(response: httpx.Response, chunk_type: type[C]) -> AsyncGenerator[C, None]:
+    parser = SSEParser(chunk_type, response.request)
+    try:
+        async for line in response.aiter_lines():
+            chunk = parser.feed(line)
+            if parser.done:
+                return
+            if chunk is not None:
+                yield chunk
+        parser.finish()
+    except httpx.TransportError as exc:
+        raise wrap_transport_error(exc, response.request) from exc
+    finally:
+        await response.aclose()
+
+
 class AsyncStream(Generic[C]):
     """Async iterator of typed chunks; raises if the connection breaks or the stream ends without [DONE].
     Use `async with` (or `await stream.close()`) to close the connection when leaving early."""
 
     def __init__(self, response: httpx.Response, chunk_type: type[C]) -> None:
         self.response = response
-        self._chunk_type = chunk_type
-        self._iterator = self._events()
+        self._iterator = _events(response, chunk_type)
 
     @property
     def request_id(self) -> str | None:
-        return self.response.headers.get(REQUEST_ID_HEADER)
-
-    async def _events(self) -> AsyncIterator[C]:
-        parser = SSEParser(self._chunk_type, self.response.request)
-        try:
-            async for line in self.response.aiter_lines():
-                chunk = parser.feed(line)
-                if parser.done:
-                    return
-                if chunk is not None:
-                    yield chunk
-            parser.finish()
-        except httpx.TransportError as exc:
-            raise wrap_transport_error(exc, self.response.request) from exc
-        finally:
-            await self.response.aclose()
+        request_id: str | None = self.response.headers.get(REQUEST_ID_HEADER)
+        return request_id
 
     def __aiter__(self) -> AsyncIterator[C]:
         return self._iterator
@@ -71,7 +72,7 @@ class AsyncStream(Generic[C]):
         return await self._iterator.__anext__()
 
     async def close(self) -> None:
-        await self._iterator.aclose()  # type: ignore[attr-defined]
+        await self._iterator.aclose()
         await self.response.aclose()
 
     async def __aenter__(self) -> AsyncStream[C]:

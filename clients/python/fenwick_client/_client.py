@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from types import TracebackType
 from typing import Concatenate, Generic, ParamSpec, TypeVar
 
@@ -36,33 +36,34 @@ R = TypeVar("R", bound=BaseModel)
 C = TypeVar("C", bound=BaseModel)
 
 
+def _events(response: httpx.Response, chunk_type: type[C]) -> Generator[C, None, None]:
+    parser = SSEParser(chunk_type, response.request)
+    try:
+        for line in response.iter_lines():
+            chunk = parser.feed(line)
+            if parser.done:
+                return
+            if chunk is not None:
+                yield chunk
+        parser.finish()
+    except httpx.TransportError as exc:
+        raise wrap_transport_error(exc, response.request) from exc
+    finally:
+        response.close()
+
+
 class Stream(Generic[C]):
     """Iterator of typed chunks. Raises if the connection breaks or the stream ends without [DONE];
     closes the connection when exhausted, on `close()`, on leaving a `with` block, or when dropped."""
 
     def __init__(self, response: httpx.Response, chunk_type: type[C]) -> None:
         self.response = response
-        self._chunk_type = chunk_type
-        self._iterator = self._events()
+        self._iterator = _events(response, chunk_type)  # holds no reference back to the Stream
 
     @property
     def request_id(self) -> str | None:
-        return self.response.headers.get(REQUEST_ID_HEADER)
-
-    def _events(self) -> Iterator[C]:
-        parser = SSEParser(self._chunk_type, self.response.request)
-        try:
-            for line in self.response.iter_lines():
-                chunk = parser.feed(line)
-                if parser.done:
-                    return
-                if chunk is not None:
-                    yield chunk
-            parser.finish()
-        except httpx.TransportError as exc:
-            raise wrap_transport_error(exc, self.response.request) from exc
-        finally:
-            self.response.close()
+        request_id: str | None = self.response.headers.get(REQUEST_ID_HEADER)
+        return request_id
 
     def __iter__(self) -> Iterator[C]:
         return self._iterator

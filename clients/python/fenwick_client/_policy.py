@@ -99,8 +99,10 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
         try:
             seconds = float(value)
         except ValueError:
-            date = email.utils.parsedate_to_datetime(value) if value.strip() else None
-            seconds = date.timestamp() - time.time() if date is not None else None
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                seconds = None
     if seconds is None or not 0.0 <= seconds <= MAX_RETRY_AFTER:
         return None
     return seconds
