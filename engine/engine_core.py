@@ -1,0 +1,191 @@
+"""EngineCore: the one step loop body shared by LLM (offline) and AsyncLLM (online). Single-threaded.
+
+step(): schedule (no tensors) -> run the model on the state pool -> sample -> detokenize and check stop
+conditions -> free finished slots -> emit EngineStats to listeners -> return RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.request import Request
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.state_pool import StatePool
+from engine.stats import EngineStats, FinishedRequestStats
+
+logger = logging.getLogger(__name__)
+
+StatsListener = Callable[[EngineStats], None]
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None) -> None:
+        from engine.runner import ModelRunner
+
+        self.config = config
+        self.model_config = config.model_config
+        if model is None or tokenizer is None:
+            from engine.loader import load_model
+
+            model, tokenizer = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype)
+        self.model, self.tokenizer = model, tokenizer
+        mc = self.model_config
+        headroom = 64 * config.max_num_batched_tokens * mc.hidden_size * mc.expand * 4  # prefill activations
+        self.pool = StatePool(mc, max_num_seqs=config.max_num_seqs, device=config.torch_device,
+                              dtype=config.torch_dtype, state_dtype=config.torch_state_dtype,
+                              memory_fraction=config.memory_fraction, headroom_bytes=headroom)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=self.pool.num_slots, max_num_batched_tokens=int(config.max_num_batched_tokens or 0),
+            long_prefill_chunk=config.long_prefill_chunk, max_waiting=config.max_waiting), self.pool.allocator)
+        self.runner = ModelRunner(model, self.pool, config)
+        self.sampler = Sampler(config.torch_device, config.seed)
+        self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0))
+        eos = set(mc.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[str, Request] = {}  # unfinished, by id
+        self.stats_listeners: list[StatsListener] = []
+        self._pending_finished: list[FinishedRequestStats] = []  # aborts between steps
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
+        """Validate and tokenize; raises InvalidRequestError / PromptTooLongError. Thread-safe (no state)."""
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            text, ids = None, list(prompt)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        limit = int(self.config.max_model_len or 0)
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
+        if len(ids) + max(max_tokens, 1) > limit:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {limit} tokens; the request needs {len(ids) + max_tokens} "
+                f"({len(ids)} in the prompt, {max_tokens} for the completion)")
+        n_max = self.scheduler.config.max_num_seqs
+        if params.n > n_max:
+            raise InvalidRequestError(f"n={params.n} exceeds the {n_max} sequences the engine runs at once")
+        return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (QueueFullError when the waiting queue is full)."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+        self.scheduler.add(request)
+        self.requests[request.request_id] = request
+        self.outputs.add(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request with "abort" and free its slots now; its final output, or None if unknown."""
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return None
+        now = time.monotonic()
+        self._pending_finished.append(self._finished_stats(request, now, "abort"))
+        return self._retire(request)
+
+    def _retire(self, request: Request) -> RequestOutput:
+        out = self.outputs.make_output(request)
+        self.requests.pop(request.request_id, None)
+        self.outputs.release(request)
+        for seq in request.seqs:
+            self.sampler.release(seq)
+        return out
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def add_stats_listener(self, fn: StatsListener) -> None:
+        self.stats_listeners.append(fn)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        stats = EngineStats(num_prompt_tokens=sched.num_prompt_tokens, iteration_tokens=sched.num_tokens,
+                            finished=self._pending_finished)
+        self._pending_finished = []
+        outputs: list[RequestOutput] = []
+        if sched.chunks:
+            touched = self._run(sched, stats)
+            for request in touched:
+                self.scheduler.free_finished(request)
+                if request.finished:
+                    stats.finished.append(self._finished_stats(request, time.monotonic(), None))
+                    outputs.append(self._retire(request))
+                else:
+                    outputs.append(self.outputs.make_output(request))
+        self.num_steps += 1
+        self._emit(stats)
+        return outputs
+
+    def _run(self, sched: SchedulerOutput, stats: EngineStats) -> list[Request]:
+        logits = self.runner.execute(sched)  # (M, vocab), one row per sampling chunk
+        seqs = sched.sampled_seqs
+        repeats = [len(c.seq.request.live_seqs) if c.is_prompt else 1 for c in sched.chunks if c.sample]
+        if seqs and any(r > 1 for r in repeats):  # n > 1: a finished prompt's row feeds all its samples
+            logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
+        sampled = self.sampler.sample(logits, seqs) if seqs else None
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(seqs):
+            assert sampled is not None
+            request = seq.request
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                if seq.index == 0:
+                    stats.time_to_first_tokens.append(now - request.arrival_time)
+            else:
+                stats.inter_token_latencies.append(now - (seq.last_token_time or now))
+            seq.last_token_time = now
+            self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+            touched[request.request_id] = request
+        stats.num_generation_tokens = len(seqs)
+        return list(touched.values())
+
+    def _finished_stats(self, request: Request, now: float, reason: str | None) -> FinishedRequestStats:
+        reasons = [s.finish_reason for s in request.seqs if s.finish_reason]
+        return FinishedRequestStats(
+            finish_reason=reason or (reasons[0] if reasons else "abort"),
+            e2e_latency=now - request.arrival_time,
+            queue_time=(request.scheduled_time or now) - request.arrival_time,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generation_tokens=sum(len(s.token_ids) for s in request.seqs))
+
+    def _emit(self, stats: EngineStats) -> None:
+        stats.num_running = self.scheduler.num_running
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.slots_used = self.pool.allocator.num_used
+        stats.slots_total = self.pool.num_slots
+        stats.state_memory_bytes = self.pool.nbytes
+        for fn in self.stats_listeners:
+            try:
+                fn(stats)
+            except Exception:  # a broken listener must not stop the engine
+                logger.exception("stats listener failed")
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults, where it has any."""
+        try:
+            from engine.loader import load_generation_config
+
+            gen = load_generation_config(self.config.model) or {}
+        except (ImportError, OSError, ValueError):
+            gen = {}
+        keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return SamplingParams(**{k: gen[k] for k in keys if k in gen})

@@ -1,0 +1,75 @@
+"""The model runner: turns a SchedulerOutput into model calls on the state pool; owns the step's tensors.
+
+Routing is by token count: chunks of more than one token are packed into one ``model.prefill``
+(varlen, cu_seqlens), chunks of exactly one token (decodes, and one-token prompt remainders) go
+through ``model.decode`` -- replayed from a CUDA graph when one is captured for the batch size.
+Forks (n > 1) copy a finished prompt's slot into the request's other slots after both calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.scheduler import SchedulerOutput
+from engine.state_pool import StatePool
+
+
+class ModelRunner:
+    def __init__(self, model: Any, pool: StatePool, config: EngineConfig) -> None:
+        self.model = model
+        self.pool = pool
+        self.state = pool.state
+        self.device = config.torch_device
+        self.num_prefill_calls = 0  # model.prefill calls so far (tests count forks against it)
+        self.num_decode_calls = 0
+        self.graphs: DecodeGraphs | None = None
+        if config.use_cuda_graphs:
+            sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
+            self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def decode(self, input_ids: torch.Tensor, slots: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """input_ids, slots: [N] -> logits [N, vocab]; a CUDA graph unless eager or none fits N."""
+        self.num_decode_calls += 1
+        if self.graphs is not None and not eager and self.graphs.can_run(input_ids.shape[0]):
+            return self.graphs.run(input_ids, slots)
+        return self.model.decode(input_ids, self.state, slots)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Run one step -> logits [M, vocab] of the chunks with sample=True, in chunk order."""
+        if out.reset_slots:
+            self.state.reset(self._tensor(out.reset_slots))
+        multi = [i for i, c in enumerate(out.chunks) if len(c.token_ids) > 1]
+        single = [i for i, c in enumerate(out.chunks) if len(c.token_ids) == 1]
+        parts: list[torch.Tensor] = []
+        row_of: dict[int, int] = {}  # chunk index -> row in cat(parts)
+        if multi:
+            lens = [len(out.chunks[i].token_ids) for i in multi]
+            ids = self._tensor([t for i in multi for t in out.chunks[i].token_ids])  # (T_total,)
+            cu = self._tensor([0] + torch.tensor(lens).cumsum(0).tolist())  # (N + 1,)
+            slots = self._tensor([out.chunks[i].seq.slot for i in multi])  # (N,)
+            self.num_prefill_calls += 1
+            parts.append(self.model.prefill(ids, cu, self.state, slots))  # (N, vocab)
+            row_of.update((i, r) for r, i in enumerate(multi))
+        if single:
+            ids = self._tensor([out.chunks[i].token_ids[0] for i in single])
+            slots = self._tensor([out.chunks[i].seq.slot for i in single])
+            parts.append(self.decode(ids, slots))  # (N, vocab)
+            row_of.update((i, len(multi) + r) for r, i in enumerate(single))
+        for src, dsts in out.forks:
+            self.state.copy_(src, self._tensor(dsts))
+        rows = [row_of[i] for i, c in enumerate(out.chunks) if c.sample]
+        if not rows:
+            return torch.empty(0, 0, device=self.device)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return logits.index_select(0, self._tensor(rows))
