@@ -13,6 +13,7 @@ from kernels.state import max_positions
 MODEL_TYPE = "log_linear_mamba2"
 LAMBDA_MODES = ("linear", "mlp", "none")
 
+
 class ConfigError(ValueError):
     """config.json describes a model we cannot run; the message names the key and, when known, the file."""
 

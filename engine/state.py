@@ -60,8 +60,8 @@ class ModelState:
         """Fork: copy slot ``src`` into every slot of ``dst`` (for n > 1 samples of one prompt)."""
         idx = self._index(dst)
         for t in (*self.levels, *self.conv):
-            t[idx] = t[src]
-        self.positions[idx] = self.positions[src]
+            t[idx] = t[src].clone()
+        self.positions[idx] = self.positions[src].clone()
 
     @property
     def bytes_per_slot(self) -> int:
