@@ -241,11 +241,17 @@ def tokenize_request(
     messages: Sequence[MessageLike] | None = None,
     model: str | None = None,
     add_special_tokens: bool | None = None,
+    add_generation_prompt: bool | None = None,
 ) -> RequestSpec[TokenizeResponse, TokenizeResponse]:
     """POST /tokenize with a `prompt`, or with chat `messages` (the chat template applied)."""
     if (prompt is None) == (messages is None):
         raise ValueError("tokenize() takes exactly one of `prompt` and `messages`")
-    body: dict[str, Any] = {"model": model, "add_special_tokens": add_special_tokens, "prompt": prompt}
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "add_special_tokens": add_special_tokens,
+        "add_generation_prompt": add_generation_prompt,
+    }
     if messages is not None:
         body["messages"] = _messages(messages)
     body = {key: value for key, value in body.items() if value is not None}

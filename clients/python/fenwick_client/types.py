@@ -67,7 +67,7 @@ class ChoiceLogprobs(_Model):
 
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool", "developer"] | str
-    content: str | None = None
+    content: str | list[dict[str, Any]] | None = None  # a string, or OpenAI's content parts
 
 
 class ChatChoice(_Model):
