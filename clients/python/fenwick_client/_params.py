@@ -79,6 +79,10 @@ def as_method(build: Callable[..., Any], returns: str) -> Callable[[F], F]:
     return decorate
 
 
+def _headers(stream: bool, extra_headers: Mapping[str, str] | None) -> dict[str, str]:
+    return {**({"Accept": "text/event-stream"} if stream else {}), **(extra_headers or {})}
+
+
 def _timeout(timeout: TimeoutLike | NotGiven) -> httpx.Timeout | None:
     return None if isinstance(timeout, NotGiven) else to_httpx_timeout(timeout)
 
@@ -152,7 +156,7 @@ def completion_request(
         Completion,
         stream,
         body,
-        dict(extra_headers or {}),
+        _headers(stream, extra_headers),
         _timeout(timeout),
     )
 
@@ -218,7 +222,7 @@ def chat_completion_request(
         ChatCompletionChunk,
         stream,
         body,
-        dict(extra_headers or {}),
+        _headers(stream, extra_headers),
         _timeout(timeout),
     )
 
