@@ -81,8 +81,10 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     )
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if not engine.is_running:
+            raise APIError(503, "the engine is not running", code="engine_dead")
+        return JSONResponse({"status": "ok"})
 
     @app.get("/version")
     async def get_version() -> dict[str, str]:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-model-len", type=int, default=None, help="longest prompt + completion, in tokens"
     )
+    serve.add_argument(
+        "--max-waiting", type=int, default=None, help="queued requests beyond the running ones; more get 429"
+    )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
@@ -91,12 +94,15 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
     if args.max_model_len is not None:
         engine_kwargs["max_model_len"] = args.max_model_len
-    engine_config = EngineConfig(model=str(model_dir), **engine_kwargs)
+    if args.max_waiting is not None:
+        engine_kwargs["max_waiting"] = args.max_waiting
+    name = args.served_model_name or model_dir.name
+    engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(
         host=args.host,
         port=args.port,
         api_key=args.api_key or None,
-        served_model_name=args.served_model_name or model_dir.name,
+        served_model_name=name,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,

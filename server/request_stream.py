@@ -27,6 +27,7 @@ class EngineClient(Protocol):
     model_config: Any  # engine.model_config.ModelConfig
     config: Any  # engine.config.EngineConfig
     served_model_name: str
+    is_running: bool  # the step loop is alive
 
     async def start(self) -> None: ...
 

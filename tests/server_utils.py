@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 
 from engine.errors import PromptTooLongError, QueueFullError
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
@@ -66,6 +67,10 @@ class FakeEngine:
         self.listeners: list[Callable[[EngineStats], None]] = []
         self.started = False
         self.stopped = False
+
+    @property
+    def is_running(self) -> bool:
+        return self.started and not self.stopped
 
     async def start(self) -> None:
         self.started = True
@@ -239,6 +244,33 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self.log.close()
+
+
+# the shared server: 64 slots, a 256-token context (so "prompt too long" is cheap), a 1 MiB body limit
+MAIN_SERVER_ARGS = (
+    "--served-model-name tiny-shakespeare --device cpu --max-num-seqs 64 --max-model-len 256 "
+    "--max-body-bytes 1048576"
+).split()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """One real `fenwick serve` shared by the server test modules (they load this file as a plugin);
+    tiny_model_dir is the session's tiny random model from tests/conftest.py."""
+    proc = ServerProcess(["--model", str(tiny_model_dir), *MAIN_SERVER_ARGS])
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """One sample's value from /metrics text (0 when absent)."""
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
 
 
 def parse_sse(raw: str) -> list[Any]:

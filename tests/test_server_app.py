@@ -249,6 +249,13 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     assert 'fenwick_http_requests_total{path="/v1/completions",status="400"} 1.0' in text
 
 
+async def test_health_503_when_engine_stopped() -> None:
+    engine = FakeEngine()
+    app = create_app(engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert_error(await client.get("/health"), 503)  # lifespan never started the engine
+
+
 async def test_queue_full_is_429() -> None:
     engine = FakeEngine(max_waiting=0)
     app = create_app(engine)
@@ -260,7 +267,11 @@ async def test_queue_full_is_429() -> None:
 
 async def test_api_key() -> None:
     app = create_app(FakeEngine(), ServerConfig(api_key="sekret"))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
         assert_error(await client.post("/v1/completions", json={"prompt": "x"}), 401)
         assert_error(await client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert (await client.get("/v1/models", headers={"Authorization": "Bearer sekret"})).status_code == 200
