@@ -83,8 +83,11 @@ def test_sampling_extras(client: fc.Client, model: str) -> None:
     assert top1.choices[0].text == greedy.choices[0].text
     seeded = [client.completions.create(**kw, temperature=1.0, seed=5, min_p=0.01) for _ in range(2)]
     assert seeded[0].choices[0].text == seeded[1].choices[0].text  # type: ignore[union-attr]
-    r = client.completions.create(**kw, repetition_penalty=1.3, min_tokens=3, stop_token_ids=[0], top_p=0.9)
-    assert isinstance(r, fc.Completion) and r.usage is not None and r.usage.completion_tokens == 6
+    r = client.completions.create(
+        **kw, repetition_penalty=1.3, min_tokens=3, stop_token_ids=[0], top_p=0.9, n=2, seed=1
+    )
+    assert isinstance(r, fc.Completion) and sorted(c.index for c in r.choices) == [0, 1]
+    assert r.usage is not None and r.usage.completion_tokens == 12
 
 
 @pytest.mark.parametrize(
