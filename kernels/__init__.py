@@ -1,11 +1,20 @@
-"""Log-linear attention ops. ``kernels.<op>`` runs Triton on CUDA tensors and PyTorch otherwise."""
+"""Log-linear attention ops. ``kernels.<op>`` runs Triton on CUDA tensors and PyTorch otherwise.
+
+The Triton modules are imported on the first CUDA call, so ``import kernels`` needs neither triton nor
+a GPU; where they cannot be imported, CUDA tensors take the PyTorch path too.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
 
 import torch
 
 from kernels import naive
+from kernels.chunk_torch import chunk_log_linear_attn as chunk_log_linear_attn_torch
 from kernels.state import FenwickState, max_positions, num_levels_for
+from kernels.step_torch import fused_recurrent_step as fused_recurrent_step_torch
 
 __all__ = [
     "FenwickState",
@@ -17,13 +26,31 @@ __all__ = [
 ]
 
 
+@cache
+def _triton_chunk() -> Callable | None:
+    try:
+        from kernels.chunk import chunk_log_linear_attn as impl
+    except ImportError:
+        return None
+    return impl
+
+
+@cache
+def _triton_step() -> Callable | None:
+    try:
+        from kernels.fused_recurrent import fused_recurrent_step as impl
+    except ImportError:
+        return None
+    return impl
+
+
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
                           initial_state: FenwickState | None = None, output_final_state: bool = False,
                           cu_seqlens: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
     """Prefill. See ``kernels.naive.recurrent_log_linear_attn`` for shapes."""
-    impl = naive.recurrent_log_linear_attn
+    impl = (_triton_chunk() if q.is_cuda else None) or chunk_log_linear_attn_torch
     return impl(q, k, v, g, level_scales, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
@@ -32,4 +59,5 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
                          positions: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """One decode token for N sequences. See ``kernels.naive.fused_recurrent_step_ref`` for shapes."""
-    return naive.fused_recurrent_step_ref(q, k, v, g, level_scales, levels, slots, positions, scale)
+    impl = (_triton_step() if q.is_cuda else None) or fused_recurrent_step_torch
+    return impl(q, k, v, g, level_scales, levels, slots, positions, scale)
