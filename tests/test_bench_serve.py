@@ -1,0 +1,132 @@
+"""bench/serve.py against a real CPU `fenwick serve` on 127.0.0.1 with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.tiny import make_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench" / "serve.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    model = make_tiny_model(tmp_path_factory.mktemp("bench") / "tiny")
+    port = free_port()
+    log = open(tmp_path_factory.getbasetemp() / "bench-server.log", "w+b")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--model", str(model), "--host", "127.0.0.1",
+         "--port", str(port), "--device", "cpu", "--max-num-seqs", "8", "--max-model-len", "256"],
+        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited:\n{log_tail(log)}"
+            assert time.monotonic() < deadline, f"server not healthy in 120 s:\n{log_tail(log)}"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def log_tail(log) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")[-3000:]
+
+
+def run_bench(url: str, out: Path, *args: str) -> dict:
+    cmd = [sys.executable, str(BENCH), "--base-url", url, "--result-dir", str(out), "--save-requests", *args]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return json.loads((out / "serve.json").read_text())
+
+
+def check_run(run: dict, n: int, prompt_len: int, output_len: int) -> None:
+    assert run["completed"] == n and run["failed"] == 0, run["errors"]
+    assert run["total_input_tokens"] == n * prompt_len
+    assert run["total_output_tokens"] == n * output_len
+    assert run["duration_s"] > 0
+    assert run["request_throughput"] == pytest.approx(n / run["duration_s"])
+    assert run["output_throughput"] == pytest.approx(n * output_len / run["duration_s"])
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        s = run[key]
+        assert 0 < s["mean"] and s["median"] <= s["p99"], (key, s)
+    assert run["ttft_ms"]["median"] <= run["e2el_ms"]["median"]
+    reqs = run["requests"]
+    assert len(reqs) == n
+    for r in reqs:
+        assert r["ok"] and r["error"] == ""
+        assert r["prompt_tokens"] == prompt_len and r["output_tokens"] == output_len
+        assert 0 < r["ttft"] <= r["e2el"]
+        assert r["tpot"] == pytest.approx((r["e2el"] - r["ttft"]) / (output_len - 1))
+        assert len(r["itl"]) <= output_len - 1 and all(x >= 0 for x in r["itl"])
+        assert r["ttft"] + sum(r["itl"]) <= r["e2el"] + 1e-6
+    assert run["server"]["fenwick_state_slots_total"] == 8
+
+
+def test_concurrency_sweep_writes_json_and_plots(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    result = run_bench(server_url, out, "--input-len", "24", "--output-len", "6", "--num-prompts", "6",
+                       "--max-concurrency", "1", "4", "--num-warmups", "1")
+    assert result["model"] == "tiny" and result["input_len"] == 24 and result["output_len"] == 6
+    assert [r["max_concurrency"] for r in result["runs"]] == [1, 4]
+    for run in result["runs"]:
+        check_run(run, n=6, prompt_len=24, output_len=6)
+    # concurrency 1: requests never overlap
+    assert result["runs"][0]["mean_in_flight"] <= 1.0 + 1e-6
+    plots = sorted(Path(p).name for p in result["plots"])
+    assert plots == ["latency_cdf.png", "throughput_vs_concurrency.png"]
+    for name in plots:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_shared_prefix_poisson(server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "prefix"
+    result = run_bench(server_url, out, "--dataset", "shared-prefix", "--prefix-len", "16",
+                       "--input-len", "8", "--output-len", "4", "--num-prompts", "5", "--request-rate", "20",
+                       "--num-warmups", "0")
+    (run,) = result["runs"]
+    assert run["max_concurrency"] is None and run["request_rate"] == 20
+    check_run(run, n=5, prompt_len=24, output_len=4)
+    sent = sorted(r["sent_at"] for r in run["requests"])
+    assert sent[-1] > sent[0]  # Poisson arrivals are spread out, not all at t = 0
+    assert [Path(p).name for p in result["plots"]] == ["latency_cdf.png"]
+
+
+def test_refuses_non_loopback_targets(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(BENCH), "--base-url", "http://10.0.0.1:8000",
+                        "--result-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "not a loopback address" in p.stderr
+    assert not (tmp_path / "serve.json").exists()
