@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import fenwick_client as fc
 import httpx
@@ -159,3 +160,45 @@ async def test_async_client(server: ServerProcess) -> None:
         assert (await client.tokenize("Hello")).count > 0 and await client.health()
         with pytest.raises(fc.NotFoundError):
             await client.completions.create(model="nope", prompt="x")
+
+
+KEY = "sk-client-test"
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """Two slots, two waiting places and an API key: a queue that overflows with 429s."""
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--max-model-len", "256"]
+    proc = ServerProcess([*args, "--max-num-seqs", "2", "--max-waiting", "2", "--api-key", KEY])
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_api_key(small_server: ServerProcess) -> None:
+    with fc.Client(small_server.url, max_retries=3, backoff_base=1.0) as client:
+        with pytest.raises(fc.AuthenticationError) as info:
+            client.models.list()
+        assert info.value.code == "invalid_api_key"
+    with fc.Client(small_server.url, api_key=KEY) as client:
+        assert client.models.list().data and client.health()
+
+
+async def test_queue_full_429s_are_retried_until_all_succeed(small_server: ServerProcess) -> None:
+    throttled = 'path="/v1/completions",status="429"'
+    before = metric(httpx.get(f"{small_server.url}/metrics").text, "fenwick_http_requests_total", throttled)
+    async with fc.AsyncClient(small_server.url, api_key=KEY, max_retries=10, backoff_base=0.05) as client:
+
+        async def one(i: int) -> str:
+            stream = await client.completions.create(
+                prompt=f"Busy {i}", max_tokens=24, ignore_eos=True, stream=True
+            )
+            assert isinstance(stream, fc.AsyncStream)
+            async with stream:
+                return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        texts = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), timeout=120)
+    assert len(texts) == 8 and all(texts)
+    after = metric(httpx.get(f"{small_server.url}/metrics").text, "fenwick_http_requests_total", throttled)
+    assert after > before, "the queue never overflowed, so nothing was retried"
