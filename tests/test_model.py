@@ -81,7 +81,7 @@ def test_forward_equals_decode_variants(overrides: dict) -> None:
 def test_chunked_varlen_prefill_then_decode(mode: str) -> None:
     """Three sequences prefilled in uneven chunks, joining at different steps, then decoded together."""
     model = make_model(mode, seed=3)
-    lengths = [45, 30, 52]
+    lengths = [45, 30, 110]
     seqs = [tokens(model, n, seed=10 + i) for i, n in enumerate(lengths)]
     with torch.no_grad():
         refs = [model(s[None])[0] for s in seqs]
@@ -89,8 +89,10 @@ def test_chunked_varlen_prefill_then_decode(mode: str) -> None:
     slots = [6, 2, 4]
     state.reset(slots)
     untouched = [i for i in range(8) if i not in slots]
-    # (sequence, number of new tokens) per prefill step; sizes are odd and shorter / longer than conv_kernel.
-    schedule = [[(0, 5), (1, 1)], [(1, 2), (0, 13), (2, 3)], [(2, 30), (1, 1)], [(0, 20), (1, 19), (2, 1)]]
+    # (sequence, number of new tokens) per prefill step: odd sizes, shorter and longer than conv_kernel,
+    # the last one crossing a 64-token chunk boundary from an unaligned position.
+    schedule = [[(0, 5), (1, 1)], [(1, 2), (0, 13), (2, 3)], [(2, 30), (1, 1)], [(0, 20), (1, 19), (2, 1)],
+                [(2, 70)]]
     done = [0, 0, 0]
     for step in schedule:
         ids = torch.cat([seqs[i][done[i]:done[i] + n] for i, n in step])
