@@ -100,7 +100,16 @@ class Tokenizer:
 
     # ---- encoding ---------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids; with add_special_tokens, tokenizer_config's add_bos_token / add_eos_token apply when
+        tokenizer.json's post-processor does not add them already."""
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens:
+            bos, eos = self.bos_token_id, self.eos_token_id
+            if self.tokenizer_config.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
+                ids.insert(0, bos)
+            if self.tokenizer_config.get("add_eos_token") and eos is not None and ids[-1:] != [eos]:
+                ids.append(eos)
+        return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -202,3 +202,16 @@ def test_tokenizer_plain_fallback_template(model_copy: Path) -> None:
     assert tok.chat_template is None
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(messages) == "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_tokenizer_add_bos_token(model_copy: Path) -> None:
+    cfg_path = model_copy / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(bos_token="<|system|>", add_bos_token=True)
+    cfg_path.write_text(json.dumps(cfg))
+    tok = Tokenizer.from_dir(model_copy)
+    bos = tok.token_to_id("<|system|>")
+    assert tok.bos_token_id == bos
+    assert tok.encode("hi")[0] == bos and tok.encode("hi", add_special_tokens=False)[0] != bos
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{{ bos_token }}") == \
+        "<|system|>"
