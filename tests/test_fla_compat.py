@@ -146,9 +146,10 @@ def fla_gpu_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [70, 1000, 4000])
-def test_logits_match_fla_forward_cuda(fla_gpu_checkpoint: Path, T: int) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_logits_match_fla_forward_cuda(fla_gpu_checkpoint: Path, T: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     device = torch.device("cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
