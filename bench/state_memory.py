@@ -72,7 +72,8 @@ def mean_live_levels(t: int) -> float:
 def shapes_from_config(path: Path) -> Shapes:
     c = json.loads(path.read_text())
     hidden = c["hidden_size"]
-    inter = c.get("intermediate_size") or _fla_mlp_width(hidden, c.get("hidden_ratio", 4))
+    inter = c.get("mlp_intermediate_size") or c.get("intermediate_size")
+    inter = inter or _fla_mlp_width(hidden, c.get("hidden_ratio", 4))
     return Shapes(
         hidden=hidden,
         layers=c["num_hidden_layers"],
