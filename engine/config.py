@@ -1,4 +1,4 @@
-"""EngineConfig: every engine knob, frozen and validated at construction (built once at the CLI / LLM edge)."""
+"""EngineConfig: frozen and validated at construction (built once at the CLI / LLM edge)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from engine.model_config import ModelConfig
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 _CANON = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -38,14 +39,14 @@ class EngineConfig:
     state_dtype: str | torch.dtype = "float32"  # Fenwick levels: float32 (default) or bfloat16
     max_num_seqs: int = 256  # sequences holding a state slot at once (capped by memory at start-up)
     max_model_len: int | None = None  # prompt + output limit; None: the model's; never above it
-    max_num_batched_tokens: int | None = None  # tokens per step (decodes + prompt chunks); None: max(2048, seqs)
+    max_num_batched_tokens: int | None = None  # per-step tokens (decodes + prompt chunks)
     long_prefill_chunk: int = 512  # most prompt tokens one request runs in one step
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests get QueueFullError
     enforce_eager: bool = False  # no CUDA graphs for decode
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name
-    memory_fraction: float = 0.9  # share of free device memory (CUDA) / available RAM (CPU) for the state pool
+    memory_fraction: float = 0.9  # of free GPU memory / available RAM for the state pool
     model_config: ModelConfig = field(init=False, repr=False)  # config.json, parsed
 
     def __post_init__(self) -> None:
@@ -75,7 +76,7 @@ class EngineConfig:
         if self.max_model_len is None:
             fix(self, "max_model_len", model_len)
         elif not 1 <= self.max_model_len <= model_len:  # type: ignore[operator]
-            raise ValueError(f"max_model_len={self.max_model_len} must be in [1, {model_len}] (the model's limit)")
+            raise ValueError(f"max_model_len={self.max_model_len} must be in [1, {model_len}] (model limit)")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_batched_tokens is None:
@@ -109,4 +110,5 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return self.torch_device.type == "cuda" and not self.enforce_eager and bool(self.cuda_graph_batch_sizes)
+        on_cuda = self.torch_device.type == "cuda"
+        return on_cuda and not self.enforce_eager and bool(self.cuda_graph_batch_sizes)

@@ -47,11 +47,14 @@ class EngineCore:
                               memory_fraction=config.memory_fraction, headroom_bytes=headroom)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=self.pool.num_slots, max_num_batched_tokens=int(config.max_num_batched_tokens or 0),
-            long_prefill_chunk=config.long_prefill_chunk, max_waiting=config.max_waiting), self.pool.allocator)
+            long_prefill_chunk=config.long_prefill_chunk, max_waiting=config.max_waiting),
+            self.pool.allocator)
         self.runner = ModelRunner(model, self.pool, config)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0))
-        eos = set(mc.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        eos = set(mc.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
@@ -76,7 +79,8 @@ class EngineCore:
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
         if len(ids) + max(max_tokens, 1) > limit:
             raise PromptTooLongError(
-                f"this model's maximum context length is {limit} tokens; the request needs {len(ids) + max_tokens} "
+                f"this model's maximum context length is {limit} tokens; the request needs "
+                f"{len(ids) + max_tokens} "
                 f"({len(ids)} in the prompt, {max_tokens} for the completion)")
         n_max = self.scheduler.config.max_num_seqs
         if params.n > n_max:

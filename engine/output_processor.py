@@ -46,14 +46,16 @@ class OutputProcessor:
         if logprobs is not None and seq.logprobs is not None:
             top = [Logprob(i, v, self.token_text(i)) for i, v in zip(logprobs.top_ids, logprobs.top_logprobs,
                                                                       strict=True)]
-            seq.logprobs.append(TokenLogprobs(Logprob(token_id, logprobs.sampled, self.token_text(token_id)), top))
+            sampled = Logprob(token_id, logprobs.sampled, self.token_text(token_id))
+            seq.logprobs.append(TokenLogprobs(sampled, top))
         if token_id in request.stop_ids and num_before >= params.min_tokens:
             seq.finish_reason = "stop"
             seq.stop_reason = token_id if token_id in params.stop_token_ids else None
             self._add_text(seq, self._detok[seq.seq_id].flush())
         else:
             self._add_text(seq, self._detok[seq.seq_id].step(token_id))
-        if not seq.finished and (len(seq.token_ids) >= request.max_tokens or seq.num_tokens >= self.max_model_len):
+        full = len(seq.token_ids) >= request.max_tokens or seq.num_tokens >= self.max_model_len
+        if not seq.finished and full:
             seq.finish_reason = "length"
             self._add_text(seq, self._detok[seq.seq_id].flush())
         self._update_emitted(seq)

@@ -53,7 +53,8 @@ def test_streams_cumulative_outputs_ending_finished(loaded: tuple[Any, Any], tin
 
     async def body(engine: AsyncLLM) -> None:
         engine.add_stats_listener(stats.append)
-        snaps = [o async for o in engine.generate("Hello, world!", SamplingParams(max_tokens=6, **GREEDY), "a")]
+        params = SamplingParams(max_tokens=6, **GREEDY)
+        snaps = [o async for o in engine.generate("Hello, world!", params, "a")]
         assert snaps[-1].finished and not any(s.finished for s in snaps[:-1])
         final = snaps[-1].outputs[0]
         assert len(final.token_ids) == 6 and final.finish_reason == "length"
@@ -70,7 +71,8 @@ def test_streams_cumulative_outputs_ending_finished(loaded: tuple[Any, Any], tin
     assert len([t for s in stats for t in s.inter_token_latencies]) == 5
 
 
-def test_closing_the_iterator_aborts_and_frees_the_slot(loaded: tuple[Any, Any], tiny_model_dir: Path) -> None:
+def test_closing_the_iterator_aborts_and_frees_the_slot(loaded: tuple[Any, Any],
+                                                        tiny_model_dir: Path) -> None:
     finished: list[str] = []
 
     async def body(engine: AsyncLLM) -> None:

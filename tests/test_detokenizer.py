@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, find_stop, stop_prefix_len
 
-CORPUS = ["hello world, the quick brown fox jumps over the lazy dog", "streaming text one token at a time"] * 20
+CORPUS = ["hello world, the quick brown fox jumps over the lazy dog", "streaming text one token at a time"]
 TEXT = "hello 世界! café — 🦊 jumps over the lazy 🐶 dog, ça va? 日本語のテキスト"
 
 
@@ -31,7 +31,7 @@ def tok() -> Wrapped:
     t.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<eos>"])
-    t.train_from_iterator(CORPUS, trainer)
+    t.train_from_iterator(CORPUS * 20, trainer)
     return Wrapped(t)
 
 
@@ -40,7 +40,7 @@ def test_multibyte_characters_are_split_across_tokens(tok: Wrapped) -> None:
     assert any(REPLACEMENT in tok.decode([i]) for i in ids)  # the test exercises partial characters
 
 
-@pytest.mark.parametrize("prompt", ["", "say: ", "emoji 🦊"], ids=["no-prompt", "ascii-prompt", "emoji-prompt"])
+@pytest.mark.parametrize("prompt", ["", "say: ", "emoji 🦊"], ids=["none", "ascii", "emoji"])
 def test_streamed_text_equals_full_decode_and_never_has_replacement(tok: Wrapped, prompt: str) -> None:
     prompt_ids = tok.encode(prompt) if prompt else []
     ids = tok.encode(TEXT)

@@ -17,8 +17,8 @@ from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.outputs import CompletionOutput, RequestOutput
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-PROMPTS: list[str | list[int]] = ["Hello, world!", "The quick brown fox jumps over the lazy dog. Once upon a time",
-                                  [7, 8, 9, 10, 11]]
+PROMPTS: list[str | list[int]] = [
+    "Hello, world!", "The quick brown fox jumps over the lazy dog. Once upon a time", [7, 8, 9, 10, 11]]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,8 @@ def test_alone_equals_batched_with_staggered_arrivals(llm: LLM) -> None:
         if step == 3:
             core.add_request(target)
         if step in others:
-            core.add_request(core.make_request(f"o{step}", others[step], SamplingParams(max_tokens=7, **GREEDY)))
+            other = SamplingParams(max_tokens=7, **GREEDY)
+            core.add_request(core.make_request(f"o{step}", others[step], other))
         finished.update((o.request_id, o.outputs[0].token_ids) for o in core.step() if o.finished)
         step += 1
     assert finished["target"] == alone
@@ -119,7 +120,8 @@ def test_seeded_sampling_reproduces_alone_and_in_a_batch(llm: LLM) -> None:
     alone = llm.generate(PROMPTS[0], seeded)[0].outputs[0].token_ids
     batched = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [free, seeded, free])[1].outputs[0].token_ids
     assert batched == alone
-    assert llm.generate(PROMPTS[0], SamplingParams(**{**seeded.__dict__, "seed": 99}))[0].outputs[0].token_ids != alone
+    reseeded = SamplingParams(**{**seeded.__dict__, "seed": 99})
+    assert llm.generate(PROMPTS[0], reseeded)[0].outputs[0].token_ids != alone
 
 
 def _stream(llm: LLM, prompt: str | list[int], params: SamplingParams) -> list[CompletionOutput]:
@@ -145,15 +147,16 @@ def test_stop_string_cuts_the_text_and_never_leaks_into_the_stream(llm: LLM) -> 
     final = snaps[-1]
     assert final.text == text[:cut - 1] and final.finish_reason == "stop" and final.stop_reason == stop
     assert all(final.text.startswith(s.text) for s in snaps)  # nothing streamed is ever retracted
-    kept = llm.generate(PROMPTS[0], SamplingParams(max_tokens=24, stop=[stop], include_stop_str_in_output=True,
-                                                   **GREEDY))[0].outputs[0]
+    keep = SamplingParams(max_tokens=24, stop=[stop], include_stop_str_in_output=True, **GREEDY)
+    kept = llm.generate(PROMPTS[0], keep)[0].outputs[0]
     assert kept.text == text[:cut + 2]
 
 
 def test_stop_tokens_min_tokens_ignore_eos_and_max_tokens(llm: LLM) -> None:
     g = llm.generate(PROMPTS[2], SamplingParams(max_tokens=8, **GREEDY))[0].outputs[0].token_ids
     j = next(j for j in range(2, 8) if g[j] not in g[:j])  # a token first produced at position j
-    out = llm.generate(PROMPTS[2], SamplingParams(max_tokens=8, stop_token_ids=[g[j]], **GREEDY))[0].outputs[0]
+    stop_at = SamplingParams(max_tokens=8, stop_token_ids=[g[j]], **GREEDY)
+    out = llm.generate(PROMPTS[2], stop_at)[0].outputs[0]
     assert out.token_ids == g[:j + 1] and out.finish_reason == "stop" and out.stop_reason == g[j]
     assert out.text == llm.get_tokenizer().decode(g[:j])  # the stop token stays out of the text
     late = llm.generate(PROMPTS[2], SamplingParams(max_tokens=8, min_tokens=j + 1, stop_token_ids=[g[j]],
@@ -197,8 +200,8 @@ def test_random_traffic_with_aborts_frees_every_slot(llm: LLM) -> None:
         n = rng.choice([1, 1, 2])
         params = SamplingParams(n=n, max_tokens=rng.randint(1, 3), temperature=rng.choice([0.0, 1.0]),
                                 seed=rng.choice([None, i]), ignore_eos=True)
-        core.add_request(core.make_request(f"rand{i}", [rng.randrange(1, 300) for _ in range(rng.randint(1, 6))],
-                                           params))
+        prompt = [rng.randrange(1, 300) for _ in range(rng.randint(1, 6))]
+        core.add_request(core.make_request(f"rand{i}", prompt, params))
         live.append(f"rand{i}")
         if rng.random() < 0.6:
             core.step()

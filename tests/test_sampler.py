@@ -12,7 +12,8 @@ from engine.sampling_params import SamplingParams
 V = 50
 
 
-def seq(prompt: list[int] | None = None, out: list[int] | None = None, eos: int = 0, **kw: object) -> Sequence:
+def seq(prompt: list[int] | None = None, out: list[int] | None = None, eos: int = 0,
+        **kw: object) -> Sequence:
     params = SamplingParams(**kw)  # type: ignore[arg-type]
     req = Request("r", None, prompt or [1, 2, 3], params, max_tokens=params.max_tokens or 16,
                   eos_token_ids=frozenset({eos}))

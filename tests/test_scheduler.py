@@ -142,7 +142,8 @@ def test_random_traffic_with_aborts_leaves_every_slot_free() -> None:
     sched, runner = make_scheduler(slots=6, budget=24, chunk=7, waiting=1000), FakeRunner()
     live: list[str] = []
     for i in range(200):
-        req = make_request(f"r{i}", rng.randint(1, 30), max_tokens=rng.randint(1, 12), n=rng.choice([1, 1, 2]))
+        n = rng.choice([1, 1, 2])
+        req = make_request(f"r{i}", rng.randint(1, 30), max_tokens=rng.randint(1, 12), n=n)
         sched.add(req)
         live.append(req.request_id)
         if rng.random() < 0.5:
