@@ -85,10 +85,10 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
 
 
 def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
-    """(EngineConfig, ServerConfig) from the parsed command line."""
+    """(EngineConfig, ServerConfig) from the parsed command line; ValueError for bad values."""
+    model_dir = resolve_model_dir(args.model)  # before importing torch, so a wrong path fails fast
     from engine.config import EngineConfig
 
-    model_dir = resolve_model_dir(args.model)
     engine_kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if args.max_num_seqs is not None:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
@@ -112,11 +112,6 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from engine.async_llm import AsyncLLM
-
-    from server.app import create_app
-
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -124,6 +119,12 @@ def serve(args: argparse.Namespace) -> int:
         engine_config, server_config = build_configs(args)
     except ValueError as exc:
         raise SystemExit(f"fenwick serve: {exc}") from None
+
+    import uvicorn
+
+    from engine.async_llm import AsyncLLM
+    from server.app import create_app
+
     engine = AsyncLLM(engine_config)
     app = create_app(engine, server_config)
     uvicorn_config = uvicorn.Config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import Callable
 
@@ -12,12 +13,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_body
 
+logger = logging.getLogger("fenwick.server")
+
 REQUEST_ID_KEY = "fenwick.request_id"  # where the request id lives in the ASGI scope
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-
-
-def request_id_of(scope: Scope) -> str:
-    return str(scope.get(REQUEST_ID_KEY) or uuid.uuid4().hex)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -52,8 +51,12 @@ class EdgeMiddleware:
         scope[REQUEST_ID_KEY] = request_id
         path = scope["path"] if scope["path"] in self.known_paths else "other"
 
+        started = False
+
         async def send_wrapper(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
@@ -84,7 +87,14 @@ class EdgeMiddleware:
                 )
                 return
             receive = replay
-        await self.app(scope, receive, send_wrapper)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:  # a bug, never the client's input: a counted 500 that carries the request id
+            logger.exception(
+                "unhandled error in %s %s (request id %s)", scope["method"], scope["path"], request_id
+            )
+            if not started:
+                await self._reject(send_wrapper, 500, "internal server error", "internal_error")
 
     def _authorized(self, scope: Scope) -> bool:
         auth = _header(scope, b"authorization") or ""

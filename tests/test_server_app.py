@@ -249,6 +249,22 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     assert 'fenwick_http_requests_total{path="/v1/completions",status="400"} 1.0' in text
 
 
+async def test_bug_is_a_counted_500(engine_client: tuple[FakeEngine, httpx.AsyncClient]) -> None:
+    engine, client = engine_client
+
+    def broken(text: str, add_special_tokens: bool = True) -> list[int]:
+        raise RuntimeError("tokenizer bug")
+
+    engine.tokenizer.encode = broken  # type: ignore[method-assign]
+    r = await client.post("/tokenize", json={"prompt": "x"}, headers={"X-Request-Id": "bug-1"})
+    assert_error(r, 500)
+    assert r.headers["x-request-id"] == "bug-1"
+    assert (
+        'fenwick_http_requests_total{path="/tokenize",status="500"} 1.0'
+        in (await client.get("/metrics")).text
+    )
+
+
 async def test_health_503_when_engine_stopped() -> None:
     engine = FakeEngine()
     app = create_app(engine)
