@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, error_body, from_engine_error, from_value_error
 from server.protocol import SamplingRequest, UsageInfo
 from server.request_stream import EngineClient, RequestStream, unless_disconnected
+
+logger = logging.getLogger("fenwick.server")
 
 CLIENT_GONE_STATUS = 499  # nginx's "client closed request"; nobody reads it
 
@@ -115,6 +118,9 @@ class Serving:
         except EngineError as exc:  # after the headers went out: report in-band, then end the stream
             err = from_engine_error(exc)
             yield sse(error_body(err.status, err.message, err.param, err.code))
+        except Exception:
+            logger.exception("streaming failed")
+            yield sse(error_body(500, "internal server error", code="internal_error"))
         finally:
             await engine_stream.aclose()
         yield SSE_DONE

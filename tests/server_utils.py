@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.errors import PromptTooLongError, QueueFullError
+from engine.errors import EngineDeadError, PromptTooLongError, QueueFullError
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats, FinishedRequestStats
@@ -67,6 +67,7 @@ class FakeEngine:
         self.listeners: list[Callable[[EngineStats], None]] = []
         self.started = False
         self.stopped = False
+        self.die_after: int | None = None  # raise EngineDeadError after this many tokens
 
     @property
     def is_running(self) -> bool:
@@ -124,6 +125,8 @@ class FakeEngine:
             last = [ids[-1] + i for i in range(params.n)]
             while not finished:
                 await asyncio.sleep(self.step_s)
+                if self.die_after is not None and len(out.outputs[0].token_ids) >= self.die_after:
+                    raise EngineDeadError("the engine loop failed: boom")
                 for c in out.outputs:
                     t = (last[c.index] * 7 + 3) % 97 + 3
                     last[c.index] = t

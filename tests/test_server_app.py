@@ -249,6 +249,16 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     assert 'fenwick_http_requests_total{path="/v1/completions",status="400"} 1.0' in text
 
 
+async def test_engine_death_mid_stream(engine_client: tuple[FakeEngine, httpx.AsyncClient]) -> None:
+    engine, client = engine_client
+    engine.die_after = 3
+    r = await client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 10, "stream": True})
+    events = parse_sse(r.text)
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "engine_dead" and len(events) == 2 + 3
+    assert_error(await client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 10}), 503)
+
+
 async def test_bug_is_a_counted_500(engine_client: tuple[FakeEngine, httpx.AsyncClient]) -> None:
     engine, client = engine_client
 
