@@ -129,7 +129,7 @@ def attempt(fn: Any, *args: Any) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="JSON results; a markdown table goes beside (.md)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON results (+ a .md table beside)")
     ap.add_argument("--tiny", action="store_true", help="tiny model, short run (checks the script on CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 32 256 (tiny: 1 4)")
@@ -195,16 +195,19 @@ def markdown(r: dict[str, Any], a: argparse.Namespace) -> str:
     def f(x: Any, p: int = 1) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{p}f}"
 
-    lines = [f"Device: {r['device']}; {r.get('params_M', 0):.0f} M params ({r['dtype']}), state "
-             f"{r.get('state_MiB_per_request', 0):.1f} MiB/request ({r['state_dtype']}); prompt {r['prompt_len']}, "
-             f"{r['new_tokens']} new tokens, greedy; copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s. {r['note']}",
-             "", "| engine | λ | batch | output tok/s | decode step ms | decode tok/s | weights floor ms | "
-             "state r+w floor ms | error |", "|---|---|---|---|---|---|---|---|---|"]
+    head = (f"Device: {r['device']}; {r.get('params_M', 0):.0f} M params ({r['dtype']}), state "
+            f"{r.get('state_MiB_per_request', 0):.1f} MiB/request ({r['state_dtype']}); "
+            f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, greedy; "
+            f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s. {r['note']}")
+    cols = ["engine", "λ", "batch", "output tok/s", "decode step ms", "decode tok/s", "weights floor ms",
+            "state r+w floor ms", "error"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for x in r["rows"]:
         lines.append(f"| {x['engine']} | {x['lambda_mode']} | {x['batch']} | {f(x.get('tokens_per_s'))} | "
                      f"{f(x.get('decode_step_ms'), 2)} | {f(x.get('decode_tokens_per_s'))} | "
-                     f"{f(x.get('weights_floor_ms'), 3)} | {f(x.get('state_floor_ms'), 3)} | {x.get('error', '')} |")
-    lines.append(f"\nCommand: python bench/engine.py {'--tiny ' if a.tiny else ''}--out {a.out}")
+                     f"{f(x.get('weights_floor_ms'), 3)} | {f(x.get('state_floor_ms'), 3)} | "
+                     f"{x.get('error', '')} |")
+    lines.append(f"\nCommand: python {' '.join(sys.argv)}")
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.state_pool import StatePool
+from engine.state_pool import StatePool, prefill_headroom_bytes
 from engine.stats import EngineStats, FinishedRequestStats
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class EngineCore:
             model, tokenizer = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype)
         self.model, self.tokenizer = model, tokenizer
         mc = self.model_config
-        headroom = 64 * config.max_num_batched_tokens * mc.hidden_size * mc.expand * 4  # prefill activations
+        headroom = prefill_headroom_bytes(mc, config.max_num_seqs, int(config.max_num_batched_tokens or 0))
         self.pool = StatePool(mc, max_num_seqs=config.max_num_seqs, device=config.torch_device,
                               dtype=config.torch_dtype, state_dtype=config.torch_state_dtype,
                               memory_fraction=config.memory_fraction, headroom_bytes=headroom)

@@ -62,6 +62,16 @@ def state_bytes_per_slot(model_config: Any, dtype: torch.dtype, state_dtype: tor
     return int(probe.bytes_per_slot)
 
 
+def prefill_headroom_bytes(model_config: Any, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """Transient bytes a worst-case step needs beside the pool: activations of the step's tokens, and the
+    prefill path's per-layer fp32 copies of its sequences' levels (gathered, final and written back)."""
+    c = model_config
+    activations = 64 * max_num_batched_tokens * c.hidden_size * c.expand * 4
+    prefill_seqs = min(max_num_seqs, max(max_num_batched_tokens // 2, 1))  # prompt chunks have >= 2 tokens
+    levels_fp32 = c.lambda_levels * c.num_heads * c.state_size * c.head_dim * 4  # one layer, one sequence
+    return activations + 3 * prefill_seqs * levels_fp32
+
+
 def memory_budget(device: torch.device, memory_fraction: float, headroom_bytes: int) -> int:
     """Bytes the pool may take: a fraction of free device memory (CUDA) or available RAM (CPU)."""
     if device.type == "cuda":
