@@ -99,17 +99,21 @@ class Row:
     levels: int  # L(T), what a slot allocates
     live_levels: int  # popcount(T-1)+1, non-zero after T tokens
     mean_live_levels: float  # popcount+1 averaged over positions 0..T-1
-    state_bytes: int  # L(T) levels, fp32: what the state pool holds per request
+    state_bytes: int  # L(T) levels: what the state pool holds per request
     paged_state_bytes: int  # mean live levels only: what a paged block pool would hold on average
-    conv_bytes: int  # conv window, fp32
+    conv_bytes: int  # conv window, in the state dtype
     kv_bytes: int  # same-size Transformer, bf16
     fit_h200: int  # requests whose allocated state fits beside the bf16 weights
     fit_h200_kv: int
 
 
+def conv_elems(s: Shapes) -> int:
+    return s.layers * s.conv_dim * (s.conv_kernel - 1)
+
+
 def table(s: Shapes, contexts: tuple[int, ...], state_bytes_per_elem: int = 4) -> list[Row]:
     per_level = s.layers * s.heads * s.state_size * s.head_dim * state_bytes_per_elem
-    conv = s.layers * s.conv_dim * (s.conv_kernel - 1) * state_bytes_per_elem
+    conv = conv_elems(s) * state_bytes_per_elem
     free = H200_BYTES - 2 * s.num_params()
     rows = []
     for t in contexts:
@@ -132,16 +136,16 @@ def table(s: Shapes, contexts: tuple[int, ...], state_bytes_per_elem: int = 4) -
     return rows
 
 
-def markdown(s: Shapes, rows: list[Row]) -> str:
+def markdown(s: Shapes, rows: list[Row], state_dtype: str = "float32") -> str:
     gb = 1e9
     head = (
         f"Model: hidden {s.hidden}, {s.layers} layers, H = {s.heads} heads, K = {s.state_size}, "
         f"V = {s.head_dim}, vocab {s.vocab}: {s.num_params() / 1e6:.1f} M parameters, "
         f"{2 * s.num_params() / gb:.2f} GB in bf16. One level of one request: "
-        f"{s.layers} x {s.heads} x {s.state_size} x {s.head_dim} x 4 B = "
-        f"{s.layers * s.heads * s.state_size * s.head_dim * 4 / 1e6:.3f} MB; conv window "
+        f"{s.layers} x {s.heads} x {s.state_size} x {s.head_dim} x {rows[0].conv_bytes // conv_elems(s)} B = "
+        f"{rows[0].state_bytes / rows[0].levels / 1e6:.3f} MB; conv window "
         f"{rows[0].conv_bytes / 1e6:.2f} MB per request.\n\n"
-        "| T | L(T) | Fenwick state / request (fp32) | live levels at T | mean live levels "
+        f"| T | L(T) | Fenwick state / request ({state_dtype}) | live levels at T | mean live levels "
         "| mean live state | Transformer KV / request (bf16) | KV / state "
         "| requests per H200: Fenwick | requests per H200: Transformer |\n"
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
@@ -159,6 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="a model's config.json (default: the ~250M benchmark shapes)")
     p.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    p.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     a = p.parse_args()
     s = (
@@ -177,8 +182,8 @@ def main() -> None:
             lambda_levels=15,
         )
     )
-    rows = table(s, tuple(a.contexts))
-    print(markdown(s, rows))
+    rows = table(s, tuple(a.contexts), 4 if a.state_dtype == "float32" else 2)
+    print(markdown(s, rows, a.state_dtype))
     if a.json:
         a.json.write_text(
             json.dumps(

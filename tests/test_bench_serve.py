@@ -130,3 +130,28 @@ def test_refuses_non_loopback_targets(tmp_path: Path) -> None:
                         "--result-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "not a loopback address" in p.stderr
     assert not (tmp_path / "serve.json").exists()
+
+
+def test_state_memory_arithmetic() -> None:
+    import importlib.util
+
+    from engine.model import LogLinearMamba2ForCausalLM
+    from engine.model_config import ModelConfig
+
+    spec = importlib.util.spec_from_file_location("bench_state_memory", REPO / "bench" / "state_memory.py")
+    sm = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sm  # dataclasses look their module up
+    spec.loader.exec_module(sm)
+    assert [sm.levels_for(t) for t in (1, 2, 3, 4, 5, 32768, 32769)] == [1, 2, 3, 3, 4, 16, 17]
+    assert [sm.live_levels(t) for t in (1, 2, 32768, 32769)] == [1, 2, 16, 2]  # popcount(T-1) + 1
+    assert sm.mean_live_levels(8) == pytest.approx(1 + 12 / 8)  # popcounts of 0..7 sum to 12
+    shapes = sm.Shapes(hidden=768, layers=24, head_dim=64, state_size=128, expand=2, n_groups=1,
+                       conv_kernel=4, vocab=32000, mlp_intermediate=2048, lambda_levels=15)
+    (row,) = sm.table(shapes, (32768,))
+    assert row.state_bytes == 16 * 24 * 24 * 128 * 64 * 4 and row.kv_bytes == 2 * 24 * 32768 * 768 * 2
+    assert row.fit_h200 == (141 * 10**9 - 2 * shapes.num_params()) // (row.state_bytes + row.conv_bytes)
+    config = ModelConfig.from_dict(dict(model_type="log_linear_mamba2", vocab_size=32000, hidden_size=768,
+                                        num_hidden_layers=24, head_dim=64, state_size=128,
+                                        lambda_mode="linear"))
+    model = LogLinearMamba2ForCausalLM(config, device="meta")
+    assert shapes.num_params() == sum(p.numel() for p in model.parameters())
