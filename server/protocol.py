@@ -134,6 +134,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True  # Fenwick/vLLM extra: end the prompt with the assistant's turn
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the (sandboxed) template
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 

@@ -45,7 +45,12 @@ def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+def render_chat(
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    template_kwargs: dict[str, Any] | None = None,
+) -> str:
     """The prompt text from the model's chat template (the tokenizer falls back to a plain one)."""
     try:
         turns = [
@@ -54,14 +59,22 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     try:
-        return str(tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt))
+        rendered = tokenizer.apply_chat_template(
+            turns, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
+        )
+        return str(rendered)
     except Exception as exc:  # a template's raise_exception(...) or a rendering error is the request's fault
         raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
 
 
 class ChatServing(Serving):
-    def encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-        text = render_chat(self.engine.tokenizer, messages, add_generation_prompt)
+    def encode_chat(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        text = render_chat(self.engine.tokenizer, messages, add_generation_prompt, template_kwargs)
         ids = list(self.engine.tokenizer.encode(text, add_special_tokens=False))  # the template holds BOS
         if not ids:
             raise bad_request("the messages render to an empty prompt", "messages")
@@ -75,7 +88,7 @@ class ChatServing(Serving):
             raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        prompt_ids = self.encode_chat(body.messages, body.add_generation_prompt)
+        prompt_ids = self.encode_chat(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = self.sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
         request_id = self.new_id("chatcmpl")

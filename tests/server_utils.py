@@ -45,7 +45,9 @@ class FakeTokenizer:
     def id_to_token(self, i: int) -> str:
         return chr(i + 29)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant:" if add_generation_prompt else "")
 
@@ -265,6 +267,17 @@ def server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    """The response is OpenAI's error object with this status (and param)."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

@@ -84,3 +84,10 @@ def test_server_config_validation() -> None:
     for bad in ({"port": 70000}, {"api_key": ""}, {"max_body_bytes": 10}, {"sampling_defaults": {"foo": 1}}):
         with pytest.raises(ValueError):
             ServerConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    not (cli.DEMO_MODEL / "config.json").is_file(), reason="the demo model is not committed yet"
+)
+def test_demo_model_is_the_default() -> None:
+    assert cli.resolve_model_dir(None) == cli.DEMO_MODEL.resolve()

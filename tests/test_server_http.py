@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server_utils import ServerProcess, parse_sse
+from tests.server_utils import ServerProcess, assert_error, parse_sse
 
 pytest_plugins = ("tests.server_utils",)
 
@@ -21,16 +21,6 @@ CHAT = [{"role": "user", "content": "Hello!"}]
 def http(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str), err
-    if param is not None:
-        assert err["param"] == param, err
-    return err
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -152,7 +142,8 @@ def test_non_stream_shapes(http: httpx.Client) -> None:
     assert (
         set(lp) == {"text_offset", "token_logprobs", "tokens", "top_logprobs"} and lp["text_offset"][0] == 0
     )
-    chat = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 3}).json()
+    body = {"messages": CHAT, "max_tokens": 3, "chat_template_kwargs": {"enable_thinking": False}}
+    chat = http.post("/v1/chat/completions", json=body).json()
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
     assert (
         chat["usage"]["total_tokens"] == chat["usage"]["prompt_tokens"] + chat["usage"]["completion_tokens"]
