@@ -119,7 +119,8 @@ class EngineCore:
         self.stats_listeners.append(fn)
 
     # ---- one step ------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """One engine step -> outputs of the requests that got tokens (only finished ones unless stream)."""
         sched = self.scheduler.schedule()
         stats = EngineStats(num_prompt_tokens=sched.num_prompt_tokens, iteration_tokens=sched.num_tokens,
                             finished=self._pending_finished)
@@ -132,7 +133,7 @@ class EngineCore:
                 if request.finished:
                     stats.finished.append(self._finished_stats(request, time.monotonic(), None))
                     outputs.append(self._retire(request))
-                else:
+                elif stream:
                     outputs.append(self.outputs.make_output(request))
         self.num_steps += 1
         self._emit(stats)

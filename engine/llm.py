@@ -59,7 +59,7 @@ class LLM:
             while pending or self.engine.has_unfinished():
                 while pending and self.engine.scheduler.num_waiting < self.config.max_waiting:
                     self.engine.add_request(pending.popleft())
-                for out in self.engine.step():
+                for out in self.engine.step(stream=False):
                     if out.finished:
                         results[out.request_id] = out
                         if bar is not None:

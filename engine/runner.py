@@ -8,6 +8,7 @@ Forks (n > 1) copy a finished prompt's slot into the request's other slots after
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ class ModelRunner:
         if multi:
             lens = [len(out.chunks[i].token_ids) for i in multi]
             ids = self._tensor([t for i in multi for t in out.chunks[i].token_ids])  # (T_total,)
-            cu = self._tensor([0] + torch.tensor(lens).cumsum(0).tolist())  # (N + 1,)
+            cu = self._tensor([0, *itertools.accumulate(lens)])  # (N + 1,)
             slots = self._tensor([out.chunks[i].seq.slot for i in multi])  # (N,)
             self.num_prefill_calls += 1
             parts.append(self.model.prefill(ids, cu, self.state, slots))  # (N, vocab)
