@@ -16,6 +16,7 @@ reading + writing every slot's full Fenwick state (all L levels) once per step.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -177,6 +178,7 @@ def main() -> None:
             result["params_M"] = sum(p.numel() for p in llm.engine.model.parameters()) / 1e6
             result["state_MiB_per_request"] = state / 2**20
             del llm
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if mode == "linear":

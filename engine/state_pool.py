@@ -106,8 +106,8 @@ class StatePool:
         self.allocator = SlotAllocator(num_slots)
         self.dummy_slot = num_slots  # CUDA-graph padding rows write here
         self.state.reset(torch.arange(num_slots + 1, device=device))
-        logger.info("state pool: %d slots (+1 dummy) x %.2f MiB per request (%s) = %.2f GiB on %s",
-                    num_slots, self.bytes_per_slot / 2**20, state_dtype, self.nbytes / GiB, device)
+        logger.info("state pool: %d slots (+1 dummy) x %.2f MiB per request (levels %s) = %.1f MiB on %s",
+                    num_slots, self.bytes_per_slot / 2**20, state_dtype, self.nbytes / 2**20, device)
 
     @property
     def num_slots(self) -> int:
