@@ -7,6 +7,18 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Fixtures that start a real `fenwick serve` process, shared by the server, client and deployment tests.
+pytest_plugins = ("tests.server_utils",)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run faster on one intra-op thread than on two contending ones (2-core CI)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if HAS_CUDA:
