@@ -237,3 +237,30 @@ def test_cuda_graph_decode_matches_eager(tiny_model_dir: Path) -> None:
         assert lx == pytest.approx(ly, abs=1e-4)
         assert_greedy(eager, y)
     assert graphs.engine.pool.allocator.num_used == 0
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_equals_eager_step_and_padding_touches_no_request(tiny_model_dir: Path) -> None:
+    llm = LLM(str(tiny_model_dir), device="cuda", dtype="float32", max_num_seqs=8,
+              cuda_graph_batch_sizes=(1, 4, 8))
+    runner, state, dev = llm.engine.runner, llm.engine.pool.state, torch.device("cuda")
+    tensors = lambda: [*state.levels, *state.conv, state.positions]  # noqa: E731
+    slots = torch.tensor([0, 2, 5], device=dev)  # 3 rows run the size-4 graph with one padding row
+    with torch.inference_mode():
+        state.reset(torch.arange(8, device=dev))
+        cu = torch.tensor([0, 3, 10, 22], device=dev)
+        llm.engine.model.prefill(torch.randint(1, 300, (22,), device=dev), cu, state, slots)
+        saved = [t.clone() for t in tensors()]
+        ids = torch.tensor([5, 6, 7], device=dev)
+        eager = runner.decode(ids, slots, eager=True).clone()
+        after_eager = [t[:8].clone() for t in tensors()]
+        for t, s in zip(tensors(), saved, strict=True):
+            t.copy_(s)
+        graph = runner.decode(ids, slots).clone()
+        after_graph = [t[:8].clone() for t in tensors()]
+    torch.testing.assert_close(graph, eager, atol=1e-5, rtol=1e-5)
+    for a, b in zip(after_graph, after_eager, strict=True):  # same writes; slots 1, 3, 4, 6, 7 untouched
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    untouched = [1, 3, 4, 6, 7]
+    for a, s in zip(after_graph, saved, strict=True):
+        assert torch.equal(a[untouched], s[untouched])
