@@ -140,13 +140,12 @@ def _intra(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, Gl: torch.Tenso
     rep = H // G
     scores = qc.transpose(1, 2) @ kc.permute(0, 2, 3, 1)  # (n, G, C, C)
     Gh = Gl.transpose(1, 2)  # (n, H, C)
-    decay = (Gh[..., :, None] - Gh[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (n, H, C, C)
-    lam_ts = torch.gather(lam.transpose(1, 2), 3, lvl.expand(n, H, C, C))  # (n, H, C, C)
-    A = (decay * lam_ts).view(n, G, rep, C, C) * scores[:, :, None]
+    A = (Gh[..., :, None] - Gh[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (n, H, C, C)
+    A.mul_(torch.gather(lam.transpose(1, 2), 3, lvl.expand(n, H, C, C)))
+    A.view(n, G, rep, C, C).mul_(scores[:, :, None])
     vh = vc.transpose(1, 2)  # (n, H, C, V)
-    o = A.view(n, H, C, C) @ vh
-    kd = kc.repeat_interleave(rep, dim=2) * (Gl[:, -1:] - Gl).exp()[..., None]  # (n, C, H, K)
-    return o, kd.permute(0, 2, 3, 1) @ vh
+    kd = kc.repeat_interleave(rep, dim=2).mul_((Gl[:, -1:] - Gl).exp_()[..., None])  # (n, C, H, K)
+    return A @ vh, kd.permute(0, 2, 3, 1) @ vh
 
 
 def _merge_for_query(levels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
