@@ -46,14 +46,17 @@ def quadratic_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     H, L = level_scales.shape[-2:]
     rep = H // G
     scale = K ** -0.5 if scale is None else scale
-    onehot = _level_onehot(T, L, q.device)  # (T, L, S)
-    lam = torch.einsum("bhtl,tls->bhts", level_scales.float().transpose(1, 2), onehot)  # (B, H, T, S)
-    Gc = g.float().cumsum(1).transpose(1, 2)  # (B, H, T)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    onehot = _level_onehot(T, L, q.device).to(dt)  # (T, L, S)
+    autocast = torch.is_autocast_enabled(q.device.type)
+    with torch.autocast(q.device.type, enabled=False):  # λ and the decays stay in full precision
+        lam = torch.einsum("bhtl,tls->bhts", level_scales.to(dt).transpose(1, 2), onehot)  # (B, H, T, S)
+    Gc = g.to(dt).cumsum(1).transpose(1, 2)  # (B, H, T)
     causal = onehot.sum(1) > 0  # (T, S)
     decay = (Gc[..., :, None] - Gc[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, H, T, S)
     scores = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)  # (B, G, T, S)
     w = (scores[:, :, None] * (lam * decay).reshape(B, G, rep, T, T)).reshape(B, H, T, T)
-    o = (w.to(v.dtype) if not torch.is_autocast_enabled() else w) @ v.transpose(1, 2)  # (B, H, T, V)
+    o = (w if autocast else w.to(v.dtype)) @ v.transpose(1, 2)  # (B, H, T, V)
     return (o.transpose(1, 2) * scale).to(v.dtype)
 
 
