@@ -1,0 +1,433 @@
+"""Chunked prefill for log-linear attention in Triton: parallel over chunks and heads.
+
+Positions are absolute (the initial state's position counts) and chunks of ``BT`` tokens are aligned
+to absolute positions, so for a query in chunk ``c`` every key in an earlier chunk ``c'`` sits at
+level ``log2(BT) + bitlen(c ^ c')``: the inter-chunk part is the Fenwick recurrence over chunks.
+The state chunk ``c`` sees at chunk level ``j`` is the decayed sum over the aligned block of
+``2^(j-1)`` chunks that ends where the lower bits of ``c`` begin; that block is node ``e - 1`` of a
+Fenwick tree over per-chunk summaries (node ``i`` sums chunks ``(i - lowbit(i+1), i]``).
+
+Three steps, all parallel over chunks and heads:
+  1. ``_chunk_node_kernel``: the nodes of at most ``2^Z0`` chunks, straight from k and v;
+  2. ``_node_fold_kernel``: one launch per larger node size, folding the children of each node;
+  3. ``_chunk_output_kernel``: per chunk, the masked intra-chunk form (levels <= log2 BT), one
+     product per live inter-chunk level, the initial state, and the final Fenwick state.
+
+The initial state at position p0 enters as its merged levels ``M`` (the merge the recurrence does
+before absorbing token p0): for any query t >= p0, ``M[l]`` sits at level ``max(l, bitlen(t ^ p0))``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kernels.naive import check_shapes
+from kernels.state import FenwickState, max_positions
+
+CHUNK_SIZE = 64  # BT: levels <= log2(BT) are intra-chunk
+DIRECT_LEVELS = 3  # Z0: nodes of up to 2^Z0 chunks are summed straight from k and v
+
+
+@triton.jit
+def _bitlen(x, NBITS: tl.constexpr):
+    """bitlen(x) for 0 <= x < 2^NBITS, elementwise; bitlen(0) = 0."""
+    n = tl.zeros_like(x)
+    for b in tl.static_range(NBITS):
+        n += ((x >> b) > 0).to(n.dtype)
+    return n
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b on operands cast to DT, accumulated in fp32."""
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+
+
+@triton.jit
+def _chunk_node_kernel(
+    k, v, g, nodes, node_decay,
+    chunk_seq, seq_bos, seq_start, seq_len, seq_node0,
+    s_kt, s_kg, s_vt, s_vh, s_gt,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, Z0: tl.constexpr,
+    IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
+):
+    if HEADS_FIRST:
+        i_hv, i_c = tl.program_id(0), tl.program_id(1)
+    else:
+        i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h, i_v = i_hv // NV, i_hv % NV
+    i_g = i_h // (H // G)
+    i_n = tl.load(chunk_seq + i_c).to(tl.int64)
+    bos = tl.load(seq_bos + i_n).to(tl.int64)
+    p0 = tl.load(seq_start + i_n).to(tl.int64)
+    pe = p0 + tl.load(seq_len + i_n).to(tl.int64)
+    node0 = tl.load(seq_node0 + i_n).to(tl.int64)
+    cf, ce = p0 // BT, (pe - 1) // BT
+    c = cf + i_c - node0
+    if c < ce:
+        o_i = tl.arange(0, BT)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        size = tl.minimum((c + 1) & -(c + 1), 1 << Z0)
+        b_s = tl.zeros([BK, BV], dtype=tl.float32)
+        b_a = 0.0
+        for i_m in range(0, size):
+            cm = c + 1 - size + i_m
+            if cm >= cf:
+                t_abs = cm * BT + o_i
+                m_t = (t_abs >= p0) & (t_abs < pe)
+                row = bos + t_abs - p0
+                p_k = k + row[:, None] * s_kt + i_g * s_kg + o_k[None, :]
+                p_v = v + row[:, None] * s_vt + i_h * s_vh + o_v[None, :]
+                b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
+                b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+                b_g = tl.load(g + row * s_gt + i_h, mask=m_t, other=0.0).to(tl.float32)
+                b_gl = tl.cumsum(b_g, axis=0)
+                b_last = tl.sum(b_g, axis=0)
+                b_vd = b_v.to(tl.float32) * tl.exp(b_last - b_gl)[:, None]
+                b_s = b_s * tl.exp(b_last) + _dot(tl.trans(b_k), b_vd, ST_DT, PREC)
+                b_a += b_last
+        p_s = nodes + (i_c * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :]
+        tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(node_decay + i_c * H + i_h, b_a)
+
+
+@triton.jit
+def _node_fold_kernel(
+    nodes, node_decay, fold_idx,
+    chunk_seq, seq_start, seq_node0,
+    z,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, Z0: tl.constexpr,
+):
+    i_hv, i_x = tl.program_id(0), tl.program_id(1)
+    i_h, i_v = i_hv // NV, i_hv % NV
+    i_c = tl.load(fold_idx + i_x).to(tl.int64)
+    i_n = tl.load(chunk_seq + i_c).to(tl.int64)
+    p0 = tl.load(seq_start + i_n).to(tl.int64)
+    node0 = tl.load(seq_node0 + i_n).to(tl.int64)
+    cf = p0 // BT
+    c = cf + i_c - node0
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(nodes + (i_c * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    b_a = tl.load(node_decay + i_c * H + i_h)
+    for zz in range(Z0, z):
+        cc = c - (1 << zz)
+        if cc >= cf:
+            i_cc = node0 + cc - cf
+            b_n = tl.load(nodes + (i_cc * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+            b_s += tl.exp(b_a) * b_n
+            b_a += tl.load(node_decay + i_cc * H + i_h)
+    tl.store(nodes + (i_c * H + i_h) * (K * V) + o_kv, b_s.to(nodes.dtype.element_ty), mask=m_kv)
+    if i_v == 0:
+        tl.store(node_decay + i_c * H + i_h, b_a)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    q, k, v, g, lam, o, nodes, node_decay, m_lv, cm_lv, final_lv,
+    chunk_seq, seq_bos, seq_start, seq_len, seq_node0,
+    s_qt, s_qg, s_kt, s_kg, s_vt, s_vh, s_gt, s_lt, s_lh, s_ot, s_oh,
+    scale,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BT: tl.constexpr, BTLOG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    CBITS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
+):
+    if HEADS_FIRST:
+        i_hv, i_c = tl.program_id(0), tl.program_id(1)
+    else:
+        i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h, i_v = i_hv // NV, i_hv % NV
+    i_g = i_h // (H // G)
+    i_n = tl.load(chunk_seq + i_c).to(tl.int64)
+    bos = tl.load(seq_bos + i_n).to(tl.int64)
+    p0 = tl.load(seq_start + i_n).to(tl.int64)
+    pe = p0 + tl.load(seq_len + i_n).to(tl.int64)
+    node0 = tl.load(seq_node0 + i_n).to(tl.int64)
+    cf, ce = p0 // BT, (pe - 1) // BT
+    c = cf + i_c - node0
+
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    t_abs = c * BT + o_i
+    m_t = (t_abs >= p0) & (t_abs < pe)
+    row = bos + t_abs - p0
+    p_lam = lam + row * s_lt + i_h * s_lh  # (BT,) row starts of level_scales
+
+    m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
+    b_q = tl.load(q + row[:, None] * s_qt + i_g * s_qg + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + row[:, None] * s_kt + i_g * s_kg + o_k[None, :], mask=m_tk, other=0.0)
+    b_v = tl.load(v + row[:, None] * s_vt + i_h * s_vh + o_v[None, :], mask=m_tv, other=0.0)
+    b_g = tl.load(g + row * s_gt + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_gl = tl.cumsum(b_g, axis=0)
+    b_glast = tl.sum(b_g, axis=0)
+
+    # intra-chunk: levels 0..BTLOG, lambda gathered per (t, s)
+    b_lvl = _bitlen(o_i[:, None] ^ o_i[None, :], BTLOG)
+    m_s = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    b_ls = tl.load(p_lam[:, None] + b_lvl, mask=m_s, other=0.0).to(tl.float32)
+    b_s = _dot(b_q, tl.trans(b_k), IN_DT, PREC)
+    b_s = tl.where(m_s, b_s * tl.exp(b_gl[:, None] - b_gl[None, :]) * b_ls, 0.0)
+    b_o = _dot(b_s, b_v, IN_DT, PREC)
+
+    # inter-chunk: one Fenwick node per live chunk level, plus the initial state's levels
+    b_eg = tl.exp(b_gl)
+    b_acc = 0.0  # log-decay from the end of the node being read to the start of chunk c
+    if HAS_INIT:
+        lc = BTLOG + tl.sum(_bitlen(tl.full([1], 0, tl.int64) + (c ^ cf), CBITS), axis=0)  # level of [0, p0)
+    else:
+        lc = L
+    for l in range(BTLOG + 1, L):
+        j = l - BTLOG
+        e = (c >> (j - 1)) << (j - 1)
+        use_node = (((c >> (j - 1)) & 1) == 1) & (e > cf)
+        use_init = (l == lc) | ((l > lc) & (((p0 >> (l - 1)) & 1) == 1))
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        if use_node:
+            i_e = node0 + e - 1 - cf
+            b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+            b_h += b_n * tl.exp(b_acc)
+            b_acc += tl.load(node_decay + i_e * H + i_h)
+        if HAS_INIT:
+            if use_init:
+                p_m = tl.where(l == lc, cm_lv, m_lv) + ((i_n * L + l) * H + i_h) * (K * V) + o_kv
+                b_h += tl.load(p_m, mask=m_kv, other=0.0) * tl.exp(b_acc)
+        if use_node | use_init:
+            b_lam = tl.load(p_lam + l, mask=m_t, other=0.0).to(tl.float32)
+            b_o += _dot(b_q.to(tl.float32) * (b_eg * b_lam)[:, None], b_h, ST_DT, PREC)
+        if STORE_FINAL:
+            if c == ce:
+                p_f = final_lv + ((i_n * L + l) * H + i_h) * (K * V) + o_kv
+                tl.store(p_f, b_h * tl.exp(b_glast), mask=m_kv)
+
+    if HAS_INIT:
+        if c == cf:
+            # the initial state's levels <= BTLOG meet the first chunk's queries at a per-token level
+            b_tl = _bitlen(t_abs ^ p0, BTLOG)
+            for li in tl.static_range(1, BTLOG + 1):
+                if li < L:
+                    if ((p0 >> (li - 1)) & 1) == 1:
+                        p_m = m_lv + ((i_n * L + li) * H + i_h) * (K * V) + o_kv
+                        b_m = tl.load(p_m, mask=m_kv, other=0.0)
+                        b_lam = tl.load(p_lam + tl.maximum(b_tl, li), mask=m_t, other=0.0).to(tl.float32)
+                        b_o += _dot(b_q.to(tl.float32) * (b_eg * b_lam)[:, None], b_m, ST_DT, PREC)
+
+    p_o = o + row[:, None] * s_ot + i_h * s_oh + o_v[None, :]
+    tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+    if STORE_FINAL:
+        if c == ce:
+            # levels 0..BTLOG of the last token te: masked sums over the last chunk
+            i_te = (pe - 1) - c * BT
+            b_le = _bitlen(o_i ^ i_te, BTLOG)
+            b_w = tl.where(m_t & (o_i <= i_te), tl.exp(b_glast - b_gl), 0.0)
+            le = tl.sum(_bitlen(tl.full([1], 0, tl.int64) + ((pe - 1) ^ p0), BTLOG), axis=0)
+            for lf in tl.static_range(0, BTLOG + 1):
+                if lf < L:
+                    b_vd = b_v.to(tl.float32) * tl.where(b_le == lf, b_w, 0.0)[:, None]
+                    b_f = _dot(tl.trans(b_k), b_vd, ST_DT, PREC)
+                    if HAS_INIT:
+                        if c == cf:
+                            if lf == le:
+                                b_f += tl.load(cm_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
+                                               mask=m_kv, other=0.0) * tl.exp(b_glast)
+                            elif lf > 0:
+                                if (lf > le) & (((p0 >> (lf - 1)) & 1) == 1):
+                                    b_f += tl.load(m_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
+                                                   mask=m_kv, other=0.0) * tl.exp(b_glast)
+                    p_f = final_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv
+                    tl.store(p_f, b_f, mask=m_kv)
+
+
+def _merged_levels(state: FenwickState) -> torch.Tensor:
+    """Levels as query ``positions`` sees them: S[z+1] += S[0..z], S[0..z] = 0, z = ctz(positions)."""
+    levels = state.levels.float()
+    N, L = levels.shape[:2]
+    pos = state.positions.to(levels.device, torch.int64)
+    low = pos & -pos
+    z = torch.where(pos > 0, torch.log2(low.clamp(min=1).double()).round().long(), torch.full_like(pos, -1))
+    lidx = torch.arange(L, device=levels.device)
+    merge = (lidx[None, :] <= z[:, None]).float()  # (N, L)
+    carry = torch.einsum("nl,nlhkv->nhkv", merge, levels)
+    target = torch.nn.functional.one_hot((z + 1).clamp(0, L - 1), L).float() * (z[:, None] >= 0)
+    return levels * (1 - merge)[:, :, None, None, None] + target[:, :, None, None, None] * carry[:, None]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, ...] -> [B*T, ...] with a unit stride on the last dimension."""
+    x = x.reshape(-1, *x.shape[2:])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_types(dtype: torch.dtype):
+    """Operand types of the intra-chunk and the state products, and the fp32 product precision.
+
+    States are fp32; they meet q in bf16 for bf16 inputs and in fp32 otherwise (fp16 could overflow).
+    Triton's CPU interpreter gets 16-bit products wrong, so there every product runs on fp32.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32, tl.float32, "ieee"
+    in_dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+    st_dt = tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
+    return in_dt, st_dt, "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                          level_scales: torch.Tensor, *, scale: float | None = None,
+                          initial_state: FenwickState | None = None, output_final_state: bool = False,
+                          cu_seqlens: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, FenwickState | None]:
+    """Prefill: log-linear attention over whole chunks, continuing each sequence from its state.
+
+    Args:
+        q, k: [B, T, G, K]; v: [B, T, H, V] (bf16, fp16 or fp32); g: [B, T, H] log-decay (<= 0);
+        level_scales: [B, T, H, L] (lambda); scale: defaults to K ** -0.5.
+        initial_state: FenwickState(levels [N, L, H, K, V], positions [N]) with N = B, or
+            N = len(cu_seqlens) - 1; any positions.
+        output_final_state: also return the state after each sequence (levels fp32).
+        cu_seqlens: [N + 1] cumulative lengths of sequences packed along T (B must be 1).
+    Returns:
+        o: [B, T, H, V] in v's dtype; FenwickState(levels [N, L, H, K, V] fp32, positions [N] int64)
+        if output_final_state else None.
+    """
+    return chunk_log_linear_attn_impl(q, k, v, g, level_scales, scale=scale, initial_state=initial_state,
+                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_state=None,
+                               output_final_state=False, cu_seqlens=None,
+                               chunk_size: int = CHUNK_SIZE, direct_levels: int = DIRECT_LEVELS,
+                               num_warps: int = 4, heads_first: bool = True,
+                               node_dtype: torch.dtype | None = None, stage_ms: list | None = None):
+    """``chunk_log_linear_attn`` with its tiling exposed (tests use small chunks)."""
+    check_shapes(q, k, v, g, level_scales)
+    B, T, G, K = q.shape
+    H, V = v.shape[-2:]
+    L = level_scales.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dev = q.device
+    if cu_seqlens is None:
+        N = B
+        lens = [T] * B
+    else:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs B == 1, got B = {B}")
+        bounds = cu_seqlens.tolist()
+        N = len(bounds) - 1
+        lens = [bounds[i + 1] - bounds[i] for i in range(N)]
+    if initial_state is not None:
+        if initial_state.levels.shape != (N, L, H, K, V):
+            raise ValueError(f"initial_state.levels must be {(N, L, H, K, V)}, "
+                             f"got {tuple(initial_state.levels.shape)}")
+        starts = initial_state.positions.tolist()
+    else:
+        starts = [0] * N
+    ends = [s + n for s, n in zip(starts, lens, strict=True)]
+    if N and max(ends) > max_positions(L):
+        raise ValueError(f"sequence reaches {max(ends)} tokens but {L} levels hold at most "
+                         f"{max_positions(L)}")
+
+    BT = chunk_size
+    BTLOG = BT.bit_length() - 1
+    starts_np, lens_np = np.asarray(starts, np.int64), np.asarray(lens, np.int64)
+    cf = starts_np // BT
+    ce = (starts_np + lens_np - 1) // BT
+    nchunks = np.where(lens_np > 0, ce - cf + 1, 0)
+    node0 = np.concatenate([[0], np.cumsum(nchunks)[:-1]]).astype(np.int64)
+    bos = np.concatenate([[0], np.cumsum(lens_np)[:-1]]).astype(np.int64)
+    NC = int(nchunks.sum())
+    chunk_seq = np.repeat(np.arange(N, dtype=np.int64), nchunks)
+    c_abs = cf[chunk_seq] + np.arange(NC, dtype=np.int64) - node0[chunk_seq]
+    nxt = c_abs + 1
+    zc = np.log2(nxt & -nxt).astype(np.int64)
+    needs_fold = (c_abs < ce[chunk_seq]) & (zc > direct_levels)
+
+    def dev_i64(a):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64).to(dev)
+
+    t_seq, t_bos, t_start, t_len, t_node0 = (dev_i64(a) for a in (chunk_seq, bos, starts_np, lens_np, node0))
+
+    qr, kr, vr, gr, lr = (_rows(x) for x in (q, k, v, g, level_scales))
+    o = torch.empty(B * T, H, V, dtype=v.dtype, device=dev)
+    BK, BV = _block(K), min(64, _block(V))
+    NV = triton.cdiv(V, BV)
+    in_dt, st_dt, prec = _dot_types(v.dtype)
+    final = torch.empty(N, L, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    has_init = initial_state is not None
+    if has_init:
+        m_lv = _merged_levels(initial_state).contiguous()
+        cm_lv = m_lv.cumsum(1).contiguous()
+    if node_dtype is None:  # nodes meet q in bf16 anyway for bf16 inputs: store them so, at half the bytes
+        node_dtype = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32
+    nodes = torch.empty(max(NC, 1), H, K, V, dtype=node_dtype, device=dev)
+    node_decay = torch.empty(max(NC, 1), H, dtype=torch.float32, device=dev)
+
+    marks = []
+
+    def mark():
+        if stage_ms is not None:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+
+    if NC:
+        grid = (H * NV, NC)
+        mark()
+        _chunk_node_kernel[grid if heads_first else grid[::-1]](
+            kr, vr, gr, nodes, node_decay, t_seq, t_bos, t_start, t_len, t_node0,
+            kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), gr.stride(0),
+            H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels,
+            IN_DT=in_dt, ST_DT=st_dt, PREC=prec, HEADS_FIRST=heads_first, num_warps=num_warps,
+        )
+        for z in sorted(set(zc[needs_fold].tolist())):
+            idx = np.nonzero(needs_fold & (zc == z))[0]
+            _node_fold_kernel[(H * NV, len(idx))](
+                nodes, node_decay, dev_i64(idx), t_seq, t_start, t_node0, z,
+                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels, num_warps=num_warps,
+            )
+        mark()
+        cbits = max(int(np.max(c_abs)).bit_length(), 1)
+        dummy = nodes
+        mark()
+        _chunk_output_kernel[grid if heads_first else grid[::-1]](
+            qr, kr, vr, gr, lr, o, nodes, node_decay,
+            m_lv if has_init else dummy, cm_lv if has_init else dummy, final if final is not None else dummy,
+            t_seq, t_bos, t_start, t_len, t_node0,
+            qr.stride(0), qr.stride(1), kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), gr.stride(0),
+            lr.stride(0), lr.stride(1),
+            o.stride(0), o.stride(1), scale,
+            H=H, G=G, K=K, V=V, L=L, BT=BT, BTLOG=BTLOG, BK=BK, BV=BV, NV=NV, CBITS=cbits,
+            HAS_INIT=has_init, STORE_FINAL=final is not None, IN_DT=in_dt, ST_DT=st_dt, PREC=prec,
+            HEADS_FIRST=heads_first, num_warps=num_warps,
+        )
+        mark()
+        if stage_ms is not None:
+            torch.cuda.synchronize()
+            stage_ms.extend(a.elapsed_time(b) for a, b in zip(marks[:-1], marks[1:], strict=True))
+    o = o.view(B, T, H, V)
+    if final is None:
+        return o, None
+    empty = np.nonzero(lens_np == 0)[0]
+    if len(empty):
+        e = torch.as_tensor(empty, device=dev)
+        final[e] = initial_state.levels[e].float() if has_init else 0.0
+    return o, FenwickState(final, torch.as_tensor(ends, dtype=torch.int64, device=dev))

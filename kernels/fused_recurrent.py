@@ -1,0 +1,111 @@
+"""One decode token for N sequences in Triton: the Fenwick recurrence fused into one launch.
+
+Each program owns one (request, head, V-block). With t the token's position and z = ctz(t), it
+sums levels 0..z into the carry, zeroes levels 1..z, writes the carry decayed as level z+1, decays
+the other live levels in place, writes k vᵀ as level 0 and reads out o = scale * Σ λ_l qᵀ S[l].
+Levels that are empty at position t (bit l-1 of t clear, l > z+1) are neither read nor written, so
+a step moves about popcount(t) + 1 levels. Positions and slots are read on the device: no host
+synchronisation and no allocation besides the output, so the step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.naive import check_shapes
+
+
+@triton.jit
+def _fused_recurrent_step_kernel(
+    q, k, v, g, lam, levels, slots, positions, o,
+    s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_sp, s_sl, s_sh,
+    scale,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+):
+    i_hv, i_n = tl.program_id(0), tl.program_id(1)
+    i_h, i_v = i_hv // NV, i_hv % NV
+    i_g = i_h // (H // G)
+    i_s = tl.load(slots + i_n).to(tl.int64)
+    t = tl.load(positions + i_n).to(tl.int64)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_q = tl.load(q + i_n * s_qn + i_g * s_qg + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k + i_n * s_kn + i_g * s_kg + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_n * s_vn + i_h * s_vh + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_decay = tl.exp(tl.load(g + i_n * s_gn + i_h).to(tl.float32))
+    p_lam = lam + i_n * s_ln + i_h * s_lh
+    p_s = levels + i_s * s_sp + i_h * s_sh + o_k[:, None] * V + o_v[None, :]  # level 0 of this head
+
+    b_o = tl.zeros([BV], dtype=tl.float32)
+    b_carry = tl.zeros([BK, BV], dtype=tl.float32)
+    if t > 0:
+        b_carry += tl.load(p_s, mask=m_kv, other=0.0).to(tl.float32)
+    for l in range(1, L):
+        below = t & ((1 << l) - 1)
+        if (t > 0) & (below == 0):
+            # l <= z: folded into level z + 1
+            b_carry += tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32)
+            tl.store(p_s + l * s_sl, tl.zeros([BK, BV], dtype=tl.float32).to(p_s.dtype.element_ty), mask=m_kv)
+        elif ((t >> (l - 1)) & 1) == 1:
+            if below == (1 << (l - 1)):
+                b_s = b_carry * b_decay  # l == z + 1: the new block
+            else:
+                b_s = tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32) * b_decay
+            tl.store(p_s + l * s_sl, b_s.to(p_s.dtype.element_ty), mask=m_kv)
+            b_o += tl.load(p_lam + l).to(tl.float32) * tl.sum(b_q[:, None] * b_s, axis=0)
+    tl.store(p_s, (b_k[:, None] * b_v[None, :]).to(p_s.dtype.element_ty), mask=m_kv)
+    b_o += tl.load(p_lam).to(tl.float32) * tl.sum(b_q * b_k, axis=0) * b_v
+    tl.store(o + i_n * s_on + i_h * s_oh + o_v, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                         level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
+                         positions: torch.Tensor, scale: float | None = None, *,
+                         block_v: int | None = None) -> torch.Tensor:
+    """One decode token for N sequences held in a pool; updates ``levels[slots]`` in place.
+
+    Args:
+        q, k: [N, G, K]; v: [N, H, V]; g: [N, H]; level_scales: [N, H, L];
+        levels: [P, L, H, K, V] state pool (fp32 or bf16, the last two dims contiguous);
+        slots: [N] int, distinct pool rows; positions: [N] int, index of this token in each
+        sequence (must be < 2^(L-1); not checked, to stay free of host synchronisation).
+        block_v: V columns per program (default: by N * H).
+    Returns:
+        o: [N, H, V] in v's dtype.
+    """
+    check_shapes(q, k, v, g, level_scales)
+    N, G, K = q.shape
+    H, V = v.shape[-2:]
+    L = level_scales.shape[-1]
+    if levels.shape[1:] != (L, H, K, V) or levels.stride(-1) != 1 or levels.stride(-2) != V:
+        raise ValueError(f"levels must be [P, {L}, {H}, {K}, {V}] with contiguous [K, V] blocks, "
+                         f"got {tuple(levels.shape)} strides {levels.stride()}")
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g, level_scales = (_unit_last(x) for x in (q, k, v, g, level_scales))
+    o = torch.empty(N, H, V, dtype=v.dtype, device=v.device)
+    if N == 0:
+        return o
+    BK = max(16, triton.next_power_of_2(K))
+    if block_v is None:
+        block_v = 64 if N * H >= 1024 else 32 if N * H >= 256 else 16
+    BV = min(max(16, triton.next_power_of_2(V)), block_v)
+    NV = triton.cdiv(V, BV)
+    _fused_recurrent_step_kernel[(H * NV, N)](
+        q, k, v, g, level_scales, levels, slots, positions, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+        level_scales.stride(0), level_scales.stride(1), o.stride(0), o.stride(1),
+        levels.stride(0), levels.stride(1), levels.stride(2),
+        scale, H=H, G=G, K=K, V=V, L=L, BK=BK, BV=BV, NV=NV,
+        num_warps=4 if BK * BV >= 4096 else 2,
+    )
+    return o

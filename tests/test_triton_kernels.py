@@ -1,0 +1,313 @@
+"""Triton kernels against the PyTorch references.
+
+CPU: the kernels run under ``TRITON_INTERPRET=1`` in one subprocess (this file run as a script), so
+the interpreter's setting never leaks into other test modules; small shapes and small chunks so that
+several chunk levels, Fenwick folds and partial chunks show up. GPU (``gpu`` marker): realistic
+shapes, per-dtype tolerances, NaN-poisoned memory, long sequences checked row by row in fp64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _inputs(B, T, G, H, K, V, L, dtype=torch.float32, seed=0, device="cpu", gmax=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, G, K, generator=gen)
+    k = torch.randn(B, T, G, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = -torch.rand(B, T, H, generator=gen) * gmax
+    lam = torch.rand(B, T, H, L, generator=gen) + 0.5
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [g.to(device), lam.to(device)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _states(starts, G, H, K, V, L, seed=100, device="cpu"):
+    """Valid Fenwick states after random prefixes of the given lengths (fp64 reference)."""
+    from kernels import naive
+    out = []
+    for i, s in enumerate(starts):
+        if s == 0:
+            out.append(torch.zeros(1, L, H, K, V, dtype=torch.float64, device=device))
+            continue
+        p = [x.double() for x in _inputs(1, s, G, H, K, V, L, seed=seed + i, device=device)]
+        out.append(naive.recurrent_log_linear_attn(*p, output_final_state=True)[1].levels)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: interpreter cases, run in a subprocess
+
+
+def _case_chunk(name, *, lens, starts=None, G=1, H=2, K=16, V=16, L=9, dtype=torch.float32, dense=False,
+                chunk_size=16, direct_levels=1, seed=0):
+    from kernels import naive
+    from kernels.chunk import chunk_log_linear_attn_impl
+    from kernels.state import FenwickState
+    N, T = len(lens), sum(lens)
+    if dense:
+        q, k, v, g, lam = _inputs(N, lens[0], G, H, K, V, L, dtype=dtype, seed=seed)
+        cu = None
+    else:
+        q, k, v, g, lam = _inputs(1, T, G, H, K, V, L, dtype=dtype, seed=seed)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    init = None
+    if starts is not None:
+        init = FenwickState(_states(starts, G, H, K, V, L).float(), torch.tensor(starts))
+    o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
+                                       cu_seqlens=cu, chunk_size=chunk_size, direct_levels=direct_levels)
+    ref_init = None if init is None else FenwickState(init.levels.double(), init.positions)
+    ro, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
+                                             initial_state=ref_init, output_final_state=True, cu_seqlens=cu)
+    return {name: {"o": _rel(o, ro), "state": _rel(st.levels, rst.levels),
+                   "positions": bool(torch.equal(st.positions, rst.positions))}}
+
+
+def _case_step(name, *, positions, G=2, H=2, K=16, V=16, L=12, block_v=16, seed=1):
+    from kernels import naive
+    from kernels.fused_recurrent import fused_recurrent_step
+    N = len(positions)
+    pos = torch.tensor(positions)
+    slots = torch.randperm(N + 3, generator=torch.Generator().manual_seed(seed))[:N]
+    pool = torch.full((N + 3, L, H, K, V), float("nan"))
+    pool[slots] = _states(positions, G, H, K, V, L, seed=seed * 1000).float()
+    q, k, v, g, lam = (x[0] for x in _inputs(1, N, G, H, K, V, L, seed=seed, gmax=1.0))
+    ref_pool = pool.double()
+    ro = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
+                                        ref_pool, slots, pos)
+    o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos, block_v=block_v)
+    untouched = [i for i in range(N + 3) if i not in slots.tolist()]
+    return {name: {"o": _rel(o, ro), "state": _rel(pool[slots], ref_pool[slots]),
+                   "others_untouched": bool(torch.isnan(pool[untouched]).all())}}
+
+
+def _case_prefill_then_steps(name, *, T=45, steps=6, G=1, H=2, K=16, V=16, L=8):
+    from kernels.chunk import chunk_log_linear_attn_impl
+    from kernels.fused_recurrent import fused_recurrent_step
+    q, k, v, g, lam = _inputs(1, T + steps, G, H, K, V, L, seed=7)
+    full, st_full = chunk_log_linear_attn_impl(q, k, v, g, lam, output_final_state=True, chunk_size=16,
+                                               direct_levels=1)
+    part, st = chunk_log_linear_attn_impl(*(x[:, :T] for x in (q, k, v, g, lam)), output_final_state=True,
+                                          chunk_size=16, direct_levels=1)
+    pool = st.levels.clone()
+    outs = [fused_recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], lam[:, t], pool, torch.tensor([0]),
+                                 torch.tensor([t])) for t in range(T, T + steps)]
+    return {name: {"o": _rel(torch.cat([part, torch.stack(outs, 1)], 1), full),
+                   "state": _rel(pool, st_full.levels)}}
+
+
+def _interpret_cases() -> dict:
+    res = {}
+    res.update(_case_chunk("dense_odd_T", lens=[77, 77], dense=True))
+    res.update(_case_chunk("dense_gqa_init_odd", lens=[50, 50], starts=[3, 21], G=2, H=4, dense=True))
+    res.update(_case_chunk("varlen_init", lens=[5, 0, 70, 37], starts=[0, 3, 17, 64], L=8))
+    res.update(_case_chunk("varlen_fold_from_zero", lens=[130, 9], chunk_size=16, direct_levels=1, V=24))
+    res.update(_case_chunk("init_aligned_deep", lens=[40], starts=[96], L=9, dense=True, direct_levels=0))
+    res.update(_case_chunk("bf16", lens=[40, 40], starts=[5, 0], dtype=torch.bfloat16, dense=True))
+    res.update(_case_step("step_edges", positions=[0, 1, 7, 8, 15, 16, 255, 1000]))
+    res.update(_case_step("step_wide_block", positions=[3, 64, 127], block_v=32, V=24, seed=2))
+    res.update(_case_prefill_then_steps("prefill_then_steps"))
+    return res
+
+
+@pytest.fixture(scope="module")
+def interpret_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TOL = {"bf16": 2e-2}
+
+
+@pytest.mark.parametrize("case", ["dense_odd_T", "dense_gqa_init_odd", "varlen_init", "varlen_fold_from_zero",
+                                  "init_aligned_deep", "bf16"])
+def test_chunk_interpreted_matches_recurrence(interpret_results, case):
+    r = interpret_results[case]
+    tol = TOL.get(case, 1e-5)
+    assert r["o"] < tol and r["state"] < tol and r["positions"], r
+
+
+@pytest.mark.parametrize("case", ["step_edges", "step_wide_block"])
+def test_step_interpreted_matches_reference(interpret_results, case):
+    r = interpret_results[case]
+    assert r["o"] < 1e-5 and r["state"] < 1e-5 and r["others_untouched"], r
+
+
+def test_prefill_then_steps_interpreted(interpret_results):
+    r = interpret_results["prefill_then_steps"]
+    assert r["o"] < 1e-5 and r["state"] < 1e-5, r
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: realistic shapes
+
+GPU_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+DT_ID = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _poison_cuda(nbytes: int = 8 << 30) -> None:
+    """Fill cached allocator blocks with NaN so that unwritten outputs show."""
+    x = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del x
+
+
+def _bitlen(x: torch.Tensor) -> torch.Tensor:
+    """Integer bitlen of int64 tensors (no float log2, whose rounding differs between devices)."""
+    n = torch.zeros_like(x)
+    for b in range(int(x.max()).bit_length()):
+        n += (x >> b) > 0
+    return n
+
+
+def _rows_reference(q, k, v, g, lam, rows, scale, start=0):
+    """fp64 quadratic form for selected rows of one sequence starting at position ``start``."""
+    _, T, G, K = q.shape
+    H = v.shape[2]
+    rep = H // G
+    Gc = g[0].double().cumsum(0)  # (T, H)
+    out = []
+    for t in rows:
+        s = torch.arange(t + 1, device=q.device)
+        lvl = _bitlen((start + t) ^ (start + s))  # (t+1,)
+        lam_ts = lam[0, t].double()[:, lvl].T  # (t+1, H)
+        dec = (Gc[t][None, :] - Gc[: t + 1]).exp()  # (t+1, H)
+        sc = torch.einsum("sgk,gk->sg", k[0, : t + 1].double(), q[0, t].double())
+        sc = sc.repeat_interleave(rep, dim=1)  # (t+1, H)
+        out.append(torch.einsum("sh,shv->hv", sc * dec * lam_ts, v[0, : t + 1].double()) * scale)
+    return torch.stack(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_ID.get)
+def test_chunk_gpu_matches_quadratic(dtype):
+    from kernels import naive
+    from kernels.chunk import chunk_log_linear_attn
+    q, k, v, g, lam = _inputs(2, 1000, 1, 32, 128, 64, 15, dtype=dtype, device="cuda")
+    _poison_cuda()
+    o, st = chunk_log_linear_attn(q, k, v, g, lam, output_final_state=True)
+    ref = naive.log_linear_attn(*(x.double().cpu() for x in (q, k, v, g, lam)))  # CPU: exact level matrix
+    assert _rel(o.cpu(), ref) < GPU_TOL[dtype]
+    _, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
+                                             output_final_state=True)
+    assert _rel(st.levels, rst.levels) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_chunk_gpu_varlen_with_state_matches_per_sequence():
+    from kernels.chunk import chunk_log_linear_attn
+    from kernels.state import FenwickState
+    lens, starts = [1, 700, 64, 2049, 333], [0, 5, 4096, 1023, 9000]
+    H, K, V, L = 32, 128, 64, 15
+    q, k, v, g, lam = _inputs(1, sum(lens), 1, H, K, V, L, dtype=torch.float32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    init = FenwickState(torch.randn(len(lens), L, H, K, V, device="cuda", generator=gen),
+                        torch.tensor(starts, device="cuda"))
+    for i, s in enumerate(starts):  # zero the levels that are empty after s tokens
+        for lv in range(L):
+            if s == 0 or (lv > 0 and not ((s - 1) >> (lv - 1)) & 1):
+                init.levels[i, lv] = 0
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    _poison_cuda()
+    o, st = chunk_log_linear_attn(q, k, v, g, lam, initial_state=init, output_final_state=True, cu_seqlens=cu)
+    for i in range(len(lens)):
+        a, b = cu[i].item(), cu[i + 1].item()
+        one = FenwickState(init.levels[i:i + 1], init.positions[i:i + 1])
+        oi, sti = chunk_log_linear_attn(*(x[:, a:b] for x in (q, k, v, g, lam)), initial_state=one,
+                                        output_final_state=True)
+        assert _rel(o[:, a:b], oi) < 1e-6
+        assert _rel(st.levels[i:i + 1], sti.levels) < 1e-6
+    assert st.positions.tolist() == [s + n for s, n in zip(starts, lens, strict=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,L", [(65536, 32, 17), (1 << 20, 2, 21)], ids=["64K", "1M"])
+def test_chunk_gpu_long_rows_and_split(T, H, L):
+    from kernels.chunk import chunk_log_linear_attn
+    from kernels.state import FenwickState
+    q, k, v, g, lam = _inputs(1, T, 1, H, 128, 64, L, dtype=torch.bfloat16, device="cuda", gmax=0.002)
+    _poison_cuda()
+    o, st = chunk_log_linear_attn(q, k, v, g, lam, output_final_state=True)
+    rows = sorted({0, 63, 64, 4095, 4096, 40001, T // 2 - 1, T - 2, T - 1} |
+                  set(torch.randint(0, T, (8,), generator=torch.Generator().manual_seed(0)).tolist()))
+    ref = _rows_reference(q, k, v, g, lam, rows, 128 ** -0.5)
+    assert _rel(o[0, rows], ref) < GPU_TOL[torch.bfloat16]
+    cut = 40001
+    o1, s1 = chunk_log_linear_attn(*(x[:, :cut] for x in (q, k, v, g, lam)), output_final_state=True)
+    o2, s2 = chunk_log_linear_attn(*(x[:, cut:] for x in (q, k, v, g, lam)),
+                                   initial_state=FenwickState(s1.levels, s1.positions),
+                                   output_final_state=True)
+    assert _rel(torch.cat([o1, o2], 1), o) < 1e-2
+    assert _rel(s2.levels, st.levels) < 1e-2
+
+
+@pytest.mark.gpu
+def test_step_gpu_matches_reference_at_edge_positions():
+    from kernels import naive
+    from kernels.fused_recurrent import fused_recurrent_step
+    H, K, V, L = 32, 128, 64, 15
+    positions = [0, 1, 2, 3, 63, 64, 1023, 1024, 4095, 4096, 8191, 16383, 5000, 9999, 12345, 777]
+    N, P = len(positions), 40
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    slots = torch.randperm(P, device="cuda", generator=gen)[:N]
+    pool = torch.randn(P, L, H, K, V, device="cuda", generator=gen)
+    for i, s in enumerate(positions):
+        for lv in range(L):
+            live = (lv == 0 and s > 0) or (lv > 0 and ((s - 1) >> (lv - 1)) & 1 and s > 0)
+            if not live:
+                pool[slots[i], lv] = 0
+    q, k, v, g, lam = (x[0] for x in _inputs(1, N, 1, H, K, V, L, device="cuda", gmax=1.0))
+    pos = torch.tensor(positions, device="cuda")
+    ref_pool = pool.double()
+    ro = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
+                                        ref_pool, slots, pos)
+    _poison_cuda()
+    o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos)
+    assert _rel(o, ro) < 1e-5
+    assert _rel(pool, ref_pool) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT_ID.get)
+def test_gpu_prefill_then_steps_equals_longer_prefill(dtype):
+    from kernels.chunk import chunk_log_linear_attn
+    from kernels.fused_recurrent import fused_recurrent_step
+    T, steps, H, K, V, L = 4000, 100, 32, 128, 64, 15
+    q, k, v, g, lam = _inputs(2, T + steps, 1, H, K, V, L, dtype=dtype, device="cuda")
+    full, st_full = chunk_log_linear_attn(q, k, v, g, lam, output_final_state=True)
+    part, st = chunk_log_linear_attn(*(x[:, :T] for x in (q, k, v, g, lam)), output_final_state=True)
+    pool = torch.cat([torch.zeros_like(st.levels), st.levels])  # sequences in slots 2, 3
+    slots = torch.tensor([2, 3], device="cuda")
+    outs = []
+    graph_pos = torch.zeros(2, dtype=torch.int64, device="cuda")
+    for t in range(T, T + steps):
+        graph_pos.fill_(t)
+        step = fused_recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], lam[:, t], pool, slots, graph_pos)
+        outs.append(step)
+    tol = GPU_TOL[dtype]
+    assert _rel(torch.stack(outs, 1), full[:, T:]) < tol
+    assert _rel(part, full[:, :T]) < tol
+    assert _rel(pool[2:], st_full.levels) < tol
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(_interpret_cases()))
