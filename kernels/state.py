@@ -47,23 +47,27 @@ def max_positions(num_levels: int) -> int:
     return 1 << (num_levels - 1)
 
 
+def bitlen(x: torch.Tensor) -> torch.Tensor:
+    """Bit length of each non-negative int64 (0 -> 0), in exact integer arithmetic on any device."""
+    out = torch.zeros_like(x)
+    y = x.clone()
+    for _ in range(63):
+        nz = y > 0
+        if not bool(nz.any()):
+            break
+        out += nz.to(out.dtype)
+        y = y >> 1
+    return out
+
+
 def level_matrix(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """level(t, s) for broadcastable int64 position tensors: 0 on the diagonal, bitlen(t ^ s) else.
 
     Only meaningful for s <= t.
     """
-    x = torch.bitwise_xor(t, s)
-    lvl = torch.zeros_like(x)
-    nz = x > 0
-    # bitlen(x) = floor(log2 x) + 1; exact for x < 2^53
-    lvl[nz] = torch.floor(torch.log2(x[nz].double())).long() + 1
-    return lvl
+    return bitlen(torch.bitwise_xor(t, s))
 
 
 def ctz(t: torch.Tensor) -> torch.Tensor:
     """Index of the lowest set bit of each positive int64 in t (-1 where t == 0)."""
-    low = torch.bitwise_and(t, -t)
-    out = torch.full_like(t, -1)
-    nz = t > 0
-    out[nz] = torch.round(torch.log2(low[nz].double())).long()
-    return out
+    return bitlen(torch.bitwise_and(t, -t)) - 1
