@@ -26,7 +26,10 @@ import random
 import socket
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -97,33 +100,35 @@ async def send(client: httpx.AsyncClient, body: dict, prompt_len: int, t0: float
     res = RequestResult(ok=False, prompt_tokens=prompt_len)
     start = time.perf_counter()
     res.sent_at = start - t0
-    last = start
+    last, chunks, buf = start, 0, b""
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
                 return res
-            chunks = 0
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
-                if "error" in msg:
-                    res.error = str(msg["error"])[:300]
-                    return res
-                now = time.perf_counter()
-                if any(c.get("text") for c in msg.get("choices") or []):
-                    if chunks == 0:
-                        res.ttft = now - start
-                    else:
-                        res.itl.append(now - last)
-                    chunks, last = chunks + 1, now
-                if msg.get("usage"):
-                    res.output_tokens = msg["usage"]["completion_tokens"]
-                    res.prompt_tokens = msg["usage"]["prompt_tokens"]
+            # raw bytes split into SSE events by hand: httpx's line iterator costs more than the server
+            async for piece in r.aiter_raw():
+                now = time.perf_counter()  # when these bytes arrived, before any parsing
+                *events, buf = (buf + piece).split(b"\n\n")
+                for event in events:
+                    if not event.startswith(b"data:"):
+                        continue
+                    data = event[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    msg = json.loads(data)
+                    if "error" in msg:
+                        res.error = str(msg["error"])[:300]
+                        return res
+                    if any(c.get("text") for c in msg.get("choices") or ()):
+                        if chunks == 0:
+                            res.ttft = now - start
+                        else:
+                            res.itl.append(now - last)
+                        chunks, last = chunks + 1, now
+                    if msg.get("usage"):
+                        res.output_tokens = msg["usage"]["completion_tokens"]
+                        res.prompt_tokens = msg["usage"]["prompt_tokens"]
         res.e2el = time.perf_counter() - start
         res.output_tokens = res.output_tokens or chunks
         res.ok = chunks > 0
@@ -133,37 +138,97 @@ async def send(client: httpx.AsyncClient, body: dict, prompt_len: int, t0: float
     return res
 
 
-async def run_load(
-    client: httpx.AsyncClient,
+@dataclass(frozen=True)
+class Share:
+    """One client process's part of a run: its prompts and its slice of the concurrency and the rate."""
+
+    base_url: str
+    headers: dict[str, str]
+    body: dict  # the request body without the prompt
+    prompts: list[list[int]]
+    max_concurrency: int | None
+    request_rate: float
+    burstiness: float
+    max_duration: float  # seconds after t0 to keep starting requests
+    request_timeout: float
+    seed: int
+    t0: float  # perf_counter (CLOCK_MONOTONIC, shared by the processes) at which to start
+
+
+async def run_share(share: Share) -> tuple[list[RequestResult], float]:
+    """Send a share's prompts; returns its results and the perf_counter time its last request ended."""
+    rng = random.Random(share.seed)
+    conns = share.max_concurrency or len(share.prompts)
+    sem = asyncio.Semaphore(conns)
+    limits = httpx.Limits(max_connections=conns + 4, max_keepalive_connections=conns + 4)
+    timeout = httpx.Timeout(share.request_timeout, connect=10.0)
+    async with httpx.AsyncClient(
+        base_url=share.base_url, headers=share.headers, limits=limits, timeout=timeout
+    ) as client:
+
+        async def one(p: list[int]) -> RequestResult | None:
+            async with sem:
+                if time.perf_counter() - share.t0 > share.max_duration:
+                    return None
+                return await send(client, {**share.body, "prompt": p}, len(p), share.t0)
+
+        await asyncio.sleep(max(0.0, share.t0 - time.perf_counter()))
+        tasks = []
+        for p in share.prompts:
+            if time.perf_counter() - share.t0 > share.max_duration:
+                break
+            tasks.append(asyncio.create_task(one(p)))
+            if math.isfinite(share.request_rate):
+                theta = 1.0 / (share.request_rate * share.burstiness)
+                await asyncio.sleep(rng.gammavariate(share.burstiness, theta))
+            else:
+                await asyncio.sleep(0)  # let it start, so send order is arrival order
+        results = [r for r in await asyncio.gather(*tasks) if r is not None]
+    return results, time.perf_counter()
+
+
+def run_share_in_process(share: Share) -> tuple[list[dict], float]:
+    results, end = asyncio.run(run_share(share))
+    return [asdict(r) for r in results], end
+
+
+def run_load(
+    pool: ProcessPoolExecutor | None,
+    workers: int,
     prompts: list[list[int]],
-    base_body: dict,
     load: Load,
-    max_duration: float,
+    base: dict,
+    a: argparse.Namespace,
     seed: int,
 ) -> tuple[list[RequestResult], float]:
-    """Send the prompts under one load; after max_duration seconds, start no new request."""
-    rng = random.Random(seed)
-    sem = asyncio.Semaphore(load.max_concurrency or len(prompts))
-    t0 = time.perf_counter()
-
-    async def one(p: list[int]) -> RequestResult | None:
-        async with sem:
-            if time.perf_counter() - t0 > max_duration:
-                return None
-            return await send(client, {**base_body, "prompt": p}, len(p), t0)
-
-    tasks = []
-    for p in prompts[: load.num_prompts]:
-        if time.perf_counter() - t0 > max_duration:
-            break
-        tasks.append(asyncio.create_task(one(p)))
-        if math.isfinite(load.request_rate):
-            theta = 1.0 / (load.request_rate * load.burstiness)
-            await asyncio.sleep(rng.gammavariate(load.burstiness, theta))
-        else:
-            await asyncio.sleep(0)  # let it start, so send order is arrival order
-    results = [r for r in await asyncio.gather(*tasks) if r is not None]
-    return results, time.perf_counter() - t0
+    """One run, split over `workers` client processes (one Python process cannot parse the SSE of
+    hundreds of fast streams without falling behind). Each takes every workers-th prompt, its part of
+    the concurrency and rate/workers of the arrivals: independent Poisson processes add up to one."""
+    workers = max(1, min(workers, len(prompts), load.max_concurrency or len(prompts)))
+    t0 = time.perf_counter() + (1.0 if workers > 1 else 0.0)
+    shares = [
+        Share(
+            a.base_url,
+            a.headers,
+            base,
+            prompts[i::workers],
+            None if load.max_concurrency is None else len(range(i, load.max_concurrency, workers)),
+            load.request_rate / workers,
+            load.burstiness,
+            a.max_duration,
+            a.request_timeout,
+            seed * 1000 + i,
+            t0,
+        )
+        for i in range(workers)
+    ]
+    if workers == 1 or pool is None:
+        results, end = asyncio.run(run_share(shares[0]))
+        return results, end - t0
+    done = [f.result() for f in [pool.submit(run_share_in_process, sh) for sh in shares]]
+    results = [RequestResult(**r) for rs, _ in done for r in rs]
+    results.sort(key=lambda r: r.sent_at)
+    return results, max(end for _, end in done) - t0
 
 
 def stats_ms(xs: list[float], percentiles: tuple[float, ...]) -> dict[str, float]:
@@ -297,12 +362,11 @@ def print_run(run: dict) -> None:
         print(f"  error: {e}")
 
 
-async def bench(a: argparse.Namespace) -> dict:
-    headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
-    with httpx.Client(base_url=a.base_url, headers=headers, timeout=30.0) as sync:
+def bench(a: argparse.Namespace) -> dict:
+    a.headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
+    with httpx.Client(base_url=a.base_url, headers=a.headers, timeout=30.0) as sync:
         model = a.model or sync.get("/v1/models").json()["data"][0]["id"]
-        pool = token_pool(sync, model, a.vocab_size)
-        levels = a.max_concurrency or [None]
+        pool_ids = token_pool(sync, model, a.vocab_size)
         loads = [
             Load(
                 c,
@@ -312,7 +376,7 @@ async def bench(a: argparse.Namespace) -> dict:
                 if a.prompts_per_concurrency and c
                 else a.num_prompts,
             )
-            for c in levels
+            for c in a.max_concurrency or [None]
         ]
         base = {
             "model": model,
@@ -322,26 +386,32 @@ async def bench(a: argparse.Namespace) -> dict:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        limits = httpx.Limits(
-            max_connections=max((c or 1024) for c in levels) + 8, max_keepalive_connections=64
-        )
-        timeout = httpx.Timeout(a.request_timeout, connect=10.0)
+        most = max(ld.max_concurrency or ld.num_prompts for ld in loads)
+        workers = a.num_workers or min(max(1, (os.cpu_count() or 2) // 2), math.ceil(most / 32))
         runs, samples = [], []
-        async with httpx.AsyncClient(
-            base_url=a.base_url, headers=headers, limits=limits, timeout=timeout
-        ) as ac:
+        with (
+            ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+            if workers > 1
+            else nullcontext() as pp
+        ):
             if a.num_warmups:
                 warm = make_prompts(
-                    pool, a.num_warmups, a.input_len, a.prefix_len, a.num_prefixes, a.seed - 1
+                    pool_ids, a.num_warmups, a.input_len, a.prefix_len, a.num_prefixes, a.seed - 1
                 )
-                await run_load(ac, warm, base, Load(None, math.inf, 1.0, len(warm)), math.inf, a.seed)
+                run_load(None, 1, warm, Load(None, math.inf, 1.0, len(warm)), base, a, a.seed)
             for i, load in enumerate(loads):
                 # fresh prompts per run (the same shared prefixes), so no run reuses another's prompts
                 prompts = make_prompts(
-                    pool, load.num_prompts, a.input_len, a.prefix_len, a.num_prefixes, a.seed + 1000 * (i + 1)
+                    pool_ids,
+                    load.num_prompts,
+                    a.input_len,
+                    a.prefix_len,
+                    a.num_prefixes,
+                    a.seed + 1000 * (i + 1),
                 )
-                results, duration = await run_load(ac, prompts, base, load, a.max_duration, a.seed + i)
+                results, duration = run_load(pp, workers, prompts, load, base, a, a.seed + i)
                 run = summarize(load, results, duration, tuple(a.percentiles))
+                run["client_processes"] = max(1, min(workers, load.max_concurrency or load.num_prompts))
                 run["server"] = server_gauges(sync)
                 ok = [r for r in results if r.ok]
                 samples.append(
@@ -397,6 +467,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, nargs="+", help="one run per value (default: unbounded)")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: inf)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="client processes (default: one per 32 concurrent streams, at most half the cores)",
+    )
     p.add_argument("--num-warmups", type=int, default=2, help="requests sent before the measured runs")
     p.add_argument("--max-duration", type=float, default=600.0, help="seconds per run to keep sending")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one request")
@@ -417,7 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     check_loopback(a.base_url)
-    result = asyncio.run(bench(a))
+    result = bench(a)
     failed = sum(r["failed"] for r in result["runs"])
     print(f"wrote {a.result_dir / 'serve.json'} and {len(result['plots'])} plot(s)")
     return 1 if failed else 0

@@ -98,13 +98,14 @@ def check_run(run: dict, n: int, prompt_len: int, output_len: int) -> None:
 def test_concurrency_sweep_writes_json_and_plots(server_url: str, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     result = run_bench(server_url, out, "--input-len", "24", "--output-len", "6", "--num-prompts", "6",
-                       "--max-concurrency", "1", "4", "--num-warmups", "1")
+                       "--max-concurrency", "1", "4", "--num-warmups", "1", "--num-workers", "2")
     assert result["model"] == "tiny" and result["input_len"] == 24 and result["output_len"] == 6
     assert [r["max_concurrency"] for r in result["runs"]] == [1, 4]
     for run in result["runs"]:
         check_run(run, n=6, prompt_len=24, output_len=6)
-    # concurrency 1: requests never overlap
+    # concurrency 1: requests never overlap; concurrency 4 is split over 2 client processes
     assert result["runs"][0]["mean_in_flight"] <= 1.0 + 1e-6
+    assert [r["client_processes"] for r in result["runs"]] == [1, 2]
     plots = sorted(Path(p).name for p in result["plots"])
     assert plots == ["latency_cdf.png", "throughput_vs_concurrency.png"]
     for name in plots:
