@@ -73,10 +73,8 @@ def check_loopback(base_url: str) -> None:
     host = urlsplit(base_url).hostname or ""
     addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
     if not addrs or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs):
-        raise SystemExit(
-            f"bench/serve.py: {base_url} is not a loopback address; this benchmark only "
-            "targets a server on this machine (127.0.0.0/8 or ::1)"
-        )
+        raise SystemExit(f"bench/serve.py: {base_url} is not a loopback address; this benchmark only "
+                         "targets a server on this machine (127.0.0.0/8 or ::1)")
 
 
 def token_pool(client: httpx.Client, model: str, vocab_size: int | None) -> list[int]:
@@ -87,9 +85,8 @@ def token_pool(client: httpx.Client, model: str, vocab_size: int | None) -> list
     return sorted(set(r.json()["tokens"]))
 
 
-def make_prompts(
-    pool: list[int], n: int, input_len: int, prefix_len: int, num_prefixes: int, seed: int
-) -> list[list[int]]:
+def make_prompts(pool: list[int], n: int, input_len: int, prefix_len: int, num_prefixes: int,
+                 seed: int) -> list[list[int]]:
     """n prompts of prefix_len shared tokens (one of num_prefixes prefixes) + input_len random tokens."""
     rng = random.Random(seed)
     prefixes = [rng.choices(pool, k=prefix_len) for _ in range(max(num_prefixes, 1))]
@@ -162,9 +159,8 @@ async def run_share(share: Share) -> tuple[list[RequestResult], float]:
     sem = asyncio.Semaphore(conns)
     limits = httpx.Limits(max_connections=conns + 4, max_keepalive_connections=conns + 4)
     timeout = httpx.Timeout(share.request_timeout, connect=10.0)
-    async with httpx.AsyncClient(
-        base_url=share.base_url, headers=share.headers, limits=limits, timeout=timeout
-    ) as client:
+    async with httpx.AsyncClient(base_url=share.base_url, headers=share.headers, limits=limits,
+                                 timeout=timeout) as client:
 
         async def one(p: list[int]) -> RequestResult | None:
             async with sem:
@@ -192,34 +188,18 @@ def run_share_in_process(share: Share) -> tuple[list[dict], float]:
     return [asdict(r) for r in results], end
 
 
-def run_load(
-    pool: ProcessPoolExecutor | None,
-    workers: int,
-    prompts: list[list[int]],
-    load: Load,
-    base: dict,
-    a: argparse.Namespace,
-    seed: int,
-) -> tuple[list[RequestResult], float]:
+def run_load(pool: ProcessPoolExecutor | None, workers: int, prompts: list[list[int]], load: Load, base: dict,
+             a: argparse.Namespace, seed: int) -> tuple[list[RequestResult], float]:
     """One run, split over `workers` client processes (one Python process cannot parse the SSE of
     hundreds of fast streams without falling behind). Each takes every workers-th prompt, its part of
     the concurrency and rate/workers of the arrivals: independent Poisson processes add up to one."""
     workers = max(1, min(workers, len(prompts), load.max_concurrency or len(prompts)))
     t0 = time.perf_counter() + (1.0 if workers > 1 else 0.0)
     shares = [
-        Share(
-            a.base_url,
-            a.headers,
-            base,
-            prompts[i::workers],
-            None if load.max_concurrency is None else len(range(i, load.max_concurrency, workers)),
-            load.request_rate / workers,
-            load.burstiness,
-            a.max_duration,
-            a.request_timeout,
-            seed * 1000 + i,
-            t0,
-        )
+        Share(a.base_url, a.headers, base, prompts[i::workers],
+              None if load.max_concurrency is None else len(range(i, load.max_concurrency, workers)),
+              load.request_rate / workers, load.burstiness, a.max_duration, a.request_timeout,
+              seed * 1000 + i, t0)
         for i in range(workers)
     ]
     if workers == 1 or pool is None:
@@ -240,9 +220,8 @@ def stats_ms(xs: list[float], percentiles: tuple[float, ...]) -> dict[str, float
     return out
 
 
-def summarize(
-    load: Load, results: list[RequestResult], duration: float, percentiles: tuple[float, ...]
-) -> dict:
+def summarize(load: Load, results: list[RequestResult], duration: float,
+              percentiles: tuple[float, ...]) -> dict:
     ok = [r for r in results if r.ok]
     n_in = sum(r.prompt_tokens for r in ok)
     n_out = sum(r.output_tokens for r in ok)
@@ -293,17 +272,13 @@ def plot(runs: list[dict], samples: list[dict[str, list[float]]], out_dir: Path,
 
     paths = []
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, key, title in zip(
-        axes.flat,
-        ("ttft", "tpot", "itl", "e2el"),
-        ("Time to first token", "Time per output token", "Inter-token latency", "End-to-end latency"),
-        strict=True,
-    ):
+    names = ("Time to first token", "Time per output token", "Inter-token latency", "End-to-end latency")
+    for ax, key, name in zip(axes.flat, ("ttft", "tpot", "itl", "e2el"), names, strict=True):
         for run, s in zip(runs, samples, strict=True):
             xs = np.sort(np.asarray(s[key]) * 1000.0)
             if len(xs):
                 ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=label(run))
-        ax.set(title=title, xlabel="ms", ylabel="fraction of samples", ylim=(0, 1.01))
+        ax.set(title=name, xlabel="ms", ylabel="fraction of samples", ylim=(0, 1.01))
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=8)
@@ -322,13 +297,8 @@ def plot(runs: list[dict], samples: list[dict[str, list[float]]], out_dir: Path,
         a1.set(title="Throughput", xlabel="max concurrency", ylabel="tokens / s")
         for key, name, style in (("ttft_ms", "TTFT", "o-"), ("tpot_ms", "TPOT", "s-")):
             for stat in ("median", "p99"):
-                a2.plot(
-                    c,
-                    [r[key].get(stat, np.nan) for r in sweep],
-                    style,
-                    alpha=1.0 if stat == "median" else 0.5,
-                    label=f"{stat} {name}",
-                )
+                a2.plot(c, [r[key].get(stat, np.nan) for r in sweep], style,
+                        alpha=1.0 if stat == "median" else 0.5, label=f"{stat} {name}")
         a2.set(title="Latency", xlabel="max concurrency", ylabel="ms")
         a2.set_yscale("log")
         for ax in (a1, a2):
@@ -347,17 +317,13 @@ def plot(runs: list[dict], samples: list[dict[str, list[float]]], out_dir: Path,
 
 def print_run(run: dict) -> None:
     print(f"==== {label(run)}: {run['completed']} ok, {run['failed']} failed in {run['duration_s']:.2f} s")
-    print(
-        f"  requests/s {run['request_throughput']:.2f}   output tok/s {run['output_throughput']:.1f}   "
-        f"total tok/s {run['total_token_throughput']:.1f}"
-    )
+    print(f"  requests/s {run['request_throughput']:.2f}   output tok/s {run['output_throughput']:.1f}   "
+          f"total tok/s {run['total_token_throughput']:.1f}")
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         s = run[key]
         if s:
-            print(
-                f"  {key[:-3].upper():5s} ms  mean {s['mean']:9.2f}  median {s['median']:9.2f}  "
-                f"p99 {s.get('p99', float('nan')):9.2f}"
-            )
+            print(f"  {key[:-3].upper():5s} ms  mean {s['mean']:9.2f}  median {s['median']:9.2f}  "
+                  f"p99 {s.get('p99', float('nan')):9.2f}")
     for e in run["errors"]:
         print(f"  error: {e}")
 
@@ -367,79 +333,42 @@ def bench(a: argparse.Namespace) -> dict:
     with httpx.Client(base_url=a.base_url, headers=a.headers, timeout=30.0) as sync:
         model = a.model or sync.get("/v1/models").json()["data"][0]["id"]
         pool_ids = token_pool(sync, model, a.vocab_size)
-        loads = [
-            Load(
-                c,
-                a.request_rate,
-                a.burstiness,
-                max(a.num_prompts, math.ceil(a.prompts_per_concurrency * c))
-                if a.prompts_per_concurrency and c
-                else a.num_prompts,
-            )
-            for c in a.max_concurrency or [None]
-        ]
-        base = {
-            "model": model,
-            "max_tokens": a.output_len,
-            "ignore_eos": True,
-            "temperature": 0.0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        loads = [Load(c, a.request_rate, a.burstiness,
+                      max(a.num_prompts, math.ceil(a.prompts_per_concurrency * c))
+                      if a.prompts_per_concurrency and c else a.num_prompts)
+                 for c in a.max_concurrency or [None]]
+        base = {"model": model, "max_tokens": a.output_len, "ignore_eos": True, "temperature": 0.0,
+                "stream": True, "stream_options": {"include_usage": True}}
         most = max(ld.max_concurrency or ld.num_prompts for ld in loads)
         workers = a.num_workers or min(max(1, (os.cpu_count() or 2) // 2), math.ceil(most / 32))
         runs, samples = [], []
-        with (
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-            if workers > 1
-            else nullcontext() as pp
-        ):
+        spawn = get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else nullcontext() as pp:
             if a.num_warmups:
-                warm = make_prompts(
-                    pool_ids, a.num_warmups, a.input_len, a.prefix_len, a.num_prefixes, a.seed - 1
-                )
+                warm = make_prompts(pool_ids, a.num_warmups, a.input_len, a.prefix_len, a.num_prefixes,
+                                    a.seed - 1)
                 run_load(None, 1, warm, Load(None, math.inf, 1.0, len(warm)), base, a, a.seed)
             for i, load in enumerate(loads):
                 # fresh prompts per run (the same shared prefixes), so no run reuses another's prompts
-                prompts = make_prompts(
-                    pool_ids,
-                    load.num_prompts,
-                    a.input_len,
-                    a.prefix_len,
-                    a.num_prefixes,
-                    a.seed + 1000 * (i + 1),
-                )
+                prompts = make_prompts(pool_ids, load.num_prompts, a.input_len, a.prefix_len, a.num_prefixes,
+                                       a.seed + 1000 * (i + 1))
                 results, duration = run_load(pp, workers, prompts, load, base, a, a.seed + i)
                 run = summarize(load, results, duration, tuple(a.percentiles))
                 run["client_processes"] = max(1, min(workers, load.max_concurrency or load.num_prompts))
                 run["server"] = server_gauges(sync)
                 ok = [r for r in results if r.ok]
-                samples.append(
-                    {
-                        "ttft": [r.ttft for r in ok],
-                        "itl": [x for r in ok for x in r.itl],
-                        "tpot": [t for r in ok if (t := r.tpot) is not None],
-                        "e2el": [r.e2el for r in ok],
-                    }
-                )
+                samples.append({"ttft": [r.ttft for r in ok], "itl": [x for r in ok for x in r.itl],
+                                "tpot": [t for r in ok if (t := r.tpot) is not None],
+                                "e2el": [r.e2el for r in ok]})
                 if a.save_requests:
                     run["requests"] = [{**asdict(r), "tpot": r.tpot} for r in results]
                 runs.append(run)
                 print_run(run)
     result = {
-        "benchmark": "serve",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "base_url": a.base_url,
-        "model": model,
-        "dataset": a.dataset,
-        "input_len": a.input_len,
-        "output_len": a.output_len,
-        "prefix_len": a.prefix_len,
-        "num_prefixes": a.num_prefixes,
-        "num_warmups": a.num_warmups,
-        "seed": a.seed,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "runs": runs,
+        "benchmark": "serve", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base_url": a.base_url,
+        "model": model, "dataset": a.dataset, "input_len": a.input_len, "output_len": a.output_len,
+        "prefix_len": a.prefix_len, "num_prefixes": a.num_prefixes, "num_warmups": a.num_warmups,
+        "seed": a.seed, "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "runs": runs,
     }
     a.result_dir.mkdir(parents=True, exist_ok=True)
     (a.result_dir / "serve.json").write_text(json.dumps(result, indent=2))
@@ -459,20 +388,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=256, help="max_tokens, with ignore_eos")
     p.add_argument("--prefix-len", type=int, default=0, help="shared-prefix: tokens of the shared prefix")
     p.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: distinct prefixes")
-    p.add_argument(
-        "--vocab-size", type=int, help="draw ids from [0, N) (default: ids of /tokenize on a text)"
-    )
+    p.add_argument("--vocab-size", type=int, help="draw ids from [0, N) (default: /tokenize of a text)")
     p.add_argument("--num-prompts", type=int, default=64, help="requests per run (at least this many)")
     p.add_argument("--prompts-per-concurrency", type=float, help="requests per run = this x concurrency")
     p.add_argument("--max-concurrency", type=int, nargs="+", help="one run per value (default: unbounded)")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson (default: inf)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
-    p.add_argument(
-        "--num-workers",
-        type=int,
-        default=0,
-        help="client processes (default: one per 32 concurrent streams, at most half the cores)",
-    )
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="client processes (default: one per 32 concurrent streams, at most half the cores)")
     p.add_argument("--num-warmups", type=int, default=2, help="requests sent before the measured runs")
     p.add_argument("--max-duration", type=float, default=600.0, help="seconds per run to keep sending")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one request")
