@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -181,6 +182,19 @@ async def run_share(share: Share) -> tuple[list[RequestResult], float]:
                 await asyncio.sleep(0)  # let it start, so send order is arrival order
         results = [r for r in await asyncio.gather(*tasks) if r is not None]
     return results, time.perf_counter()
+
+
+_barrier = None  # set in each client process: all of them wait on it once, so all have started
+
+
+def init_worker(barrier: Any) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def started(_: int) -> int:
+    _barrier.wait(timeout=120)
+    return os.getpid()
 
 
 def run_share_in_process(share: Share) -> tuple[list[dict], float]:
@@ -343,7 +357,11 @@ def bench(a: argparse.Namespace) -> dict:
         workers = a.num_workers or min(max(1, (os.cpu_count() or 2) // 2), math.ceil(most / 32))
         runs, samples = [], []
         spawn = get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else nullcontext() as pp:
+        pool = (ProcessPoolExecutor(workers, mp_context=spawn, initializer=init_worker,
+                                    initargs=(spawn.Barrier(workers),)) if workers > 1 else nullcontext())
+        with pool as pp:
+            if pp is not None:  # start (and import) every client process before any clock runs
+                list(pp.map(started, range(workers)))
             if a.num_warmups:
                 warm = make_prompts(pool_ids, a.num_warmups, a.input_len, a.prefix_len, a.num_prefixes,
                                     a.seed - 1)
