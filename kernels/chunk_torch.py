@@ -24,13 +24,14 @@ from kernels.naive import check_shapes
 from kernels.state import FenwickState, ctz, level_matrix, max_positions
 
 CHUNK_SIZE = 64
+_MIN_AUTO_CHUNK = 16  # batches of short sequences (decode-like continuations) use chunks this small
 _BLOCK_ELEMS = 1 << 22  # elements of one [chunks, H, C, C] temporary; bounds memory on long prompts
 
 
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
                           initial_state: FenwickState | None = None, output_final_state: bool = False,
-                          cu_seqlens: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE
+                          cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
     """Prefill: log-linear attention over T tokens per sequence, continuing from any position.
 
@@ -44,7 +45,8 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
             with cu_seqlens. A sequence at position 0 starts empty whatever its levels hold.
         output_final_state: return the state after the last token of each sequence.
         cu_seqlens: [N + 1] cumulative lengths of the sequences packed along T (B must be 1).
-        chunk_size: a power of two; positions are chunked at its multiples.
+        chunk_size: a power of two; positions are chunked at its multiples. None: CHUNK_SIZE, or the
+            smallest power of two >= 16 that holds the longest sequence when that is shorter.
     Returns:
         o: [B, T, H, V] in v's dtype; final state (levels [N, L, H, K, V] in float32, float64 for float64
         inputs; positions [N] int64) or None.
@@ -52,7 +54,7 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     rep, L = check_shapes(q, k, v, g, level_scales)
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, G, K], got {tuple(q.shape)}")
-    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+    if chunk_size is not None and (chunk_size < 1 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"chunk_size must be a power of two, got {chunk_size}")
     B, T, G, K = q.shape
     H, V = v.shape[-2:]
@@ -85,6 +87,9 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
             f"sequence reaches {max(ends)} tokens but {L} levels hold at most {max_positions(L)}"
         )
 
+    if chunk_size is None:
+        longest = max(lengths, default=1)
+        chunk_size = min(CHUNK_SIZE, max(_MIN_AUTO_CHUNK, 1 << max(longest - 1, 0).bit_length()))
     init = None if initial_state is None else initial_state.levels
     o, levels = _chunked(q.reshape(B * T, G, K), k.reshape(B * T, G, K), v.reshape(B * T, H, V),
                          g.reshape(B * T, H), level_scales.reshape(B * T, H, L), bounds, starts, init,
@@ -148,23 +153,29 @@ def _intra(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, Gl: torch.Tenso
     return A @ vh, kd.permute(0, 2, 3, 1) @ vh
 
 
-def _merge_for_query(levels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The state after ``pos`` tokens, with levels 0..z folded into z + 1 (z = ctz(pos)) as the
-    recurrence does before absorbing token ``pos``; no decay. Empty at position 0.
+class _Merged:
+    """The initial state merged for each sequence's first query p0, read block by block.
 
-    Args:
-        levels: [S, L, H, K, V]; pos: [S] int64.
-    Returns:
-        [S, L, H, K, V]: level l holds Fenwick bucket l of query ``pos`` (level 0 empty).
+    Before absorbing token p0 > 0 the recurrence folds levels 0..z (z = ctz(p0)) into z + 1; after that,
+    level l >= 1 holds Fenwick bucket l of query p0. Only the blocks asked for are read.
     """
-    S, L = levels.shape[:2]
-    z = ctz(pos)  # (S,), -1 at 0
-    folded = (torch.arange(L, device=levels.device)[None, :] <= z[:, None])[..., None, None, None]
-    carry = (levels * folded).sum(1)  # (S, H, K, V)
-    merged = levels.masked_fill(folded, 0)
-    rows = torch.arange(S, device=levels.device)
-    merged[rows, (z + 1).clamp(max=L - 1)] += carry
-    return merged.masked_fill((pos == 0)[:, None, None, None, None], 0)
+
+    def __init__(self, init: torch.Tensor, act: torch.Tensor, p0: torch.Tensor, dt: torch.dtype) -> None:
+        self.init, self.act, self.dt = init, act, dt  # init: (N, L, H, K, V), any dtype and strides
+        L = init.shape[1]
+        self.top = (ctz(p0) + 1).clamp(max=L - 1)  # (S,) level that receives the fold, 0 at p0 == 0
+        self.empty = p0 == 0
+        s, l = (torch.arange(L, device=p0.device)[None, :] <= self.top[:, None]).nonzero(as_tuple=True)
+        self.carry = torch.zeros(p0.numel(), *init.shape[2:], dtype=dt, device=p0.device)
+        self.carry.index_add_(0, s, init[act[s], l].to(dt))  # (S, H, K, V)
+
+    def get(self, s: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        """Merged level l[i] of sequence s[i]: [R, H, K, V] in dt."""
+        blocks = self.init[self.act[s], l].to(self.dt, copy=True)
+        top = l == self.top[s]
+        blocks[top] = self.carry[s[top]]
+        blocks[(l < self.top[s]) | self.empty[s]] = 0
+        return blocks
 
 
 def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lam: torch.Tensor,
@@ -182,16 +193,17 @@ def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     N = len(bounds) - 1
     lengths = [bounds[n + 1] - bounds[n] for n in range(N)]
     act = [n for n in range(N) if lengths[n] > 0]
+    act_t = torch.tensor(act, dtype=torch.int64, device=dev)
     final = None
     if want_state:
         final = torch.zeros(N, L, H, K, V, dtype=dt, device=dev)
-        if init is not None:
-            final.copy_(init)
+        if init is not None and len(act) < N:
+            idle = torch.tensor([n for n in range(N) if lengths[n] == 0], dtype=torch.int64, device=dev)
+            final[idle] = init.to(dev)[idle].to(dt)
     if not act:
         return torch.zeros(Ttot, H, V, dtype=dt, device=dev), final
 
     lay = _layout([starts[n] for n in act], [lengths[n] for n in act], C, dev)
-    act_t = torch.tensor(act, dtype=torch.int64, device=dev)
     S, NC = len(act), lay.ch_seq.numel()
     P = NC * C
 
@@ -229,13 +241,11 @@ def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     merged = None
     nlow = min(LOG, L - 1)
     if init is not None and bool((lay.p0 > 0).any()):
-        merged = _merge_for_query(init.to(dev)[act_t].to(dt), lay.p0)
-        if nlow > 0 and bool((lay.p0 % C != 0).any()):
-            _head_low(merged[:, 1:nlow + 1], qc, lamc, Gl, summ, o_c, lay)
+        merged = _Merged(init.to(dev), act_t, lay.p0, dt)
+        if nlow > 0:
+            _head_low(merged, nlow, qc, lamc, Gl, summ, o_c, lay)
 
     # 3. across chunks: the block tree, one chunk level at a time
-    if final is not None:
-        final[act_t] = 0
     tree = None
     for m in range(1, int(lay.jl.max()).bit_length() + 1):
         tree = _tree_level(m, tree, summ, merged, Gtok, lay, C)
@@ -251,29 +261,44 @@ def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     return o, final
 
 
-def _head_low(low: torch.Tensor, qc: torch.Tensor, lam: torch.Tensor, Gl: torch.Tensor, summ: torch.Tensor,
-              o_c: torch.Tensor, lay: _Layout) -> None:
-    """Add the initial state's levels 1..n (tokens of the first chunk before the first position) to the
-    first chunk's outputs and summary, in place.
+def _head_low(merged: _Merged, n: int, qc: torch.Tensor, lam: torch.Tensor, Gl: torch.Tensor,
+              summ: torch.Tensor, o_c: torch.Tensor, lay: _Layout) -> None:
+    """Add the initial state's merged levels 1..n (its tokens in the first chunk, before the first position)
+    to the first chunk's outputs and summary, in place, for the sequences that start mid-chunk.
 
     Args:
-        low: [S, n, H, K, V] merged levels 1..n; qc: [NC, C, G, K] (scaled); lam: [NC, C, H, L];
-        Gl: [NC, C, H] float64; summ: [NC, H, K, V]; o_c: [NC, H, C, V].
+        qc: [NC, C, G, K] (scaled); lam: [NC, C, H, L]; Gl: [NC, C, H] float64; summ: [NC, H, K, V];
+        o_c: [NC, H, C, V].
     """
-    S, n, H, K, V = low.shape
     C, G = qc.shape[1:3]
-    L = lam.shape[-1]
+    H, L = lam.shape[2:]
     dev, dt = qc.device, qc.dtype
-    hc = lay.co
-    t_abs = lay.j0[:, None] * C + torch.arange(C, device=dev)  # (S, C)
-    width = 1 << torch.arange(1, n + 1, device=dev)
-    s_abs = lay.p0[:, None] - lay.p0[:, None] % width  # (S, n) first token of each bucket
-    lv = level_matrix(t_abs[:, :, None], s_abs[:, None, :]).clamp(max=L - 1)  # (S, C, n)
-    w = torch.gather(lam[hc], 3, lv[:, :, None, :].expand(S, C, H, n))  # (S, C, H, n)
-    w = w * Gl[hc].exp().to(dt)[..., None]
-    qw = qc[hc].repeat_interleave(H // G, dim=2)[:, :, :, None, :] * w[..., None]  # (S, C, H, n, K)
-    out = qw.permute(0, 2, 1, 3, 4).reshape(S, H, C, n * K) @ low.transpose(1, 2).reshape(S, H, n * K, V)
-    o_c.view(o_c.shape[0], -1).index_add_(0, hc, out.flatten(1))
+    seqs = (lay.p0 % C != 0).nonzero().squeeze(1)
+    S = seqs.numel()
+    if S == 0:
+        return
+    NC = qc.shape[0]
+    ells = torch.arange(1, n + 1, device=dev)
+    K, V = summ.shape[-2:]
+    low = merged.get(seqs.repeat_interleave(n), ells.repeat(S)).view(S, n, H, K, V)
+    hc, p0 = lay.co[seqs], lay.p0[seqs]
+    r0 = p0 % C
+    count = torch.minimum(lay.end[seqs] - p0, C - r0)  # (S,) queries of the sequence in its first chunk
+    W = int(count.max())
+    t_rel = (r0[:, None] + torch.arange(W, device=dev)) % C  # (S, W), distinct per row
+    rows = hc[:, None] * C + t_rel
+    s_abs = p0[:, None] - p0[:, None] % (1 << ells)  # (S, n) first token of each bucket
+    t_abs = (p0 - r0)[:, None] + t_rel  # (S, W)
+    lv = level_matrix(t_abs[:, :, None], s_abs[:, None, :]).clamp(max=L - 1)  # (S, W, n)
+    w = torch.gather(lam.view(NC * C, H, L)[rows], 3, lv[:, :, None, :].expand(S, W, H, n))  # (S, W, H, n)
+    live = torch.arange(W, device=dev) < count[:, None]
+    w = w * (Gl.view(NC * C, H)[rows].exp().to(dt) * live[..., None])[..., None]
+    qh = qc.view(NC * C, G, K)[rows].repeat_interleave(H // G, dim=2).transpose(1, 2)  # (S, H, W, K)
+    qs = qh @ low.permute(0, 2, 3, 1, 4).reshape(S, H, K, n * V)  # (S, H, W, n V)
+    out = (qs.view(S, H, W, n, V) * w.transpose(1, 2)[..., None]).sum(3)  # (S, H, W, V)
+    full = torch.zeros(S, H, C, V, dtype=dt, device=dev)
+    full.scatter_(2, t_rel[:, None, :, None].expand(S, H, W, V), out)
+    o_c.view(NC, -1).index_add_(0, hc, full.flatten(1))
     tail = Gl[hc, -1].exp().to(dt)[:, :, None, None] * low.sum(1)  # (S, H, K, V) decayed to the chunk's end
     summ.view(summ.shape[0], -1).index_add_(0, hc, tail.flatten(1))
 
@@ -293,7 +318,7 @@ class _TreeLevel:
         return self.off[seq] + (chunk >> (self.m - 1)) - 1 - self.bmin[seq]
 
 
-def _tree_level(m: int, prev: _TreeLevel | None, summ: torch.Tensor, merged: torch.Tensor | None,
+def _tree_level(m: int, prev: _TreeLevel | None, summ: torch.Tensor, merged: _Merged | None,
                 Gtok: torch.Tensor, lay: _Layout, C: int) -> _TreeLevel:
     """Level m of the block tree: every block that a query of the sequence reads at level m.
 
@@ -318,7 +343,7 @@ def _tree_level(m: int, prev: _TreeLevel | None, summ: torch.Tensor, merged: tor
     vals = torch.empty(ns.numel(), *summ.shape[1:], dtype=summ.dtype, device=dev)
     init = nb < b_first[ns]
     if bool(init.any()):
-        vals[init] = merged[ns[init], LOG + m]
+        vals[init] = merged.get(ns[init], torch.full_like(nb[init], LOG + m))
     own, so, bo = ~init, ns[~init], nb[~init]
     if m == 1:
         vals[own] = summ[lay.co[so] + bo - lay.j0[so]]
@@ -360,7 +385,7 @@ def _final_high(m: int, tree: _TreeLevel, Gtok: torch.Tensor, final: torch.Tenso
     final[act[ss], LOG + m] = tree.vals[node] * (Gy - tree.gref[node]).exp().to(final.dtype)[..., None, None]
 
 
-def _final_low(final: torch.Tensor, act: torch.Tensor, merged: torch.Tensor | None, kc: torch.Tensor,
+def _final_low(final: torch.Tensor, act: torch.Tensor, merged: _Merged | None, kc: torch.Tensor,
                vc: torch.Tensor, Gl: torch.Tensor, lay: _Layout, nlow: int) -> None:
     """Final levels 0..nlow: the buckets inside the last chunk (and, when that chunk is also the first,
     the initial state's low levels), added in place.
@@ -368,31 +393,31 @@ def _final_low(final: torch.Tensor, act: torch.Tensor, merged: torch.Tensor | No
     Args:
         final: [N, L, H, K, V]; kc: [NC, C, G, K]; vc: [NC, C, H, V]; Gl: [NC, C, H] float64.
     """
-    C, G = kc.shape[1:3]
+    NC, C, G, K = kc.shape
     H, V = vc.shape[2:]
-    K = kc.shape[-1]
-    S = lay.p0.numel()
     L = final.shape[1]
     dev, dt = kc.device, final.dtype
     lc = lay.co + lay.jl - lay.j0  # (S,) grid index of the last chunk
     y = lay.end - 1
-    yl = y - lay.jl * C
-    s_abs = lay.jl[:, None] * C + torch.arange(C, device=dev)  # (S, C)
-    lv = level_matrix(y[:, None], s_abs).clamp(max=nlow)
-    W = torch.nn.functional.one_hot(lv, nlow + 1).to(dt) * (s_abs <= y[:, None])[..., None]  # (S, C, nlow+1)
+    yl = y - lay.jl * C  # (S,) index of the last token in its chunk
     Gy = Gl[lc, yl]  # (S, H)
-    decay = (Gy[:, None] - Gl[lc]).exp().to(dt)  # (S, C, H)
-    kd = kc[lc].repeat_interleave(H // G, dim=2) * decay[..., None]  # (S, C, H, K)
-    kw = (kd[:, :, None] * W[..., None, None]).permute(0, 3, 2, 4, 1)  # (S, H, nlow+1, K, C)
-    low = kw.reshape(S, H, (nlow + 1) * K, C) @ vc[lc].transpose(1, 2)  # (S, H, (nlow+1) K, V)
-    final[act, :nlow + 1] += low.view(S, H, nlow + 1, K, V).transpose(1, 2)
+    k_rows, v_rows, G_rows = kc.view(NC * C, G, K), vc.view(NC * C, H, V), Gl.view(NC * C, H)
+    for l in range(nlow + 1):  # bucket l of y is the 2^(l-1) tokens from y - y mod 2^l (l = 0: y itself)
+        width = 1 << max(l - 1, 0)
+        first = yl if l == 0 else yl - yl % (1 << l)
+        rows = (lc * C + first)[:, None] + torch.arange(width, device=dev)  # (S, width)
+        live = torch.ones_like(yl) if l == 0 else (yl >> (l - 1)) & 1  # (S,) bucket non-empty
+        decay = (Gy[:, None] - G_rows[rows]).exp().to(dt) * live[:, None, None]  # (S, width, H)
+        kd = k_rows[rows].repeat_interleave(H // G, dim=2) * decay[..., None]  # (S, width, H, K)
+        final[act, l] = kd.permute(0, 2, 3, 1) @ v_rows[rows].transpose(1, 2)  # (S, H, K, V)
     if merged is None or nlow == 0:
         return
     ss = ((lay.jl == lay.j0) & (lay.p0 % C != 0)).nonzero().squeeze(1)
     if ss.numel() == 0:
         return
-    width = 1 << torch.arange(1, nlow + 1, device=dev)
-    s_first = lay.p0[ss, None] - lay.p0[ss, None] % width  # (s, nlow)
+    ells = torch.arange(1, nlow + 1, device=dev)
+    s_first = lay.p0[ss, None] - lay.p0[ss, None] % (1 << ells)  # (s, nlow)
     target = level_matrix(y[ss, None], s_first)  # (s, nlow)
-    contrib = merged[ss, 1:nlow + 1] * Gy[ss].exp().to(dt)[:, None, :, None, None]  # (s, nlow, H, K, V)
+    low = merged.get(ss.repeat_interleave(nlow), ells.repeat(ss.numel())).view(-1, nlow, H, K, V)
+    contrib = low * Gy[ss].exp().to(dt)[:, None, :, None, None]  # (s, nlow, H, K, V)
     final.view(-1, H, K, V).index_add_(0, (act[ss, None] * L + target).flatten(), contrib.flatten(0, 1))
