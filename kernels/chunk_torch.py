@@ -209,7 +209,7 @@ def _chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
 
     def pad(x: torch.Tensor, dtype: torch.dtype = dt) -> torch.Tensor:
         if P == Ttot:  # every sequence starts and ends on a chunk boundary
-            return x.to(dtype)
+            return x.to(dtype).contiguous()
         out = torch.zeros(P, *x.shape[1:], dtype=dtype, device=dev)
         return out.index_copy_(0, lay.dst, x.to(dtype))
 
@@ -291,8 +291,7 @@ def _head_low(merged: _Merged, n: int, qc: torch.Tensor, lam: torch.Tensor, Gl: 
     t_abs = (p0 - r0)[:, None] + t_rel  # (S, W)
     lv = level_matrix(t_abs[:, :, None], s_abs[:, None, :]).clamp(max=L - 1)  # (S, W, n)
     w = torch.gather(lam.view(NC * C, H, L)[rows], 3, lv[:, :, None, :].expand(S, W, H, n))  # (S, W, H, n)
-    live = torch.arange(W, device=dev) < count[:, None]
-    w = w * (Gl.view(NC * C, H)[rows].exp().to(dt) * live[..., None])[..., None]
+    w = w * Gl.view(NC * C, H)[rows].exp().to(dt)[..., None]  # rows outside the sequence: padding, dropped
     qh = qc.view(NC * C, G, K)[rows].repeat_interleave(H // G, dim=2).transpose(1, 2)  # (S, H, W, K)
     qs = qh @ low.permute(0, 2, 3, 1, 4).reshape(S, H, K, n * V)  # (S, H, W, n V)
     out = (qs.view(S, H, W, n, V) * w.transpose(1, 2)[..., None]).sum(3)  # (S, H, W, V)

@@ -95,6 +95,23 @@ def test_initial_state_at_any_position_equals_one_pass(cut, T):
     assert _rel(st2.levels, st_rec.levels) < 1e-12
 
 
+def test_inputs_as_views_of_one_projection():
+    """The mixer splits q, k, v, g, lambda out of one projection: strided views must work."""
+    B, T, G, H, K, V, L = 2, 130, 2, 4, 8, 5, 9
+    gen = torch.Generator().manual_seed(9)
+    proj = torch.randn(B, T, 2 * G * K + H * V + H + H * L, generator=gen, dtype=F64)
+    q, k, v, g, lam = proj.split([G * K, G * K, H * V, H, H * L], dim=-1)
+    g.copy_(-g.abs())
+    lam.copy_(lam.abs() + 0.5)
+    xs = (q.view(B, T, G, K), k.view(B, T, G, K), v.view(B, T, H, V), g, lam.view(B, T, H, L))
+    o, _ = chunk_log_linear_attn(*xs)
+    assert _rel(o, naive.log_linear_attn(*xs)) < 1e-12
+    pool = torch.zeros(3, L, H, K, V, dtype=F64)
+    first = tuple(x[:, 0] for x in xs)
+    o1 = fused_recurrent_step(*first, pool, torch.tensor([2, 0]), torch.zeros(2, dtype=torch.long))
+    assert _rel(o1, o[:, 0]) < 1e-12
+
+
 @pytest.mark.parametrize("C", [1, 2, 8], ids=lambda c: f"C{c}")
 def test_small_chunks_exercise_the_block_tree(C):
     """Small chunks put most of a 200-token sequence into the cross-chunk tree, from an odd start."""
