@@ -1,4 +1,5 @@
-"""The recipe's weight initialisation: FLA's `LogLinearMamba2PreTrainedModel._init_weights`, by name.
+"""The recipe's weight initialisation: FLA's `LogLinearMamba2PreTrainedModel._init_weights`, by name
+(except conv1d, which keeps PyTorch's default as in mamba_ssm).
 
 Applied to a freshly built model so that training does not depend on how the serving model class
 initialises (it may leave weights for the loader to fill).
@@ -23,8 +24,18 @@ def init_weights(model: nn.Module, num_layers: int, *, std: float = 0.02, dt_min
     def normal_(t: torch.Tensor, s: float) -> None:
         t.copy_(torch.randn(t.shape, generator=gen) * s)
 
+    def uniform_(t: torch.Tensor, bound: float) -> None:
+        t.copy_((torch.rand(t.shape, generator=gen) * 2 - 1) * bound)
+
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear | nn.Embedding | nn.Conv1d):
+        if isinstance(mod, nn.Conv1d):
+            # PyTorch's default (as mamba_ssm keeps it), not FLA's normal(0.02): a depthwise conv over
+            # 4 taps at std 0.02 starts the mixer as almost a no-op
+            bound = 1.0 / math.sqrt(mod.weight.shape[1] * mod.weight.shape[2])
+            uniform_(mod.weight, bound)
+            if mod.bias is not None:
+                uniform_(mod.bias, bound)
+        elif isinstance(mod, nn.Linear | nn.Embedding):
             normal_(mod.weight, std)
             if getattr(mod, "bias", None) is not None:
                 mod.bias.zero_()
@@ -45,9 +56,8 @@ def init_weights(model: nn.Module, num_layers: int, *, std: float = 0.02, dt_min
         elif name.endswith("lambda_mlp.fc2.bias"):
             p.fill_(SOFTPLUS_INV_ONE)
         elif name.endswith(("out_proj.weight", "down_proj.weight")):
-            # GPT-2 scheme: residual-branch outputs scaled by 1 / sqrt(2 * layers)
-            bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform_(a=sqrt(5))
-            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound / math.sqrt(2 * num_layers))
+            # kaiming_uniform_(a=sqrt(5)) scaled by 1 / sqrt(2 * layers) (GPT-2's residual-branch scheme)
+            uniform_(p, 1.0 / math.sqrt(p.shape[1]) / math.sqrt(2 * num_layers))
 
 
 def no_decay(name: str, p: torch.Tensor) -> bool:

@@ -174,30 +174,38 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> dict:
     greedy = SamplingParams(temperature=0.0, max_tokens=1)
     rows = []
     t0 = time.perf_counter()
+    rate = 0.0  # prompt tokens per second through the engine, from the lengths done so far
     for T in args.lens:
         row: dict = {"seq_len": T}
         rows.append(row)
         if T > config.max_model_len:
             row["skipped"] = f"beyond max_model_len={config.max_model_len}"
             continue
-        if args.budget and time.perf_counter() - t0 > args.budget:
+        n = args.examples
+        if args.budget and rate > 0:  # as many examples as the rest of the budget affords (at least 32)
+            left = args.budget - (time.perf_counter() - t0)
+            n = min(n, int(left * rate / (T / 2 + task["num_kv_pairs"])))  # mean prompt: T / 2 + pairs
+        if n < min(32, args.examples):
             row["skipped"] = f"eval budget of {args.budget:.0f} s spent"
             continue
         seed = 2_000_000 + args.seed * 65536 + T  # disjoint from training's stream and validation seeds
-        batch = mq.generate(args.examples, T, task["num_kv_pairs"], vocab, seed=seed)
+        batch = mq.generate(n, T, task["num_kv_pairs"], vocab, seed=seed)
         prompts, answers = mq.eval_prompts(batch, seed=args.seed + T)
         t = time.perf_counter()
         outs = llm.generate(prompts, greedy)
         row["engine_acc"] = mq.accuracy([o.outputs[0].token_ids for o in outs], answers)
         row["engine_seconds"] = round(time.perf_counter() - t, 2)
+        row["examples"] = n
         row["prompt_tokens"] = sum(len(p) for p in prompts)
+        rate = row["prompt_tokens"] / max(row["engine_seconds"], 1e-3)
         if ref is not None and T <= args.check_forward_max_len:
             row["forward_acc"] = forward_accuracy(ref, batch, prompts, answers, device)
         print(f"[mqar-eval] {config.lambda_mode} T={T}: " + ", ".join(f"{k} {v}" for k, v in row.items()),
               flush=True)
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     result = {"model": str(model_dir), "lambda_mode": config.lambda_mode, "task": task,
-              "examples_per_length": args.examples, "device": str(device),
-              "command": "python -m tools.mqar " + shlex.join(argv), "rows": rows}
+              "device": str(device) + gpu, "command": "python -m tools.mqar " + shlex.join(argv),
+              "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)

@@ -7,9 +7,11 @@
 # Model directories and logs go under WORK (default runs/mqar). OUT receives few files, as the
 # device's $OUT needs: mqar_table.md, mqar_results.json (the three eval results) and mqar.log.
 # Environment: STEPS (default 2000), TRAIN_BUDGET / EVAL_BUDGET seconds per model (defaults 150 / 100),
-# LENS (default 256,...,16384), EXAMPLES per length (default 256), DEVICE (default auto), WORK.
+# LENS (default 256,...,16384), EXAMPLES per length (default 256), DEVICE (default auto), WORK,
+# PYTHON (default python3).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
 OUT=${1:?usage: tools/mqar_all.sh OUT [tools.mqar train flags...]}
 shift
 WORK=${WORK:-runs/mqar}
@@ -28,9 +30,9 @@ start=$(date +%s)
 pipeline() {  # mode: train then eval, all output to WORK/mode.log
     local mode=$1
     shift
-    python -m tools.mqar train --out "$WORK/$mode" --lambda-mode "$mode" --steps "$STEPS" \
+    "$PY" -m tools.mqar train --out "$WORK/$mode" --lambda-mode "$mode" --steps "$STEPS" \
         --time-budget "$TRAIN_BUDGET" --device "$DEVICE" "$@" &&
-    python -m tools.mqar eval --model "$WORK/$mode" --out "$WORK/$mode/eval.json" --lens "$LENS" \
+    "$PY" -m tools.mqar eval --model "$WORK/$mode" --out "$WORK/$mode/eval.json" --lens "$LENS" \
         --examples "$EXAMPLES" --budget "$EVAL_BUDGET" --device "$DEVICE"
 }
 
@@ -59,15 +61,24 @@ for mode in mlp linear none; do
     echo "===== $mode ====="
     tr '\r' '\n' <"$WORK/$mode.log" | grep -a -E '^\[|Error|error' || true
 done >"$OUT/mqar.log"
-[[ $fail == 0 ]] || exit 1
 
-python -m tools.mqar table "$WORK"/{mlp,linear,none}/eval.json | tee "$OUT/mqar_table.md"
-python - "$WORK" "$OUT" <<'EOF'
+# the table and results cover whichever models finished; the exit status tells if any did not
+evals=()
+for mode in mlp linear none; do
+    if [[ -f $WORK/$mode/eval.json ]]; then evals+=("$WORK/$mode/eval.json"); fi
+done
+if (( ${#evals[@]} )); then
+    "$PY" -m tools.mqar table "${evals[@]}" | tee "$OUT/mqar_table.md" || fail=1
+fi
+"$PY" - "$WORK" "$OUT" <<'EOF' || fail=1
 import json, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
-res = {m: {"eval": json.loads((work / m / "eval.json").read_text()),
-           "train": json.loads((work / m / "train_report.json").read_text())} for m in ("mlp", "linear", "none")}
+res = {}
+for m in ("mlp", "linear", "none"):
+    res[m] = {name: json.loads((work / m / f).read_text()) for name, f in
+              (("train", "train_report.json"), ("eval", "eval.json")) if (work / m / f).is_file()}
 (out / "mqar_results.json").write_text(json.dumps(res, indent=2) + "\n")
 EOF
 echo "[mqar_all] done in $(( $(date +%s) - start )) s"
+exit $fail

@@ -9,9 +9,11 @@
 # runs, not committed); WORK/*.log are the training logs. OUT receives few files, as the device's $OUT
 # needs: summary.md / summary.json (the table) and results.tar.part-NN (≤ 15 MiB each) packing all of
 # WORK: `cat OUT/results.tar.part-* | tar -x -C DEST`.
-# Environment: STEPS (default 1500), BUDGET seconds per run (default 300), DEVICE (default auto), WORK.
+# Environment: STEPS (default 1500), BUDGET seconds per run (default 300), DEVICE (default auto), WORK,
+# PYTHON (default python3).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
 TEXT=${1:?usage: tools/train_all.sh TEXT OUT [tools.train flags...]}
 OUT=${2:?usage: tools/train_all.sh TEXT OUT [tools.train flags...]}
 shift 2
@@ -25,7 +27,7 @@ mkdir -p "$OUT" "$WORK"
 OUT=$(realpath "$OUT")
 WORK=$(realpath "$WORK")
 cd "$(dirname "$0")/.."
-python -c "import torch; print('[train_all] torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+"$PY" -c "import torch; print('[train_all] torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 start=$(date +%s)
 
@@ -34,7 +36,7 @@ declare -A pids=()
 for mode in mlp linear none; do
     sample=64
     [[ $mode == mlp ]] || sample=0
-    python -m tools.train --text "$TEXT" --out "${dirs[$mode]}" --lambda-mode "$mode" --steps "$STEPS" \
+    "$PY" -m tools.train --text "$TEXT" --out "${dirs[$mode]}" --lambda-mode "$mode" --steps "$STEPS" \
         --time-budget "$BUDGET" --device "$DEVICE" --sample-tokens "$sample" "$@" >"$WORK/$mode.log" 2>&1 &
     pids[$mode]=$!
     echo "[train_all] started $mode (pid ${pids[$mode]}) → ${dirs[$mode]}, log $WORK/$mode.log"
@@ -55,15 +57,18 @@ for mode in mlp linear none; do
         fail=1
     fi
 done
-[[ $fail == 0 ]] || exit 1
-
-python - "$WORK" "$OUT" <<'EOF'
+# summary and packing run whatever happened, so that finished runs come back; the exit status tells
+"$PY" - "$WORK" "$OUT" <<'EOF' || fail=1
 import json, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 rows = []
 for mode, d in (("mlp", "fenwick-shakespeare"), ("linear", "linear"), ("none", "none")):
-    r = json.loads((work / d / "train_report.json").read_text())
+    path = work / d / "train_report.json"
+    if not path.is_file():
+        print(f"[train_all] no report for {mode}: {path}")
+        continue
+    r = json.loads(path.read_text())
     rows.append({"lambda_mode": mode, "heldout_nats_per_char": r["heldout_nats_per_char"],
                  "heldout_loss_per_token": r["heldout_loss_per_token"], "best_step": r["best_step"],
                  "steps_run": r["steps_run"], "train_seconds": r["train_seconds"],
@@ -80,8 +85,10 @@ for where in (work, out):
 print("\n".join(md))
 EOF
 rm -f "$WORK"/linear/model.safetensors "$WORK"/none/model.safetensors
-ls -la "$WORK/fenwick-shakespeare"
+ls -la "$WORK/fenwick-shakespeare" || true
 rm -f "$OUT"/results.tar.part-*
-tar -C "$WORK" -cf - fenwick-shakespeare linear none summary.json summary.md mlp.log linear.log none.log \
-    | split -b 15M -d - "$OUT/results.tar.part-"
+(cd "$WORK" && tar -cf - --ignore-failed-read fenwick-shakespeare linear none summary.json summary.md \
+    mlp.log linear.log none.log 2>/dev/null || true) | split -b 15M -d - "$OUT/results.tar.part-"
+ls -la "$OUT"
 echo "[train_all] done in $(( $(date +%s) - start )) s; unpack with: cat results.tar.part-* | tar -x"
+exit $fail
