@@ -107,11 +107,12 @@ def test_table_formats_engine_and_forward_accuracy() -> None:
 
 def test_tiny_train_then_recall_through_llm(tmp_path: Path) -> None:
     model = tmp_path / "mlp"
-    report = mqar_main(["train", "--out", str(model), "--vocab-size", "31", "--num-kv-pairs", "2",
-                        "--train-lens", "16,32", "--batch-tokens", "256", "--hidden", "32", "--layers", "1",
+    report = mqar_main(["train", "--out", str(model), "--vocab-size", "31", "--train-mix", "16:1,32:2",
+                        "--batch-tokens", "256", "--hidden", "32", "--layers", "1",
                         "--head-dim", "16", "--state-size", "8", "--lambda-levels", "8", "--steps", "12",
                         "--warmup", "2", "--eval-every", "6", "--device", "cpu"])
-    assert report["steps_run"] == 12 and json.loads((model / "mqar.json").read_text())["num_kv_pairs"] == 2
+    task = json.loads((model / "mqar.json").read_text())
+    assert report["steps_run"] == 12 and task["num_kv_pairs"] == 2 and task["train_mix"] == [[16, 1], [32, 2]]
     out = tmp_path / "eval.json"
     result = mqar_main(["eval", "--model", str(model), "--out", str(out), "--lens", "16,32,256",
                         "--examples", "8", "--device", "cpu", "--check-forward-max-len", "32"])

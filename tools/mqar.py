@@ -4,7 +4,7 @@
     python -m tools.mqar eval --model runs/mqar/mlp --out runs/mqar/mlp/eval.json
     python -m tools.mqar table runs/mqar/*/eval.json
 
-Training uses short sequences (--train-lens); evaluation asks the engine (``LLM.generate``, greedy, one
+Training uses short sequences (--train-mix); evaluation asks the engine (``LLM.generate``, greedy, one
 token) for the value after a query key, for prompts that run up to that key, at lengths far beyond
 training. A full-sequence forward with the quadratic reference (``--check-forward-max-len``) gives the same
 accuracy independently, as a check on the serving path. Task layout: tools/mqar_data.py.
@@ -38,26 +38,39 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+def _mix(s: str) -> list[tuple[int, int]]:
+    """"64:4,128:8" -> [(64, 4), (128, 8)]: (sequence length, kv pairs) pairs."""
+    out = []
+    for item in s.split(","):
+        T, _, n = item.partition(":")
+        if not n:
+            raise argparse.ArgumentTypeError(f"--train-mix items are LENGTH:KV_PAIRS, got {item!r}")
+        out.append((int(T), int(n)))
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one model and write its model directory")
     t.add_argument("--out", required=True)
     t.add_argument("--lambda-mode", choices=("mlp", "linear", "none"), default="mlp")
-    t.add_argument("--vocab-size", type=int, default=1024)
-    t.add_argument("--num-kv-pairs", type=int, default=32)
-    t.add_argument("--train-lens", type=_ints, default=[256, 512, 1024], help="cycled, one length per step")
+    t.add_argument("--vocab-size", type=int, default=512)
+    t.add_argument("--train-mix", type=_mix, default=_mix("64:4,128:8,256:16,512:32,1024:32"),
+                   help="LENGTH:KV_PAIRS items, cycled one per step (Zoology-style mixture)")
+    t.add_argument("--num-kv-pairs", type=int, default=None,
+                   help="kv pairs at evaluation (default: the most in --train-mix)")
     t.add_argument("--batch-tokens", type=int, default=32768, help="tokens per step (batch = this // length)")
     t.add_argument("--hidden", type=int, default=128)
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--head-dim", type=int, default=64)
     t.add_argument("--state-size", type=int, default=64)
     t.add_argument("--lambda-levels", type=int, default=15)
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--time-budget", type=float, default=0.0, help="seconds; > 0 compresses the schedule")
     t.add_argument("--attention", choices=ATTENTION_CHOICES, default="quadratic")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
@@ -89,6 +102,7 @@ def resolve_device(name: str) -> torch.device:
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> dict:
     device = resolve_device(args.device)
     vocab = mq.MQARVocab(args.vocab_size)
+    eval_pairs = args.num_kv_pairs or max(n for _, n in args.train_mix)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -96,28 +110,28 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> dict:
                          lambda_levels=args.lambda_levels, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = build_model(config, device, args.seed)
     print(f"[mqar] lambda_mode={args.lambda_mode} params={count_parameters(model):,} "
-          f"heads={config.num_heads} kv_pairs={args.num_kv_pairs} train_lens={args.train_lens} "
+          f"heads={config.num_heads} train_mix={args.train_mix} eval kv_pairs={eval_pairs} "
           f"device={device}", flush=True)
     step = [0]
 
     def next_batch(_: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        T = args.train_lens[step[0] % len(args.train_lens)]
+        T, n = args.train_mix[step[0] % len(args.train_mix)]
         step[0] += 1
-        b = mq.generate(max(args.batch_tokens // T, 1), T, args.num_kv_pairs, vocab, gen)
+        b = mq.generate(max(args.batch_tokens // T, 1), T, n, vocab, gen)
         return b.inputs.to(device, non_blocking=True), b.labels.to(device, non_blocking=True)
 
-    val = [mq.generate(max(args.batch_tokens // T, 1), T, args.num_kv_pairs, vocab, seed=1_000_000 + T)
-           for T in args.train_lens]
+    val = [mq.generate(max(args.batch_tokens // T, 1), T, n, vocab, seed=1_000_000 + 1000 * T + n)
+           for T, n in args.train_mix]
 
     def evaluate(m: torch.nn.Module) -> dict:
-        losses, accs = [], []
-        for b in val:
+        losses, accs = [], {}
+        for (T, n), b in zip(args.train_mix, val, strict=True):
             logits = m(b.inputs.to(device))
             labels = b.labels.to(device)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=mq.IGNORE)
             losses.append(float(loss))
-            accs.append(mq.score(logits.argmax(-1).cpu(), b))
-        return {"val_loss": sum(losses) / len(losses), "val_acc": sum(accs) / len(accs)}
+            accs[f"acc_{T}x{n}"] = mq.score(logits.argmax(-1).cpu(), b)
+        return {"val_loss": sum(losses) / len(losses), "val_acc": sum(accs.values()) / len(accs), **accs}
 
     cfg = TrainConfig(steps=args.steps, batch_size=0, lr=args.lr,
                       warmup=min(args.warmup, max(args.steps // 10, 1)), weight_decay=args.weight_decay,
@@ -128,7 +142,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> dict:
                     desc=f"mqar-{args.lambda_mode}")
     save_weights(model, out, torch.float32)
     mq.save_tokenizer(vocab, out, config.max_model_len)
-    task = {"vocab_size": args.vocab_size, "num_kv_pairs": args.num_kv_pairs, "train_lens": args.train_lens}
+    task = {"vocab_size": args.vocab_size, "num_kv_pairs": eval_pairs,
+            "train_mix": [list(x) for x in args.train_mix]}
     write_json(out / TASK_FILE, task)
     best = dict(res.evals)[res.best_step] if res.evals else {}
     report = {"command": "python -m tools.mqar " + shlex.join(argv), "args": vars(args), "task": task,

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=320)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=None,
+                   help="value heads; sets head_dim = expand * hidden / heads (overrides --head-dim)")
     p.add_argument("--state-size", type=int, default=64)
     p.add_argument("--expand", type=int, default=2)
     p.add_argument("--n-groups", type=int, default=1)
@@ -126,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(val_text):,} → {val_ids.numel():,} tokens ({chars_per_token:.3f} chars/token), chat "
           f"{0 if chat_ids is None else chat_ids.numel():,} tokens; vocab {tok.get_vocab_size()}", flush=True)
 
+    if args.heads is not None:
+        if (args.expand * args.hidden) % args.heads:
+            raise SystemExit(f"--heads {args.heads} does not divide expand * hidden "
+                             f"({args.expand * args.hidden})")
+        args.head_dim = args.expand * args.hidden // args.heads
     config = ModelConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, num_hidden_layers=args.layers,
         head_dim=args.head_dim, state_size=args.state_size, expand=args.expand, n_groups=args.n_groups,
