@@ -233,3 +233,20 @@ def test_bundled_model_loads_and_generates_on_cpu() -> None:
     text = outs[0].outputs[0].text
     assert len(outs[0].outputs[0].token_ids) == 24 and text.strip(), text
     assert outs[1].outputs[0].token_ids
+
+
+@pytest.mark.gpu
+def test_training_steps_on_cuda_with_bf16_autocast() -> None:
+    from tools.trainer import train
+
+    device = torch.device("cuda")
+    config = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, head_dim=32, state_size=32,
+                         lambda_mode="mlp")
+    model = build_model(config, device, seed=0)
+    pattern = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(0))
+    sampler = data.WindowSampler([pattern.repeat(64).to(device)], [1.0], seq_len=256)  # learnable: repeats
+    cfg = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup=4, eval_every=0, amp=True, dropout=0.1)
+    with training_attention("quadratic"):
+        res = train(model, sampler, cfg, device)
+    assert res.steps_run == 40
+    assert res.train_losses[-1][1] < res.train_losses[0][1] - 1.0, res.train_losses

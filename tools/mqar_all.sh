@@ -6,7 +6,7 @@
 #
 # Model directories and logs go under WORK (default runs/mqar). OUT receives few files, as the
 # device's $OUT needs: mqar_table.md, mqar_results.json (the three eval results) and mqar.log.
-# Environment: STEPS (default 2000), TRAIN_BUDGET / EVAL_BUDGET seconds per model (defaults 150 / 100),
+# Environment: STEPS (default 4000), TRAIN_BUDGET / EVAL_BUDGET seconds per model (defaults 150 / 100),
 # LENS (default 256,...,16384), EXAMPLES per length (default 256), DEVICE (default auto), WORK,
 # PYTHON (default python3).
 set -euo pipefail
@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 OUT=${1:?usage: tools/mqar_all.sh OUT [tools.mqar train flags...]}
 shift
 WORK=${WORK:-runs/mqar}
-STEPS=${STEPS:-2000}
+STEPS=${STEPS:-4000}
 TRAIN_BUDGET=${TRAIN_BUDGET:-150}
 EVAL_BUDGET=${EVAL_BUDGET:-100}
 LENS=${LENS:-256,512,1024,2048,4096,8192,16384}
