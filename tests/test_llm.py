@@ -31,7 +31,9 @@ def forward_logprobs(llm: LLM, out: RequestOutput, sample: int = 0) -> torch.Ten
     """log_softmax of one full forward over prompt + output[:-1] -> [len(output), vocab]."""
     ids = out.prompt_token_ids + out.outputs[sample].token_ids
     with torch.no_grad():
-        logits = llm.engine.model(torch.tensor([ids[:-1]]))[0].float()  # (T - 1, vocab)
+        model = llm.engine.model
+        device = next(model.parameters()).device
+        logits = model(torch.tensor([ids[:-1]], device=device))[0].float().cpu()  # (T - 1, vocab)
     return torch.log_softmax(logits[len(out.prompt_token_ids) - 1:], dim=-1)
 
 
