@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--out", required=True)
     t.add_argument("--lambda-mode", choices=("mlp", "linear", "none"), default="mlp")
     t.add_argument("--vocab-size", type=int, default=512)
-    t.add_argument("--train-mix", type=_mix, default=_mix("64:4,128:8,256:16,512:32,1024:32"),
+    t.add_argument("--train-mix", type=_mix, default=_mix("64:4,128:8,256:16,256:32,512:32"),
                    help="LENGTH:KV_PAIRS items, cycled one per step (Zoology-style mixture)")
     t.add_argument("--num-kv-pairs", type=int, default=None,
                    help="kv pairs at evaluation (default: the most in --train-mix)")

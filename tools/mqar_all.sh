@@ -45,7 +45,7 @@ done
 while kill -0 "${pids[@]}" 2>/dev/null; do
     sleep 30
     for mode in mlp linear none; do
-        line=$(grep -a -E '^\[' "$WORK/$mode.log" | tail -n 1 || true)
+        line=$(tr '\r' '\n' <"$WORK/$mode.log" | grep -a -E '^\[' | tail -n 1 || true)
         echo "[mqar_all] +$(( $(date +%s) - start ))s $mode: ${line:-(starting)}"
     done
 done

@@ -52,16 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda-levels", type=int, default=15)
     p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=True)
     # optimisation
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds; > 0 compresses the LR schedule so that training ends within it")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="quadratic",

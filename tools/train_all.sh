@@ -9,7 +9,7 @@
 # runs, not committed); WORK/*.log are the training logs. OUT receives few files, as the device's $OUT
 # needs: summary.md / summary.json (the table) and results.tar.part-NN (≤ 15 MiB each) packing all of
 # WORK: `cat OUT/results.tar.part-* | tar -x -C DEST`.
-# Environment: STEPS (default 1500), BUDGET seconds per run (default 300), DEVICE (default auto), WORK,
+# Environment: STEPS (default 600), BUDGET seconds per run (default 240), DEVICE (default auto), WORK,
 # PYTHON (default python3).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,8 +19,8 @@ OUT=${2:?usage: tools/train_all.sh TEXT OUT [tools.train flags...]}
 shift 2
 [[ -f $TEXT ]] || { echo "train_all: no such text file: $TEXT" >&2; exit 2; }
 WORK=${WORK:-runs/train_all}
-STEPS=${STEPS:-1500}
-BUDGET=${BUDGET:-300}
+STEPS=${STEPS:-600}
+BUDGET=${BUDGET:-240}
 DEVICE=${DEVICE:-auto}
 TEXT=$(realpath "$TEXT")
 mkdir -p "$OUT" "$WORK"
@@ -45,7 +45,7 @@ done
 while kill -0 "${pids[@]}" 2>/dev/null; do
     sleep 30
     for mode in mlp linear none; do
-        line=$(grep -a -E '^\[' "$WORK/$mode.log" | tail -n 1 || true)
+        line=$(tr '\r' '\n' <"$WORK/$mode.log" | grep -a -E '^\[' | tail -n 1 || true)
         echo "[train_all] +$(( $(date +%s) - start ))s $mode: ${line:-(starting)}"
     done
 done
