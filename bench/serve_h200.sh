@@ -63,7 +63,7 @@ echo "server healthy after $((SECONDS - t0)) s"
 # shellcheck disable=SC2086  # CONCURRENCY is a list of numbers
 CLIENT=(python3 bench/serve.py --base-url "http://127.0.0.1:$PORT" --vocab-size "$VOCAB"
         --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --max-concurrency $CONCURRENCY --prompts-per-concurrency 4 --num-prompts 8
-        --num-warmups 4 --max-duration 60 --request-timeout 150 --result-dir "$OUT")
+        --num-warmups 4 --max-duration "${MAX_DURATION:-60}" --request-timeout 150 --result-dir "$OUT")
 echo "client: ${CLIENT[*]}" | tee -a "$OUT/commands.txt"
 timeout 450 "${CLIENT[@]}" 2>&1 | tee "$OUT/bench.log"
 status=${PIPESTATUS[0]}
