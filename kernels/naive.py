@@ -151,7 +151,8 @@ def recurrent_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         a, b = bounds[n], bounds[n + 1]
         init = None if initial_state is None else FenwickState(
             initial_state.levels[n:n + 1], initial_state.positions[n:n + 1])
-        o, st = _recurrent_dense(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], level_scales[:, a:b], scale, init)
+        o, st = _recurrent_dense(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], level_scales[:, a:b], scale,
+                                 init)
         outs.append(o)
         levels.append(st.levels)
         positions.append(st.positions)

@@ -24,7 +24,8 @@ class FenwickState:
             raise ValueError(f"FenwickState.levels must be [N, L, H, K, V], got {tuple(self.levels.shape)}")
         if self.positions.shape != (self.levels.shape[0],):
             raise ValueError(
-                f"FenwickState.positions must be [N={self.levels.shape[0]}], got {tuple(self.positions.shape)}"
+                f"FenwickState.positions must be [N={self.levels.shape[0]}], "
+                f"got {tuple(self.positions.shape)}"
             )
 
     @classmethod

@@ -14,8 +14,6 @@ import pytest
 
 from tests.server_utils import ServerProcess, metric
 
-pytest_plugins = ("tests.server_utils",)
-
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
 
 

@@ -56,14 +56,6 @@ def fla_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     return build_fla(path, **VARIANTS[request.param]), path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_fla_checkpoint_loads_every_tensor(fla_checkpoint) -> None:
     fla, path = fla_checkpoint
     ours = load_checkpoint(path)

@@ -21,15 +21,6 @@ from kernels.step_torch import fused_recurrent_step
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small shapes: threads only spin against each other (and against other tests on a 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(B: int, T: int, G: int, H: int, K: int, V: int, L: int, dtype: torch.dtype = F64,
             seed: int = 0) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)

@@ -60,7 +60,8 @@ def test_state_round_trip_at_odd_position():
     q, k, v, g, lam = _inputs(2, 50, 1, 2, 4, 3, 7)
     o_full, st_full = naive.recurrent_log_linear_attn(q, k, v, g, lam, output_final_state=True)
     cut = 23
-    o1, st1 = naive.recurrent_log_linear_attn(*(x[:, :cut] for x in (q, k, v, g, lam)), output_final_state=True)
+    o1, st1 = naive.recurrent_log_linear_attn(*(x[:, :cut] for x in (q, k, v, g, lam)),
+                                              output_final_state=True)
     o2, st2 = naive.recurrent_log_linear_attn(*(x[:, cut:] for x in (q, k, v, g, lam)),
                                               initial_state=FenwickState(st1.levels, st1.positions),
                                               output_final_state=True)

@@ -11,8 +11,6 @@ import pytest
 
 from tests.server_utils import ServerProcess, assert_error, parse_sse
 
-pytest_plugins = ("tests.server_utils",)
-
 MODEL = "tiny-shakespeare"
 CHAT = [{"role": "user", "content": "Hello!"}]
 

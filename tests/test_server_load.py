@@ -15,8 +15,6 @@ import pytest
 
 from tests.server_utils import ServerProcess, metric, parse_sse
 
-pytest_plugins = ("tests.server_utils",)
-
 KEY = "test-key"
 
 

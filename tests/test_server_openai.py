@@ -10,8 +10,6 @@ import pytest
 
 from tests.server_utils import ServerProcess
 
-pytest_plugins = ("tests.server_utils",)
-
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
 
 
