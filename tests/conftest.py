@@ -7,8 +7,9 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
-# Fixtures that start a real `fenwick serve` process, shared by the server, client and deployment tests.
-pytest_plugins = ("tests.server_utils",)
+# Shared server fixtures: a real `fenwick serve` process (server, client and deployment tests), and an
+# in-process app over a fake engine (the server app tests).
+pytest_plugins = ("tests.server_utils", "tests.fake_engine")
 
 
 @pytest.fixture(autouse=True)

@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from server.app import create_app
-from server.config import ServerConfig
-from tests.server_utils import FakeEngine, assert_error, parse_sse
-
-
-@pytest.fixture
-async def engine_client() -> AsyncIterator[tuple[FakeEngine, httpx.AsyncClient]]:
-    engine = FakeEngine()
-    app = create_app(engine, ServerConfig(max_body_bytes=4096))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield engine, client
-    assert engine.started and engine.stopped
-
-
-@pytest.fixture
-async def client(engine_client: tuple[FakeEngine, httpx.AsyncClient]) -> httpx.AsyncClient:
-    return engine_client[1]
+from tests.server_utils import assert_error, parse_sse
 
 
 async def test_completion_and_stream_agree(client: httpx.AsyncClient) -> None:
