@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 
 from engine.errors import EngineError
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, error_body, from_engine_error, from_value_error
 from server.protocol import SamplingRequest, UsageInfo
@@ -141,6 +141,21 @@ class ChoiceProgress:
     num_logprobs: int = 0  # logprob entries sent
     token_chars: int = 0  # characters of the sent logprob tokens (completions' text_offset)
     finished: bool = False  # the chunk with finish_reason went out
+
+    def advance(self, c: CompletionOutput, want_logprobs: bool) -> tuple[str, list[TokenLogprobs]] | None:
+        """The text and logprob entries of `c` not streamed yet, now counted as sent; None when nothing new
+        is to be said (and after the finishing chunk)."""
+        if self.finished:
+            return None
+        text = c.text[self.text_len :]
+        new_logprobs = (c.logprobs or [])[self.num_logprobs :] if want_logprobs else []
+        if not text and not new_logprobs and not c.finished:
+            return None
+        self.text_len = len(c.text)
+        self.num_tokens = len(c.token_ids)
+        self.num_logprobs += len(new_logprobs)
+        self.finished = c.finished
+        return text, new_logprobs
 
 
 def streamed_usage(progress: Mapping[int, ChoiceProgress], prompt_tokens: int) -> UsageInfo:

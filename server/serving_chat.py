@@ -145,16 +145,10 @@ class ChatServing(Serving):
 
     @staticmethod
     def _delta(c: CompletionOutput, p: ChoiceProgress, want_logprobs: bool) -> ChatStreamChoice | None:
-        if p.finished:
+        new = p.advance(c, want_logprobs)
+        if new is None:
             return None
-        text = c.text[p.text_len :]
-        new_logprobs = (c.logprobs or [])[p.num_logprobs :] if want_logprobs else []
-        if not text and not new_logprobs and not c.finished:
-            return None
-        p.text_len = len(c.text)
-        p.num_tokens = len(c.token_ids)
-        p.num_logprobs += len(new_logprobs)
-        p.finished = c.finished
+        text, new_logprobs = new
         return ChatStreamChoice(
             index=c.index,
             delta=DeltaMessage(content=text) if text or not c.finished else DeltaMessage(),

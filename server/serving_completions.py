@@ -106,16 +106,10 @@ class CompletionServing(Serving):
         self, index: int, c: CompletionOutput, p: ChoiceProgress, want_logprobs: bool
     ) -> CompletionChoice | None:
         """The next streamed piece of one choice, or None when nothing new is to be said."""
-        if p.finished:
+        offset = p.token_chars
+        new = p.advance(c, want_logprobs)
+        if new is None:
             return None
-        text = c.text[p.text_len :]
-        new_logprobs = (c.logprobs or [])[p.num_logprobs :] if want_logprobs else []
-        if not text and not new_logprobs and not c.finished:
-            return None
-        choice = self._choice(index, c, text, new_logprobs, p.token_chars, want_logprobs)
+        text, new_logprobs = new
         p.token_chars += sum(len(e.sampled.token) for e in new_logprobs)
-        p.text_len = len(c.text)
-        p.num_tokens = len(c.token_ids)
-        p.num_logprobs += len(new_logprobs)
-        p.finished = c.finished
-        return choice
+        return self._choice(index, c, text, new_logprobs, offset, want_logprobs)
