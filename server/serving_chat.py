@@ -22,6 +22,7 @@ from server.protocol import (
     ChatStreamChoice,
     DeltaMessage,
     TopLogprob,
+    UsageInfo,
 )
 from server.request_stream import RequestStream
 from server.serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
@@ -113,9 +114,11 @@ class ChatServing(Serving):
                 usage=usage_of(outputs),
             )
 
-        def chunk(choices: list[ChatStreamChoice]) -> str:
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse(
-                ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices)
+                ChatCompletionChunk(
+                    id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+                )
             )
 
         async def events(stream: RequestStream) -> AsyncIterator[str]:
@@ -134,12 +137,7 @@ class ChatServing(Serving):
                     if delta is not None:
                         yield chunk([delta])
             if body.include_usage:
-                usage = streamed_usage(progress, prompt_tokens)
-                yield sse(
-                    ChatCompletionChunk(
-                        id=request_id, created=created, model=self.model_name, choices=[], usage=usage
-                    )
-                )
+                yield chunk([], streamed_usage(progress, prompt_tokens))
 
         return await self.run(request, [prompt_ids], params, request_id, body.stream, events, respond)
 

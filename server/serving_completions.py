@@ -15,6 +15,7 @@ from server.protocol import (
     CompletionRequest,
     CompletionResponse,
     Prompt,
+    UsageInfo,
 )
 from server.request_stream import RequestStream
 from server.serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
@@ -51,19 +52,18 @@ class CompletionServing(Serving):
         request_id = self.new_id("cmpl")
         created = CompletionResponse(id=request_id, model=self.model_name, choices=[]).created
 
+        def response(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+            return CompletionResponse(
+                id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+
         def respond(outputs: list[RequestOutput]) -> CompletionResponse:
             choices = [
                 self._choice(i * body.n + c.index, c, c.text, c.logprobs or [], 0, body.logprobs is not None)
                 for i, out in enumerate(outputs)
                 for c in out.outputs
             ]
-            return CompletionResponse(
-                id=request_id,
-                created=created,
-                model=self.model_name,
-                choices=choices,
-                usage=usage_of(outputs),
-            )
+            return response(choices, usage_of(outputs))
 
         async def events(stream: RequestStream) -> AsyncIterator[str]:
             progress: dict[int, ChoiceProgress] = {}
@@ -75,18 +75,9 @@ class CompletionServing(Serving):
                     p = progress.setdefault(index, ChoiceProgress())
                     chunk = self._delta(index, c, p, body.logprobs is not None)
                     if chunk is not None:
-                        yield sse(
-                            CompletionResponse(
-                                id=request_id, created=created, model=self.model_name, choices=[chunk]
-                            )
-                        )
+                        yield sse(response([chunk]))
             if body.include_usage:
-                usage = streamed_usage(progress, sum(prompt_tokens.values()))
-                yield sse(
-                    CompletionResponse(
-                        id=request_id, created=created, model=self.model_name, choices=[], usage=usage
-                    )
-                )
+                yield sse(response([], streamed_usage(progress, sum(prompt_tokens.values()))))
 
         return await self.run(request, prompts, params, request_id, body.stream, events, respond)
 
