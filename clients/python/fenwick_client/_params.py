@@ -79,20 +79,37 @@ def as_method(build: Callable[..., Any], returns: str) -> Callable[[F], F]:
     return decorate
 
 
-def _headers(stream: bool, extra_headers: Mapping[str, str] | None) -> dict[str, str]:
-    return {**({"Accept": "text/event-stream"} if stream else {}), **(extra_headers or {})}
+def _jsonable(value: Any) -> Any:
+    """Sequences (but strings) as lists, `ChatMessage`s and other mappings as dicts."""
+    if isinstance(value, ChatMessage):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_jsonable(item) for item in value]
+    return value
 
 
-def _timeout(timeout: TimeoutLike | NotGiven) -> httpx.Timeout | None:
-    return None if isinstance(timeout, NotGiven) else to_httpx_timeout(timeout)
+def _body(args: Mapping[str, Any], *leave_out: str) -> dict[str, Any]:
+    """The JSON body from a builder's arguments (its `locals()`), less those left at None or named."""
+    return {
+        key: _jsonable(value) for key, value in args.items() if value is not None and key not in leave_out
+    }
 
 
-def _sampling_body(stream: bool, include_usage: bool | None, **params: Any) -> dict[str, Any]:
-    body = {key: value for key, value in params.items() if value is not None}
-    body["stream"] = stream
-    if stream and include_usage is not None:
-        body["stream_options"] = {"include_usage": include_usage}
-    return body
+def _sampling_request(
+    path: str, cast_to: type[R], chunk_type: type[C], args: dict[str, Any]
+) -> RequestSpec[R, C]:
+    """A completions-style request from its builder's `locals()`: every argument is a body field but
+    `include_usage` (sent as `stream_options`), `extra_body` (merged in), `extra_headers` and `timeout`."""
+    stream: bool = args["stream"]
+    body = _body(args, "include_usage", "extra_body", "extra_headers", "timeout")
+    if stream and args["include_usage"] is not None:
+        body["stream_options"] = {"include_usage": args["include_usage"]}
+    body.update(args["extra_body"] or {})
+    headers = {**({"Accept": "text/event-stream"} if stream else {}), **(args["extra_headers"] or {})}
+    timeout = None if isinstance(args["timeout"], NotGiven) else to_httpx_timeout(args["timeout"])
+    return RequestSpec("POST", path, cast_to, chunk_type, stream, body, headers, timeout)
 
 
 def completion_request(
@@ -125,40 +142,7 @@ def completion_request(
     """POST /v1/completions. `stream=True` gives an iterator of `Completion` chunks; `include_usage` asks
     for a last chunk carrying `usage`. `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`
     and `stop_token_ids` are Fenwick's sampling extras; `extra_body` adds raw fields."""
-    body = _sampling_body(
-        stream,
-        include_usage,
-        model=model,
-        prompt=prompt if isinstance(prompt, str) else _plain(prompt),
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        n=n,
-        stop=stop if stop is None or isinstance(stop, str) else list(stop),
-        logprobs=logprobs,
-        echo=echo,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        seed=seed,
-        user=user,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        min_tokens=min_tokens,
-        ignore_eos=ignore_eos,
-        stop_token_ids=None if stop_token_ids is None else list(stop_token_ids),
-    )
-    body.update(extra_body or {})
-    return RequestSpec(
-        "POST",
-        "/v1/completions",
-        Completion,
-        Completion,
-        stream,
-        body,
-        _headers(stream, extra_headers),
-        _timeout(timeout),
-    )
+    return _sampling_request("/v1/completions", Completion, Completion, locals())
 
 
 def chat_completion_request(
@@ -191,48 +175,7 @@ def chat_completion_request(
     """POST /v1/chat/completions; `messages` are dicts (`{"role": "user", "content": "hi"}`) or
     `ChatMessage`s. `stream=True` gives an iterator of `ChatCompletionChunk`s. Other arguments as for
     `completions.create`."""
-    body = _sampling_body(
-        stream,
-        include_usage,
-        model=model,
-        messages=_messages(messages),
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        n=n,
-        stop=stop if stop is None or isinstance(stop, str) else list(stop),
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        seed=seed,
-        user=user,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        min_tokens=min_tokens,
-        ignore_eos=ignore_eos,
-        stop_token_ids=None if stop_token_ids is None else list(stop_token_ids),
-    )
-    body.update(extra_body or {})
-    return RequestSpec(
-        "POST",
-        "/v1/chat/completions",
-        ChatCompletion,
-        ChatCompletionChunk,
-        stream,
-        body,
-        _headers(stream, extra_headers),
-        _timeout(timeout),
-    )
-
-
-def _plain(prompt: Sequence[str] | Sequence[int] | Sequence[Sequence[int]]) -> list[Any]:
-    return [p if isinstance(p, str | int) else list(p) for p in prompt]
-
-
-def _messages(messages: Sequence[MessageLike]) -> list[dict[str, Any]]:
-    return [m.model_dump(exclude_none=True) if isinstance(m, ChatMessage) else dict(m) for m in messages]
+    return _sampling_request("/v1/chat/completions", ChatCompletion, ChatCompletionChunk, locals())
 
 
 def models_request() -> RequestSpec[ModelList, ModelList]:
@@ -250,26 +193,14 @@ def tokenize_request(
     """POST /tokenize with a `prompt`, or with chat `messages` (the chat template applied)."""
     if (prompt is None) == (messages is None):
         raise ValueError("tokenize() takes exactly one of `prompt` and `messages`")
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "add_special_tokens": add_special_tokens,
-        "add_generation_prompt": add_generation_prompt,
-    }
-    if messages is not None:
-        body["messages"] = _messages(messages)
-    body = {key: value for key, value in body.items() if value is not None}
-    return RequestSpec("POST", "/tokenize", TokenizeResponse, TokenizeResponse, body=body)
+    return RequestSpec("POST", "/tokenize", TokenizeResponse, TokenizeResponse, body=_body(locals()))
 
 
 def detokenize_request(
     tokens: Sequence[int], *, model: str | None = None
 ) -> RequestSpec[DetokenizeResponse, DetokenizeResponse]:
     """POST /detokenize: token ids back to text."""
-    body: dict[str, Any] = {"tokens": list(tokens)}
-    if model is not None:
-        body["model"] = model
-    return RequestSpec("POST", "/detokenize", DetokenizeResponse, DetokenizeResponse, body=body)
+    return RequestSpec("POST", "/detokenize", DetokenizeResponse, DetokenizeResponse, body=_body(locals()))
 
 
 def version_request() -> RequestSpec[VersionResponse, VersionResponse]:
