@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m server serve ...` on 127.0.0.1 and a free port; waits on /health; always killed."""
+    """`python -m server serve ...` on 127.0.0.1 and a free port; waits on /health; killed by stop() or
+    on leaving its `with` block."""
 
     def __init__(self, args: list[str], startup_timeout: float = 120.0) -> None:
         self.port = free_port()
@@ -79,6 +80,12 @@ class ServerProcess:
             self.proc.wait(timeout=30)
         self.log.close()
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 # the shared server: 64 slots, a 256-token context (so "prompt too long" is cheap), a 1 MiB body limit
 MAIN_SERVER_ARGS = (
@@ -91,11 +98,8 @@ MAIN_SERVER_ARGS = (
 def server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     """One real `fenwick serve` shared by the server test modules (they load this file as a plugin);
     tiny_model_dir is the session's tiny random model from tests/conftest.py."""
-    proc = ServerProcess(["--model", str(tiny_model_dir), *MAIN_SERVER_ARGS])
-    try:
+    with ServerProcess(["--model", str(tiny_model_dir), *MAIN_SERVER_ARGS]) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:

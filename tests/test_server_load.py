@@ -132,11 +132,8 @@ def small_server(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     """Two slots, four waiting places, an API key; SIGTERM'd by the last test."""
     flags = f"--device cpu --max-num-seqs 2 --max-waiting 4 --api-key {KEY} --max-model-len 256".split()
     args = ["--model", str(tiny_model_dir), *flags]
-    proc = ServerProcess(args)
-    try:
+    with ServerProcess(args) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_api_key(small_server: ServerProcess) -> None:
