@@ -157,29 +157,18 @@ class Client:
 
     def health(self) -> bool:
         """True when the server is ready; False while it starts or drains (503). No retries."""
-        request = self._http.build_request(
-            "GET", f"{self.options.base_url}/health", headers=self.options.default_headers()
-        )
+        request = self.options.health_request(self._http)
         try:
             response = self._http.send(request)
         except httpx.TransportError as exc:
             raise wrap_transport_error(exc, request) from exc
         return health_result(response)
 
-    def _build(self, spec: RequestSpec[R, C]) -> httpx.Request:
-        return self._http.build_request(
-            spec.method,
-            self.options.base_url + spec.path,
-            json=spec.body,
-            headers={**self.options.default_headers(), **spec.headers},
-            timeout=self.options.timeout if spec.timeout is None else spec.timeout,
-        )
-
     def _send(self, spec: RequestSpec[R, C]) -> httpx.Response:
         """Send with retries; returns a 2xx response (its body unread when `spec.stream`)."""
         attempt = 0
         while True:
-            request = self._build(spec)
+            request = self.options.build_request(self._http, spec)
             error: APIError
             try:
                 response = self._http.send(request, stream=spec.stream)

@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -26,6 +26,9 @@ from fenwick_client.errors import (
     status_error,
 )
 from fenwick_client.types import ErrorBody
+
+if TYPE_CHECKING:
+    from fenwick_client._params import RequestSpec
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -149,17 +152,27 @@ class ClientOptions:
         out.update(self.headers)
         return out
 
+    def build_request(
+        self, http: httpx.Client | httpx.AsyncClient, spec: RequestSpec[Any, Any]
+    ) -> httpx.Request:
+        """One attempt at `spec`: its path under `base_url`, its headers and timeout over the client's."""
+        return http.build_request(
+            spec.method,
+            self.base_url + spec.path,
+            json=spec.body,
+            headers={**self.default_headers(), **spec.headers},
+            timeout=self.timeout if spec.timeout is None else spec.timeout,
+        )
+
+    def health_request(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        """GET /health, under the HTTP client's own timeout."""
+        return http.build_request("GET", f"{self.base_url}/health", headers=self.default_headers())
+
 
 def wrap_transport_error(exc: httpx.TransportError, request: httpx.Request | None) -> APIConnectionError:
     if isinstance(exc, httpx.TimeoutException):
         return APITimeoutError(f"Request timed out ({type(exc).__name__}).", request=request)
     return APIConnectionError(f"Connection error: {type(exc).__name__}: {exc}", request=request)
-
-
-def check_status(response: httpx.Response) -> None:
-    """Raise the typed error of a non-2xx response whose body has been read."""
-    if not response.is_success:
-        raise status_error(response)
 
 
 def parse_body(response: httpx.Response, cast_to: type[R]) -> R:
