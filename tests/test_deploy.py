@@ -16,10 +16,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.server_utils import free_port, wait_healthy
 from tests.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,12 +124,6 @@ def instruction(stage: list[dockerfile.Command], name: str) -> dockerfile.Comman
     found = [c for c in stage if c.cmd == name]
     assert found, f"no {name} in the final stage"
     return found[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- docker compose -----------------------------------------------------------------------------
@@ -386,15 +379,7 @@ def entrypoint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"exited with {proc.returncode}:\n{read_log(log)}"
-            assert time.monotonic() < deadline, f"not healthy after 120 s:\n{read_log(log)}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(url, proc, lambda: read_log(log))
         yield url, proc, log
     finally:
         if proc.poll() is None:
