@@ -22,6 +22,18 @@ def inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+def mul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(a * b).to(dtype)`` in one kernel: the product is taken in the promoted dtype of a and b and
+    rounded to ``dtype`` as it is stored, instead of a multiply followed by a separate cast (out= has no
+    autograd, so a product that needs a gradient takes the two ops)."""
+    if torch.result_type(a, b) == dtype:
+        return a * b
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return (a * b).to(dtype)
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.mul(a, b, out=out)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm in float32 over groups of ``group_size`` channels; the weight is stored in float32."""
 
@@ -32,10 +44,11 @@ class RMSNorm(nn.Module):
         self.group_size = group_size or size
         self.weight = nn.Parameter(torch.ones(size, device=device, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Normalised x, computed in float32 and returned in ``dtype`` (the last multiply casts)."""
         xf = x.float().unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return xf.flatten(-2) * self.weight.float()  # float32; callers cast
+        return mul_to(xf.flatten(-2), self.weight, dtype)
 
 
 class LambdaMLP(nn.Module):
@@ -87,7 +100,7 @@ class LogLinearMamba2Mixer(nn.Module):
         c = self.config
         dl = dl.unflatten(-1, (c.num_heads, c.lambda_levels))  # (..., H, L)
         if c.lambda_mode == "linear":
-            return F.softplus(self.L * dl.float())
+            return F.softplus(self.L * dl)  # float32: the product promotes dl
         if c.lambda_mode == "mlp":
             return self.lambda_mlp(dl)
         return torch.ones(dl.shape, device=dl.device, dtype=torch.float32)
@@ -101,9 +114,9 @@ class LogLinearMamba2Mixer(nn.Module):
         GK = c.n_groups * c.state_size
         x, B, C = xBC.split([c.intermediate_size, GK, GK], dim=-1)
         x = x.unflatten(-1, (c.num_heads, c.head_dim))  # (..., H, V)
-        delta = F.softplus(dt.float() + self.dt_bias)  # (..., H)
-        g = -torch.exp(self.A_log.float()) * delta
-        v = (x * delta[..., None]).to(x.dtype)
+        delta = F.softplus(dt + self.dt_bias)  # (..., H) float32: the sum promotes dt
+        g = -torch.exp(self.A_log) * delta
+        v = mul_to(x, delta[..., None], x.dtype)
         q = C.unflatten(-1, (c.n_groups, c.state_size))  # (..., G, K)
         k = B.unflatten(-1, (c.n_groups, c.state_size))
         return q, k, v, g, self._level_scales(dl), x
@@ -112,14 +125,15 @@ class LogLinearMamba2Mixer(nn.Module):
         """o, x: [..., H, V]; z: [..., I] -> out_proj(norm(y, z)): [..., hidden]."""
         c = self.config
         D = self.D.view(c.num_heads, c.head_dim) if c.D_has_hdim else self.D[:, None]
-        y = (o.float() + x.float() * D).flatten(-2)  # (..., I)
+        dtype = self.out_proj.weight.dtype
+        y = torch.addcmul(o, x, D).flatten(-2)  # (..., I) o + x * D, float32 (D is)
         if not c.rmsnorm:
-            y = y * F.silu(z.float())
+            y = mul_to(y, F.silu(z.float()), dtype)
         elif c.norm_before_gate:
-            y = self.norm(y) * F.silu(z.float())
+            y = mul_to(self.norm(y), F.silu(z.float()), dtype)
         else:
-            y = self.norm(y * F.silu(z.float()))
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+            y = self.norm(y * F.silu(z.float()), dtype)
+        return self.out_proj(y)
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight[:, 0].float()  # (conv_dim, W)
@@ -181,7 +195,10 @@ class LogLinearMamba2Mixer(nn.Module):
         z, xBC, dt, dl = self._split(self.in_proj(h))
         window = torch.cat([conv_pool[slots], xBC[:, :, None].to(conv_pool.dtype)], -1)  # (N, conv_dim, W)
         conv_pool[slots] = window[:, :, 1:]
-        acc = (window.float() * self._conv_weight()).sum(-1) + self._conv_bias()
+        # float32 products and sum; the conv weight and bias (model dtype) promote without a cast of their own
+        acc = (window.float() * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            acc = acc + self.conv1d.bias
         xBC = F.silu(acc).to(h.dtype)  # (N, conv_dim)
         q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
         o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.mixer import LogLinearMamba2Mixer, RMSNorm
+from engine.mixer import LogLinearMamba2Mixer, RMSNorm, mul_to
 from engine.model_config import ModelConfig
 from engine.state import ModelState
 from kernels import FenwickState
@@ -29,8 +29,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
-        return self.down_proj(y.to(x.dtype))
+        # silu in float32; the product promotes up_proj's output and is stored in the model dtype
+        return self.down_proj(mul_to(F.silu(self.gate_proj(x).float()), self.up_proj(x), x.dtype))
 
 
 class LogLinearMamba2Block(nn.Module):
@@ -43,10 +43,10 @@ class LogLinearMamba2Block(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.mlp_intermediate_size, device=device, dtype=dtype)
 
     def mixer_input(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mixer_norm(h).to(h.dtype)
+        return self.mixer_norm(h, h.dtype)
 
     def add_mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.mlp_norm(h).to(h.dtype))
+        return h + self.mlp(self.mlp_norm(h, h.dtype))
 
 
 class LogLinearMamba2Model(nn.Module):
@@ -84,7 +84,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         return self.backbone.embeddings.weight.device
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.backbone.norm_f(h).to(h.dtype))
+        return self.lm_head(self.backbone.norm_f(h, h.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [B, T] -> logits [B, T, vocab] in the model dtype (full sequences, empty state)."""
