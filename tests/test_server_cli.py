@@ -86,8 +86,5 @@ def test_server_config_validation() -> None:
             ServerConfig(**bad)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(
-    not (cli.DEMO_MODEL / "config.json").is_file(), reason="the demo model is not committed yet"
-)
 def test_demo_model_is_the_default() -> None:
     assert cli.resolve_model_dir(None) == cli.DEMO_MODEL.resolve()
