@@ -1,0 +1,140 @@
+"""Where a decode step's time goes on the GPU: graph replay time, kernels per step, and host time per stage.
+
+Builds bench/engine.py's ~250M model (random weights), then for each batch size:
+  1. replays the captured decode CUDA graph and times it with CUDA events (pure device time per step);
+  2. profiles one eager decode step with torch.profiler (kernel count, top kernels by device time);
+  3. runs LLM.generate and times each stage of EngineCore.step (schedule / model / sample / outputs)
+     with a device synchronisation around each, so host overhead shows beside device time.
+
+    python tools/profile_decode.py --out /tmp/profile.txt            # H200
+    python tools/profile_decode.py --tiny --out /tmp/profile.txt     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import BIG, TINY, prompts, sync, write_model  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+
+
+def timed(stats: dict[str, list[float]], name: str, fn, device: torch.device):
+    def wrapper(*args, **kwargs):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        stats[name].append(time.perf_counter() - t0)
+        return out
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--mode", default="mlp")
+    ap.add_argument("--enforce-eager", action="store_true")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lines: list[str] = []
+
+    def log(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    prompt_len, new = (16, 8) if a.tiny else (512, 128)
+    shape = TINY if a.tiny else BIG
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model(Path(tmp) / a.mode, shape, a.mode, dtype, 0)
+        llm = LLM(str(model_dir), device=str(device), dtype=dtype, max_num_seqs=max(a.batches),
+                  max_model_len=prompt_len + new, long_prefill_chunk=prompt_len,
+                  max_num_batched_tokens=8192, cuda_graph_batch_sizes=tuple(a.batches),
+                  enforce_eager=a.enforce_eager or device.type != "cuda")
+    core = llm.engine
+    runner, model, state = core.runner, core.model, core.pool.state
+    log(f"device {device}, dtype {dtype}, mode {a.mode}, levels {state.levels[0].shape}")
+    for bs in a.batches:
+        slots = torch.arange(bs, device=device)
+        ids = torch.randint(1, shape["vocab_size"], (bs,), device=device)
+        with torch.inference_mode():
+            state.reset(slots)
+            state.positions[slots] = 600 if not a.tiny else 10
+            if runner.graphs is not None:
+                for _ in range(3):
+                    runner.decode(ids, slots)
+                sync(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                reps = 50
+                start.record()
+                for _ in range(reps):
+                    runner.graphs.graphs[bs].replay()
+                end.record()
+                sync(device)
+                log(f"[graph] batch {bs}: {start.elapsed_time(end) / reps:.3f} ms per decode step (replay)")
+            model.decode(ids, state, slots)
+            sync(device)
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=acts) as prof:
+                model.decode(ids, state, slots)
+                sync(device)
+        if device.type == "cuda":
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            total = sum(e.device_time for e in kernels)
+            log(f"[eager] batch {bs}: {len(kernels)} kernels per step, "
+                f"{total / 1e3:.3f} ms summed kernel time")
+            by_name: dict[str, list[float]] = collections.defaultdict(list)
+            for e in kernels:
+                by_name[e.name[:90]].append(e.device_time)
+            top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
+            for name, ts in top:
+                log(f"    {sum(ts) / 1e3:8.3f} ms  {len(ts):5d}x  {sum(ts) / len(ts):7.2f} us  {name}")
+        else:
+            log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+        stats: dict[str, list[float]] = collections.defaultdict(list)
+        saved = (core.scheduler.schedule, core.runner.execute, core.sampler.sample, core.outputs.process)
+        core.scheduler.schedule = timed(stats, "schedule", saved[0], device)
+        core.runner.execute = timed(stats, "model", saved[1], device)
+        core.sampler.sample = timed(stats, "sample", saved[2], device)
+        core.outputs.process = timed(stats, "outputs (per seq)", saved[3], device)
+        params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+        step_times: list[float] = []
+        t_last = [0.0]
+
+        def listener(_s, step_times=step_times, t_last=t_last) -> None:
+            now = time.perf_counter()
+            step_times.append(now - t_last[0])
+            t_last[0] = now
+        core.add_stats_listener(listener)
+        sync(device)
+        t0 = t_last[0] = time.perf_counter()
+        llm.generate(prompts(bs, prompt_len, shape["vocab_size"], 2), params)
+        sync(device)
+        wall = time.perf_counter() - t0
+        core.stats_listeners.remove(listener)
+        (core.scheduler.schedule, core.runner.execute, core.sampler.sample, core.outputs.process) = saved
+        log(f"[generate] batch {bs}: {bs * new / wall:.1f} output tok/s (synchronised stages), "
+            f"wall {wall:.3f} s, {len(step_times)} steps, "
+            f"median step {sorted(step_times)[len(step_times) // 2] * 1e3:.3f} ms")
+        for name, ts in stats.items():
+            med = sorted(ts)[len(ts) // 2]
+            log(f"    {name:20s} n={len(ts):5d} median {med * 1e3:8.3f} ms  total {sum(ts):7.3f} s  "
+                f"max {max(ts) * 1e3:.2f} ms")
+    a.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
