@@ -1,0 +1,273 @@
+"""``kernels.mixer_step``: the decode inputs (conv step, Δ, g, λ) of one token per sequence.
+
+The reference is checked bit for bit against what ``LogLinearMamba2Mixer.decode`` hands to
+``kernels.fused_recurrent_step`` (captured by a stand-in) and against the conv pool it leaves. The Triton
+kernel runs under ``TRITON_INTERPRET=1`` in one subprocess (this file run as a script, as in
+test_triton_kernels.py) and is compared with the reference: odd head counts, a head_dim that is not a
+power of two, conv channel blocks that end part-way, strided pools and dt / λ inputs on both sides of
+softplus's threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+LAMBDA_MODES = ("linear", "mlp", "none")
+DT_ID = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference against the mixer's decode
+
+
+def _mixer_args(mixer) -> tuple[tuple, dict]:
+    c = mixer.config
+    args = (mixer.conv1d.weight[:, 0], mixer.conv1d.bias, mixer.dt_bias, mixer.A_log)
+    kw = dict(intermediate_size=c.intermediate_size, n_groups=c.n_groups, state_size=c.state_size,
+              num_heads=c.num_heads, head_dim=c.head_dim, lambda_levels=c.lambda_levels,
+              lambda_mode=c.lambda_mode)
+    if c.lambda_mode == "linear":
+        kw["lambda_L"] = mixer.L
+    elif c.lambda_mode == "mlp":
+        m = mixer.lambda_mlp
+        kw.update(fc1_w=m.fc1.weight, fc1_b=m.fc1.bias, fc2_w=m.fc2.weight, fc2_b=m.fc2.bias)
+    return args, kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("n_groups", [1, 2], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
+def test_reference_matches_mixer_decode(monkeypatch, lambda_mode, conv_bias, n_groups, dtype):
+    import kernels
+    from engine.mixer import LogLinearMamba2Mixer
+    from kernels.mixer_step import mixer_decode_inputs_ref
+    from tests.tiny import randomize_, tiny_config
+
+    c = tiny_config(lambda_mode, hidden_size=48, head_dim=24, state_size=16, n_groups=n_groups,
+                    lambda_levels=9, lambda_mlp_hidden=20, use_conv_bias=conv_bias)  # 4 heads of 24 channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mixer = LogLinearMamba2Mixer(c, dtype=dtype)
+        randomize_(mixer)
+    N, P, W = 3, 7, c.conv_kernel
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(N, c.hidden_size, generator=gen).to(dtype)
+    pool = torch.randn(P, c.conv_dim, W - 1, generator=gen).to(dtype)
+    slots = torch.randperm(P, generator=gen)[:N]
+    levels = torch.zeros(P, c.lambda_levels, c.num_heads, c.state_size, c.head_dim)
+
+    seen = {}
+
+    def fake_step(q, k, v, g, lam, levels, slots, positions, scale=None):
+        seen.update(q=q.clone(), k=k.clone(), v=v.clone(), g=g.clone(), lam=lam.clone())
+        return torch.zeros_like(v)
+
+    output = mixer._output
+
+    def spy_output(o, x, z):
+        seen["x"] = x.clone()
+        return output(o, x, z)
+
+    monkeypatch.setattr(kernels, "fused_recurrent_step", fake_step)
+    monkeypatch.setattr(mixer, "_output", spy_output)
+    mixer.in_proj.register_forward_hook(lambda m, i, out: seen.__setitem__("proj", out.clone()))
+    mixer_pool = pool.clone()
+    args, kw = _mixer_args(mixer)
+    with torch.no_grad():
+        mixer.decode(h, mixer_pool, levels, slots, torch.zeros(N, dtype=torch.int64))
+        ref_pool = pool.clone()
+        xBC, v, g, lam = mixer_decode_inputs_ref(seen["proj"], ref_pool, slots, *args, **kw)
+
+    I, GK = c.intermediate_size, c.n_groups * c.state_size
+    assert xBC.dtype == v.dtype == dtype and g.dtype == lam.dtype == torch.float32
+    assert torch.equal(xBC[:, :I].unflatten(-1, (c.num_heads, c.head_dim)), seen["x"])
+    assert torch.equal(xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size)), seen["k"])
+    assert torch.equal(xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size)), seen["q"])
+    for name, got in (("v", v), ("g", g), ("lam", lam)):
+        assert got.dtype == seen[name].dtype and torch.equal(got, seen[name]), name
+    assert torch.equal(ref_pool, mixer_pool)
+    assert not torch.equal(ref_pool, pool)
+
+
+def test_reference_rejects_missing_lambda_params():
+    from kernels.mixer_step import mixer_decode_inputs_ref
+    H, V, Lv, D = 2, 8, 3, 16 + 2 * 4
+    proj = torch.zeros(1, H * V + D + H * (1 + Lv))
+    args = (torch.zeros(2, D, 3), torch.tensor([0]), torch.zeros(D, 4), None, torch.zeros(H), torch.zeros(H))
+    kw = dict(intermediate_size=H * V, n_groups=1, state_size=4, num_heads=H, head_dim=V, lambda_levels=Lv)
+    with pytest.raises(ValueError, match="lambda_L"):
+        mixer_decode_inputs_ref(proj, *args, lambda_mode="linear", **kw)
+    with pytest.raises(ValueError, match="fc1_w"):
+        mixer_decode_inputs_ref(proj, *args, lambda_mode="mlp", **kw)
+    with pytest.raises(ValueError, match="proj"):
+        mixer_decode_inputs_ref(proj[:, 1:], *args, lambda_mode="none", **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (interpreter) against the reference, in a subprocess
+
+
+def _inputs(*, N, H, V, G, K, mode, Lv=9, hidden=20, W=4, bias=True, dtype=torch.float32, strided=False,
+            seed=0, device="cpu"):
+    """Random (proj, conv_pool, slots, conv_weight, conv_bias, dt_bias, A_log) and keyword arguments."""
+    I = H * V
+    D = I + 2 * G * K
+    cols = I + D + H * (1 + Lv)
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(N, cols + 5 * strided, generator=gen)[:, :cols]  # strided: rows longer than cols
+    proj[:, I + D:] *= 12  # dt and dl on both sides of softplus's threshold
+    proj[0, I + D] = 30.0
+    proj[-1, I + D + H - 1] = -60.0
+    P = N + 4
+    if strided:  # channels not contiguous: [P, W-1, D] storage seen as [P, D, W-1]
+        pool = torch.randn(P, W - 1, D, generator=gen).transpose(1, 2)
+    else:
+        pool = torch.randn(P, D, W - 1, generator=gen)
+    slots = torch.randperm(P, generator=gen)[:N]
+    weight = 0.5 * torch.randn(D, W, generator=gen)
+    conv_bias = 0.1 * torch.randn(D, generator=gen) if bias else None
+    dt = torch.empty(H).uniform_(0.01, 0.3, generator=gen)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    A_log = torch.empty(H).uniform_(math.log(0.5), math.log(8.0), generator=gen)
+    kw = dict(intermediate_size=I, n_groups=G, state_size=K, num_heads=H, head_dim=V, lambda_levels=Lv,
+              lambda_mode=mode)
+    if mode == "linear":
+        kw["lambda_L"] = (1 + 0.5 * torch.randn(H, Lv, generator=gen)).to(device)
+    elif mode == "mlp":
+        fc = dict(fc1_w=torch.randn(hidden, Lv, generator=gen) / 3,
+                  fc1_b=0.5 * torch.randn(hidden, generator=gen),
+                  fc2_w=0.3 * torch.randn(Lv, hidden, generator=gen),
+                  fc2_b=0.3 * torch.randn(Lv, generator=gen))
+        kw.update({name: t.to(device) for name, t in fc.items()})
+    proj, pool, weight = (t.to(device, dtype) for t in (proj, pool, weight))
+    conv_bias = None if conv_bias is None else conv_bias.to(device, dtype)
+    return (proj, pool, slots.to(device), weight, conv_bias, dt_bias.to(device), A_log.to(device)), kw
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest elementwise |a - b| in bf16 ulps of max(|a|, |b|)."""
+    a, b = a.float(), b.float()
+    m = torch.maximum(a.abs(), b.abs()).clamp_min(2.0 ** -126)
+    return ((a - b).abs() / torch.exp2(torch.floor(torch.log2(m)) - 7)).max().item()
+
+
+def _compare(out, ref, pool, new_pool, ref_pool, slots) -> dict:
+    untouched = [i for i in range(pool.shape[0]) if i not in slots.tolist()]
+    res = {f"{k}_rel": _rel(a, b) for k, a, b in zip(("xBC", "v", "g", "lam"), out, ref, strict=True)}
+    if out[0].dtype == torch.bfloat16:
+        res.update(xBC_ulps=_bf16_ulps(out[0], ref[0]), v_ulps=_bf16_ulps(out[1], ref[1]))
+    res["dtypes"] = [str(t.dtype) for t in out] == [str(t.dtype) for t in ref]
+    res["pool_equal"] = bool(torch.equal(new_pool, ref_pool))
+    res["others_untouched"] = bool(torch.equal(new_pool[untouched], pool[untouched]))
+    return res
+
+
+def _case_triton(name, *, block_c=32, **kw):
+    from kernels.mixer_step import _triton, mixer_decode_inputs_ref
+    (proj, pool, *args), kwargs = _inputs(**kw)
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    ref = mixer_decode_inputs_ref(proj, ref_pool, *args, **kwargs)
+    out = _triton()(proj, new_pool, *args, block_c=block_c, **kwargs)
+    return {name: _compare(out, ref, pool, new_pool, ref_pool, args[0])}
+
+
+CASES = {
+    "fp32_mlp_bias_blocks": dict(N=3, H=3, V=24, G=1, K=16, mode="mlp"),
+    "fp32_linear_nobias_G3": dict(N=3, H=3, V=24, G=3, K=8, mode="linear", bias=False, seed=1),
+    "fp32_none_one_row": dict(N=1, H=5, V=24, G=1, K=16, mode="none", seed=2),
+    "fp32_mlp_strided_one_block_W3": dict(N=3, H=3, V=24, G=1, K=16, mode="mlp", strided=True, block_c=256,
+                                          W=3, seed=3),
+    "bf16_mlp_bias": dict(N=3, H=3, V=24, G=1, K=16, mode="mlp", dtype=torch.bfloat16, seed=4),
+    "bf16_linear_nobias_strided": dict(N=3, H=5, V=24, G=1, K=16, mode="linear", bias=False,
+                                       dtype=torch.bfloat16, strided=True, seed=5),
+}
+
+
+def _interpret_cases() -> dict:
+    res = {}
+    for name, kw in CASES.items():
+        res.update(_case_triton(name, **kw))
+    return res
+
+
+@pytest.fixture(scope="module")
+def interpret_results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_interpreted_matches_reference(interpret_results, case):
+    # fp32: exp, erf and softplus (log1p by a series) differ from torch's by a few ulp. g and λ are
+    # float32 functions of exact inputs, so they keep that tolerance in bf16 too. The interpreter casts
+    # float32 to bf16 by truncation (the GPU and torch round to nearest even), so xBC can be one bf16 ulp
+    # off and v = x Δ, rounded from a truncated x, up to three.
+    r = interpret_results[case]
+    assert r["dtypes"] and r["pool_equal"] and r["others_untouched"], r
+    assert r["g_rel"] < 1e-6 and r["lam_rel"] < 1e-6, r
+    if case.startswith("fp32"):
+        assert r["xBC_rel"] < 1e-6 and r["v_rel"] < 1e-6, r
+    else:
+        assert r["xBC_ulps"] <= 1 and r["v_ulps"] <= 3 and r["xBC_rel"] < 1e-2 and r["v_rel"] < 1e-2, r
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: realistic shapes, NaN-filled outputs, CUDA graph replay
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("mode", LAMBDA_MODES)
+def test_gpu_matches_reference_and_replays_in_a_graph(mode, dtype):
+    from kernels.mixer_step import mixer_decode_inputs, mixer_decode_inputs_ref
+    (proj, pool, *args), kw = _inputs(N=512, H=64, V=64, G=1, K=128, mode=mode, Lv=15, hidden=64, dtype=dtype,
+                                      device="cuda")
+    ref_pool = pool.clone()
+    ref = mixer_decode_inputs_ref(proj, ref_pool, *args, **kw)
+    eager_pool, graph_pool = pool.clone(), pool.clone()
+    torch.full((1 << 28,), float("nan"), device="cuda")  # freed to the cache: unwritten outputs show as NaN
+    results = [_compare(mixer_decode_inputs(proj, eager_pool, *args, **kw), ref, pool, eager_pool, ref_pool,
+                        args[0])]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mixer_decode_inputs(proj, graph_pool, *args, **kw)
+    graph_pool.copy_(pool)
+    for t in out:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    results.append(_compare(out, ref, pool, graph_pool, ref_pool, args[0]))
+    for r in results:
+        assert r["dtypes"] and r["pool_equal"] and r["others_untouched"], r
+        # GPU exp and division are approximate (a few ulp): 1e-5 relative in float32. bf16 rounds to
+        # nearest even as torch does: an fp32 difference flips xBC by at most one ulp and v by two.
+        assert r["g_rel"] < 1e-5 and r["lam_rel"] < 1e-5, r
+        if dtype == torch.float32:
+            assert r["xBC_rel"] < 1e-5 and r["v_rel"] < 1e-5, r
+        else:
+            assert r["xBC_ulps"] <= 1 and r["v_ulps"] <= 2 and r["xBC_rel"] < 1e-3 and r["v_rel"] < 1e-3, r
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(_interpret_cases()))
