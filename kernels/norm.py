@@ -1,0 +1,260 @@
+"""Fused element-wise ops of one decode step: add + RMSNorm, gated RMSNorm, and SiLU-mul.
+
+Each op has a PyTorch reference (``*_ref``, the specification and the CPU path, bit-identical to the
+model's code in engine/mixer.py and engine/model.py) and a Triton kernel (``*_triton``) with the same
+signature; ``add_rmsnorm``, ``gated_rmsnorm`` and ``silu_mul`` run Triton on CUDA tensors and the
+reference otherwise. The kernels run one program per row (per (row, group) for the gated norm), compute
+in float32, allocate nothing but their outputs and never synchronise with the host, so that a decode
+step built from them can be captured in a CUDA graph. They follow the references' order of operations and
+roundings; what differs is the order of the sum of squares and the exp / rsqrt / division (approximate
+instructions on the GPU), a few float32 ulps, so 16-bit outputs are equal or, rarely, one ulp apart.
+
+Triton is imported on the first Triton call (``_triton``), so this module imports without it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+# ---- PyTorch references -------------------------------------------------------------------------
+
+
+def _mul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(a * b).to(dtype)`` with one rounding, as ``engine.mixer.mul_to``."""
+    if torch.result_type(a, b) == dtype:
+        return a * b
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return (a * b).to(dtype)
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.mul(a, b, out=out)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """``engine.mixer.RMSNorm.forward``: float32 over groups of ``group_size``; the weight multiply rounds."""
+    xf = x.float().unflatten(-1, (-1, group_size))  # (..., groups, group_size)
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return _mul_to(xf.flatten(-2), weight, dtype)
+
+
+def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, then RMSNorm of the sum.
+
+    Args:
+        x, residual: [N, D] (residual may be None: h = x); weight: [D] float32.
+    Returns:
+        (normed [N, D] in ``out_dtype`` (default x.dtype), h = x + residual [N, D] in x.dtype). The sum
+        is taken in float32 and rounded to x.dtype before the norm reads it.
+    """
+    h = x
+    if residual is not None:  # the sum in float32 (the promoted type), stored in x.dtype
+        h = torch.add(x, residual, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return _rms_norm(h, weight, eps, h.shape[-1], out_dtype or x.dtype), h
+
+
+def gated_rmsnorm_ref(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
+                      weight: torch.Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """The mixer's output gate before out_proj: y = o + x * D, normed and gated by silu(z).
+
+    Args:
+        o: [N, H, V] any float dtype; x: [N, H, V]; D: [H] or [H * V] float32;
+        z: [N, I] with I = H * V (last dim unit-stride); weight: [I] float32, or None for no norm
+        (y * silu(z)); group_size: channels per norm group along I; norm_before_gate:
+        norm(y) * silu(z) instead of norm(y * silu(z)).
+    Returns:
+        [N, I] in ``out_dtype``; float32 throughout, one rounding at the end.
+    """
+    H, V = o.shape[-2:]
+    D = D.view(H, V) if D.numel() == H * V else D[:, None]
+    y = torch.addcmul(o, x, D).flatten(-2)  # (N, I) float32
+    gate = F.silu(z.float())
+    if weight is None:
+        return _mul_to(y, gate, out_dtype)
+    if norm_before_gate:
+        return _mul_to(_rms_norm(y, weight, eps, group_size, torch.float32), gate, out_dtype)
+    return _rms_norm(y * gate, weight, eps, group_size, out_dtype)
+
+
+def silu_mul_ref(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SwiGLU's middle: gate_up [N, 2 * I] = [gate | up] -> silu(gate) * up: [N, I] in ``out_dtype``
+    (default gate_up.dtype), silu in float32 and one rounding."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _mul_to(F.silu(gate.float()), up, out_dtype or gate_up.dtype)
+
+
+# ---- Triton kernels: plain functions until _triton() jits them --------------------------------------
+
+tl = None  # triton.language, bound by _triton(); the kernel bodies read it as a module global
+
+
+def _add_rmsnorm_kernel(x, residual, weight, out, h, s_xn, s_rn, s_on, s_hn, eps,
+                        D: tl.constexpr, BD: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_h = tl.load(x + i_n * s_xn + o_d, mask=m_d, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        b_h += tl.load(residual + i_n * s_rn + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_h = b_h.to(h.dtype.element_ty)
+        tl.store(h + i_n * s_hn + o_d, b_h, mask=m_d)
+        b_h = b_h.to(tl.float32)
+    b_r = tl.rsqrt(tl.sum(b_h * b_h, axis=0) / D + eps)
+    b_w = tl.load(weight + o_d, mask=m_d, other=0.0).to(tl.float32)
+    tl.store(out + i_n * s_on + o_d, (b_h * b_r * b_w).to(out.dtype.element_ty), mask=m_d)
+
+
+def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_on, s_oh, s_xn, s_xh, s_zn, s_yn, eps,
+                          V: tl.constexpr, GS: tl.constexpr, BG: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+                          HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+    i_g, i_n = tl.program_id(0), tl.program_id(1)
+    o_g = tl.arange(0, BG)
+    m_c = o_g < GS
+    o_c = i_g * GS + o_g  # channel along I
+    o_h, o_v = o_c // V, o_c % V
+    b_o = tl.load(o + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
+    b_x = tl.load(x + i_n * s_xn + o_h * s_xh + o_v, mask=m_c, other=0.0).to(tl.float32)
+    if D_PER_CHANNEL:
+        b_D = tl.load(D + o_c, mask=m_c, other=0.0).to(tl.float32)
+    else:
+        b_D = tl.load(D + o_h, mask=m_c, other=0.0).to(tl.float32)
+    b_y = tl.fma(b_x, b_D, b_o)  # one rounding, as torch's addcmul on the CPU
+    b_z = tl.load(z + i_n * s_zn + o_c, mask=m_c, other=0.0).to(tl.float32)
+    b_gate = b_z / (1.0 + tl.exp(-b_z))
+    if HAS_WEIGHT:
+        b_w = tl.load(weight + o_c, mask=m_c, other=0.0).to(tl.float32)
+        if NORM_BEFORE_GATE:
+            b_y = b_y * tl.rsqrt(tl.sum(b_y * b_y, axis=0) / GS + eps) * b_w * b_gate
+        else:
+            b_y = b_y * b_gate
+            b_y = b_y * tl.rsqrt(tl.sum(b_y * b_y, axis=0) / GS + eps) * b_w
+    else:
+        b_y = b_y * b_gate
+    tl.store(y + i_n * s_yn + o_c, b_y.to(y.dtype.element_ty), mask=m_c)
+
+
+def _silu_mul_kernel(gate_up, out, s_gn, s_on, I: tl.constexpr, BI: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_i = tl.arange(0, BI)
+    m_i = o_i < I
+    p_g = gate_up + i_n * s_gn + o_i
+    b_g = tl.load(p_g, mask=m_i, other=0.0).to(tl.float32)
+    b_u = tl.load(p_g + I, mask=m_i, other=0.0).to(tl.float32)
+    tl.store(out + i_n * s_on + o_i, (b_g / (1.0 + tl.exp(-b_g)) * b_u).to(out.dtype.element_ty), mask=m_i)
+
+
+@cache
+def _triton() -> SimpleNamespace | None:
+    """The jitted kernels, built on first use; None where triton cannot be imported."""
+    global tl
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return SimpleNamespace(add_rmsnorm=triton.jit(_add_rmsnorm_kernel),
+                           gated_rmsnorm=triton.jit(_gated_rmsnorm_kernel),
+                           silu_mul=triton.jit(_silu_mul_kernel))
+
+
+def _block(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _num_warps(block: int) -> int:
+    return min(16, max(1, block // 256))
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ---- Triton launchers (same signatures as the references) -------------------------------------------
+
+
+def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                       out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``add_rmsnorm_ref``."""
+    N, D = x.shape
+    if weight.shape != (D,) or (residual is not None and residual.shape != x.shape):
+        r = None if residual is None else tuple(residual.shape)
+        raise ValueError(f"add_rmsnorm: x {tuple(x.shape)}, residual {r}, weight {tuple(weight.shape)}")
+    x, weight = _unit_last(x), weight.contiguous()
+    residual = None if residual is None else _unit_last(residual)
+    out = torch.empty(N, D, dtype=out_dtype or x.dtype, device=x.device)
+    h = x if residual is None else torch.empty(N, D, dtype=x.dtype, device=x.device)
+    if N:
+        BD = _block(D)
+        _triton().add_rmsnorm[(N,)](
+            x, residual, weight, out, h, x.stride(0), 0 if residual is None else residual.stride(0),
+            out.stride(0), h.stride(0), eps, D=D, BD=BD, HAS_RESIDUAL=residual is not None,
+            num_warps=_num_warps(BD),
+        )
+    return out, h
+
+
+def gated_rmsnorm_triton(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
+                         weight: torch.Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """See ``gated_rmsnorm_ref``."""
+    N, H, V = o.shape
+    I = H * V
+    if (x.shape != o.shape or z.shape != (N, I) or D.numel() not in (H, I) or I % group_size
+            or (weight is not None and weight.shape != (I,))):
+        raise ValueError(f"gated_rmsnorm: o {tuple(o.shape)}, x {tuple(x.shape)}, D {tuple(D.shape)}, "
+                         f"z {tuple(z.shape)}, weight {None if weight is None else tuple(weight.shape)}, "
+                         f"group_size {group_size}")
+    o, x, z, D = _unit_last(o), _unit_last(x), _unit_last(z), D.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    y = torch.empty(N, I, dtype=out_dtype, device=o.device)
+    if N:
+        BG = _block(group_size)
+        _triton().gated_rmsnorm[(I // group_size, N)](
+            o, x, D, z, weight, y, o.stride(0), o.stride(1), x.stride(0), x.stride(1), z.stride(0),
+            y.stride(0), eps, V=V, GS=group_size, BG=BG, D_PER_CHANNEL=D.numel() != H,
+            HAS_WEIGHT=weight is not None, NORM_BEFORE_GATE=norm_before_gate, num_warps=_num_warps(BG),
+        )
+    return y
+
+
+def silu_mul_triton(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """See ``silu_mul_ref``."""
+    N, I2 = gate_up.shape
+    if I2 % 2:
+        raise ValueError(f"silu_mul: gate_up width {I2} is odd")
+    gate_up = _unit_last(gate_up)
+    out = torch.empty(N, I2 // 2, dtype=out_dtype or gate_up.dtype, device=gate_up.device)
+    if N:
+        BI = _block(I2 // 2)
+        _triton().silu_mul[(N,)](gate_up, out, gate_up.stride(0), out.stride(0), I=I2 // 2, BI=BI,
+                                 num_warps=_num_warps(BI))
+    return out
+
+
+# ---- dispatch: Triton on CUDA tensors, the reference otherwise --------------------------------------
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``add_rmsnorm_ref``."""
+    impl = add_rmsnorm_triton if x.is_cuda and _triton() is not None else add_rmsnorm_ref
+    return impl(x, residual, weight, eps, out_dtype=out_dtype)
+
+
+def gated_rmsnorm(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
+                  weight: torch.Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """See ``gated_rmsnorm_ref``."""
+    impl = gated_rmsnorm_triton if o.is_cuda and _triton() is not None else gated_rmsnorm_ref
+    return impl(o, x, D, z, weight, eps, group_size, norm_before_gate, out_dtype)
+
+
+def silu_mul(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """See ``silu_mul_ref``."""
+    impl = silu_mul_triton if gate_up.is_cuda and _triton() is not None else silu_mul_ref
+    return impl(gate_up, out_dtype)
