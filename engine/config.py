@@ -43,6 +43,7 @@ class EngineConfig:
     long_prefill_chunk: int = 512  # most prompt tokens one request runs in one step
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests get QueueFullError
     enforce_eager: bool = False  # no CUDA graphs for decode
+    fused_decode: bool = True  # decode through the fused Triton kernels on CUDA (engine/model.py)
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import kernels
 from engine.model_config import ModelConfig
-from kernels import FenwickState
+from kernels import FenwickState, mixer_step, norm
 
 
 def inv_softplus(y: float) -> float:
@@ -203,6 +203,37 @@ class LogLinearMamba2Mixer(nn.Module):
         q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
         o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0)
         return self._output(o, x, z)
+
+    def decode_fused(self, proj: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor,
+                     slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``decode`` between in_proj and out_proj in three launches: conv step + Δ + g + λ
+        (kernels.mixer_step), the Fenwick step (its per-block read-outs left unsummed), and their sum +
+        D skip + gated norm (kernels.norm). On the CPU the same calls run their PyTorch references.
+
+        proj: [N, in_proj_size] = in_proj(normed input). Returns y: [N, I] in the model dtype, the
+        input of out_proj.
+        """
+        c = self.config
+        I, GK, H = c.intermediate_size, c.n_groups * c.state_size, c.num_heads
+        xBC, v, g, lam = mixer_step.mixer_decode_inputs(
+            proj, conv_pool, slots, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log,
+            intermediate_size=I, n_groups=c.n_groups, state_size=c.state_size, num_heads=H,
+            head_dim=c.head_dim, lambda_levels=c.lambda_levels, lambda_mode=c.lambda_mode,
+            lambda_L=getattr(self, "L", None), **_mlp_weights(getattr(self, "lambda_mlp", None)))
+        x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (N, H, V)
+        k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (N, G, K)
+        q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
+        o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
+                                         partials=True)  # (NK, N, H, V) float32 on CUDA
+        weight = self.norm.weight if c.rmsnorm else None
+        return norm.gated_rmsnorm(o, x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
+                                  c.norm_before_gate, self.out_proj.weight.dtype)
+
+
+def _mlp_weights(mlp: LambdaMLP | None) -> dict[str, torch.Tensor | None]:
+    if mlp is None:
+        return {}
+    return dict(fc1_w=mlp.fc1.weight, fc1_b=mlp.fc1.bias, fc2_w=mlp.fc2.weight, fc2_b=mlp.fc2.bias)
 
 
 def _window_index(cu_seqlens: torch.Tensor, T: int, W: int) -> torch.Tensor:

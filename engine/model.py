@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine.mixer import LogLinearMamba2Mixer, RMSNorm, mul_to
 from engine.model_config import ModelConfig
 from engine.state import ModelState
-from kernels import FenwickState
+from kernels import FenwickState, norm
 
 
 class GatedMLP(nn.Module):
@@ -31,6 +31,23 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # silu in float32; the product promotes up_proj's output and is stored in the model dtype
         return self.down_proj(mul_to(F.silu(self.gate_proj(x).float()), self.up_proj(x), x.dtype))
+
+    def fuse_gate_up(self) -> None:
+        """Store gate_proj and up_proj as the two halves of one [2 * I, hidden] weight, so decode runs
+        one GEMM for both (the parameters become views of it; names and values are unchanged)."""
+        if getattr(self, "gate_up_weight", None) is not None:
+            return
+        w = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        I = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight.data = w[:I]
+        self.up_proj.weight.data = w[I:]
+        self.gate_up_weight = w
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with one GEMM for gate and up (after ``fuse_gate_up``) and one SiLU-mul kernel."""
+        w = getattr(self, "gate_up_weight", None)
+        gate_up = F.linear(x, w) if w is not None else torch.cat([self.gate_proj(x), self.up_proj(x)], -1)
+        return self.down_proj(norm.silu_mul(gate_up))
 
 
 class LogLinearMamba2Block(nn.Module):
@@ -70,6 +87,14 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device,
                                  dtype=dtype)
         self.tie_weights()
+        self.fused_decode = False  # decode through the fused kernels (set by the engine on CUDA)
+
+    def enable_fused_decode(self, enabled: bool = True) -> None:
+        """Route ``decode`` through the fused kernels (one GEMM for each MLP's gate and up)."""
+        if enabled:
+            for layer in self.backbone.layers:
+                layer.mlp.fuse_gate_up()
+        self.fused_decode = enabled
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -143,8 +168,28 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         """
         positions = state.positions[slots]  # (N,)
         h = self.backbone.embeddings(input_ids)  # (N, hidden)
+        if self.fused_decode:
+            return self._decode_fused(h, state, slots, positions)
         for i, layer in enumerate(self.backbone.layers):
             h = h + layer.mixer.decode(layer.mixer_input(h), state.conv[i], state.levels[i], slots, positions)
             h = layer.add_mlp(h)
         state.positions[slots] = positions + 1
         return self._logits(h).float()
+
+    def _decode_fused(self, h: torch.Tensor, state: ModelState, slots: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """``decode`` with each residual add fused into the next norm and the mixer and MLP in their
+        fused forms: about ten launches per layer instead of fifty (same math; the roundings differ
+        only where a fused kernel keeps float32 longer)."""
+        eps = self.config.norm_eps
+        delta = None
+        for i, layer in enumerate(self.backbone.layers):
+            x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
+            mixer = layer.mixer
+            y = mixer.decode_fused(mixer.in_proj(x), state.conv[i], state.levels[i], slots, positions)
+            delta = mixer.out_proj(y)
+            x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
+            delta = layer.mlp.forward_fused(x)
+        x, _ = norm.add_rmsnorm(h, delta, self.backbone.norm_f.weight, eps)
+        state.positions[slots] = positions + 1
+        return self.lm_head(x).float()

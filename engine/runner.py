@@ -28,6 +28,8 @@ class ModelRunner:
         self.num_prefill_calls = 0  # model.prefill calls so far (tests count forks against it)
         self.num_decode_calls = 0
         self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and config.fused_decode and hasattr(model, "enable_fused_decode"):
+            model.enable_fused_decode()
         if config.use_cuda_graphs:
             sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
             self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
@@ -73,4 +75,6 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, 0, device=self.device)
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if rows == list(range(logits.shape[0])):  # every row, in order: the common decode step
+            return logits
         return logits.index_select(0, self._tensor(rows))

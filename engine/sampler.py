@@ -54,9 +54,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [N, V] (any float dtype), row i for seqs[i] -> one token per row."""
         n_rows, vocab = logits.shape
+        params = [s.request.params for s in seqs]
+        if all(_plain_greedy(s) for s in seqs):  # argmax of the raw logits, nothing else to do
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n_rows)
         raw = logits.float()  # (N, V)
         x = raw.clone()
-        params = [s.request.params for s in seqs]
         self._apply_penalties(x, seqs)
         self._mask_min_tokens(x, seqs)
         greedy = [p.greedy for p in params]
@@ -138,6 +140,12 @@ class Sampler:
             if s.request.params.seed is not None:
                 q[i].exponential_(generator=self._generator(s))
         return (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
+
+
+def _plain_greedy(s: Sequence) -> bool:
+    p = s.request.params
+    return (p.greedy and p.logprobs is None and not _has_penalty(s)
+            and not (len(s.token_ids) < p.min_tokens and s.request.stop_ids))
 
 
 def _has_penalty(s: Sequence) -> bool:

@@ -57,7 +57,14 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
-                         positions: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """One decode token for N sequences. See ``kernels.naive.fused_recurrent_step_ref`` for shapes."""
-    impl = (_triton_step() if q.is_cuda else None) or fused_recurrent_step_torch
-    return impl(q, k, v, g, level_scales, levels, slots, positions, scale)
+                         positions: torch.Tensor, scale: float | None = None, *,
+                         partials: bool = False) -> torch.Tensor:
+    """One decode token for N sequences. See ``kernels.naive.fused_recurrent_step_ref`` for shapes.
+
+    partials=True lets the Triton kernel return its float32 read-outs per block of K, [NK, N, H, V],
+    unsummed (``kernels.norm.gated_rmsnorm`` sums them); the PyTorch path returns [N, H, V] either way.
+    """
+    impl = _triton_step() if q.is_cuda else None
+    if impl is not None:
+        return impl(q, k, v, g, level_scales, levels, slots, positions, scale, partials=partials)
+    return fused_recurrent_step_torch(q, k, v, g, level_scales, levels, slots, positions, scale)

@@ -64,14 +64,77 @@ def _fused_recurrent_step_kernel(
     tl.store(o + i_n * s_on + i_h * s_oh + o_v, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
 
 
+@triton.jit
+def _fused_recurrent_step_tile_kernel(
+    q, k, v, g, lam, levels, slots, positions, o,
+    s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_ok, s_sp, s_sl, s_sh,
+    scale,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr,
+):
+    """The same step with every level of one [BK, BV] tile loaded at once ([LP, BK, BV], dead levels
+    masked off): the loads of all live levels are in flight together instead of one level after the
+    other. Each program writes a partial read-out over its BK rows of K: o[i_k, n, h, v-block]."""
+    i_hkv, i_n = tl.program_id(0), tl.program_id(1)
+    i_h = i_hkv // (NK * NV)
+    i_k, i_v = (i_hkv // NV) % NK, i_hkv % NV
+    i_g = i_h // (H // G)
+    i_s = tl.load(slots + i_n).to(tl.int64)
+    t = tl.load(positions + i_n).to(tl.int64)
+
+    o_l = tl.arange(0, LP)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_q = tl.load(q + i_n * s_qn + i_g * s_qg + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k + i_n * s_kn + i_g * s_kg + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_n * s_vn + i_h * s_vh + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_decay = tl.exp(tl.load(g + i_n * s_gn + i_h).to(tl.float32))
+    b_lam = tl.load(lam + i_n * s_ln + i_h * s_lh + o_l, mask=o_l < L, other=0.0).to(tl.float32)
+
+    # per level: fold (0..z into the carry), new (z + 1), keep (live above z + 1, decays in place)
+    z1 = tl.where(t > 0, _ctz(t) + 1, 0)  # first level that is not folded; 0 at position 0
+    bit = ((t >> tl.maximum(o_l - 1, 0)) & 1) == 1
+    fold = (o_l < z1)
+    new = (o_l == z1) & (o_l > 0)  # z1 = 0 at position 0: no new level
+    keep = (o_l > z1) & bit & (o_l < L)
+    l3 = o_l[:, None, None]
+    p_s = levels + i_s * s_sp + i_h * s_sh + l3 * s_sl + (o_k[:, None] * V + o_v[None, :])[None, :, :]
+    m_read = (fold | keep)[:, None, None] & m_kv[None, :, :]
+    b_s = tl.load(p_s, mask=m_read, other=0.0).to(tl.float32)  # (LP, BK, BV)
+    b_carry = tl.sum(tl.where(fold[:, None, None], b_s, 0.0), axis=0)  # (BK, BV)
+    b_kv = b_k[:, None] * b_v[None, :]
+    b_s = tl.where(new[:, None, None], b_carry[None, :, :], b_s) * b_decay
+    b_s = tl.where(fold[:, None, None], 0.0, b_s)
+    b_s = tl.where((o_l == 0)[:, None, None], b_kv[None, :, :], b_s)
+    m_write = ((o_l == 0) | fold | new | keep)[:, None, None] & m_kv[None, :, :]
+    tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_write)
+    b_w = tl.where((o_l == 0) | new | keep, b_lam, 0.0)
+    b_t = tl.sum(b_w[:, None, None] * b_s, axis=0)  # (BK, BV) λ-weighted sum of the live levels
+    b_o = tl.sum(b_q[:, None] * b_t, axis=0) * scale
+    tl.store(o + i_k * s_ok + i_n * s_on + i_h * s_oh + o_v, b_o, mask=m_v)
+
+
+@triton.jit
+def _ctz(t):
+    """Trailing zeros of t > 0 (int64 scalar)."""
+    low = t & (-t)
+    n = tl.zeros_like(t)
+    for b in tl.static_range(1, 63):
+        n += ((low >> b) > 0).to(tl.int64)
+    return n
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
-                         positions: torch.Tensor, scale: float | None = None, *,
-                         block_v: int | None = None) -> torch.Tensor:
+                         positions: torch.Tensor, scale: float | None = None, *, partials: bool = False,
+                         tile: bool = True, block_k: int | None = None, block_v: int | None = None,
+                         num_warps: int | None = None) -> torch.Tensor:
     """One decode token for N sequences held in a pool; updates ``levels[slots]`` in place.
 
     Args:
@@ -79,9 +142,11 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
         levels: [P, L, H, K, V] state pool (fp32 or bf16, the last two dims contiguous);
         slots: [N] int, distinct pool rows; positions: [N] int, index of this token in each
         sequence (must be < 2^(L-1); not checked, to stay free of host synchronisation).
-        block_v: V columns per program (default: by N * H).
+        partials: return the tiled kernel's read-out before its sum over blocks of K, [NK, N, H, V]
+        float32 (scale applied), for a consumer that fuses the sum (kernels.norm.gated_rmsnorm).
+        tile: all levels of a [block_k, block_v] tile loaded at once (default) or the level loop.
     Returns:
-        o: [N, H, V] in v's dtype.
+        o: [N, H, V] in v's dtype (or the float32 partials).
     """
     check_shapes(q, k, v, g, level_scales)
     N, G, K = q.shape
@@ -92,12 +157,39 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
                          f"got {tuple(levels.shape)} strides {levels.stride()}")
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, level_scales = (_unit_last(x) for x in (q, k, v, g, level_scales))
+    if not tile:
+        if partials:
+            raise ValueError("partials come from the tiled kernel only")
+        return _step_loop(q, k, v, g, level_scales, levels, slots, positions, scale, block_v)
+    LP = triton.next_power_of_2(L)
+    BV = block_v or min(64, max(16, triton.next_power_of_2(V)))
+    BK = block_k or max(1, min(triton.next_power_of_2(K), 8192 // (LP * BV)))
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    o = torch.empty(NK, N, H, V, dtype=torch.float32, device=v.device)
+    if N > 0:
+        _fused_recurrent_step_tile_kernel[(H * NK * NV, N)](
+            q, k, v, g, level_scales, levels, slots, positions, o,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+            level_scales.stride(0), level_scales.stride(1), o.stride(1), o.stride(2), o.stride(0),
+            levels.stride(0), levels.stride(1), levels.stride(2),
+            scale, H=H, G=G, K=K, V=V, L=L, LP=LP, BK=BK, BV=BV, NK=NK, NV=NV,
+            num_warps=num_warps or (8 if LP * BK * BV >= 16384 else 4),
+        )
+    if partials:
+        return o
+    return (o[0] if NK == 1 else o.sum(0)).to(v.dtype)
+
+
+def _step_loop(q, k, v, g, level_scales, levels, slots, positions, scale, block_v):
+    N, G, K = q.shape
+    H, V = v.shape[-2:]
+    L = level_scales.shape[-1]
     o = torch.empty(N, H, V, dtype=v.dtype, device=v.device)
     if N == 0:
         return o
     BK = max(16, triton.next_power_of_2(K))
     if block_v is None:
-        block_v = 64 if N * H >= 1024 else 32 if N * H >= 256 else 16
+        block_v = 32 if N * H < 128 else 64  # H200 (docs/kernels-notes.md): one program per head from N = 8
     BV = min(max(16, triton.next_power_of_2(V)), block_v)
     NV = triton.cdiv(V, BV)
     _fused_recurrent_step_kernel[(H * NV, N)](

@@ -63,13 +63,17 @@ def gated_rmsnorm_ref(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torc
     """The mixer's output gate before out_proj: y = o + x * D, normed and gated by silu(z).
 
     Args:
-        o: [N, H, V] any float dtype; x: [N, H, V]; D: [H] or [H * V] float32;
+        o: [N, H, V] any float dtype, or [NK, N, H, V] partial sums to add first (the tiled decode
+        step's per-block read-outs, ``fused_recurrent_step(..., partials=True)``); x: [N, H, V];
+        D: [H] or [H * V] float32;
         z: [N, I] with I = H * V (last dim unit-stride); weight: [I] float32, or None for no norm
         (y * silu(z)); group_size: channels per norm group along I; norm_before_gate:
         norm(y) * silu(z) instead of norm(y * silu(z)).
     Returns:
         [N, I] in ``out_dtype``; float32 throughout, one rounding at the end.
     """
+    if o.dim() == 4:
+        o = o.sum(0)
     H, V = o.shape[-2:]
     D = D.view(H, V) if D.numel() == H * V else D[:, None]
     y = torch.addcmul(o, x, D).flatten(-2)  # (N, I) float32
@@ -109,8 +113,9 @@ def _add_rmsnorm_kernel(x, residual, weight, out, h, s_xn, s_rn, s_on, s_hn, eps
     tl.store(out + i_n * s_on + o_d, (b_h * b_r * b_w).to(out.dtype.element_ty), mask=m_d)
 
 
-def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_on, s_oh, s_xn, s_xh, s_zn, s_yn, eps,
-                          V: tl.constexpr, GS: tl.constexpr, BG: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_ok, s_on, s_oh, s_xn, s_xh, s_zn, s_yn, eps,
+                          NK: tl.constexpr, V: tl.constexpr, GS: tl.constexpr, BG: tl.constexpr,
+                          D_PER_CHANNEL: tl.constexpr,
                           HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
     i_g, i_n = tl.program_id(0), tl.program_id(1)
     o_g = tl.arange(0, BG)
@@ -118,6 +123,8 @@ def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_on, s_oh, s_xn, s_xh, s_zn, s
     o_c = i_g * GS + o_g  # channel along I
     o_h, o_v = o_c // V, o_c % V
     b_o = tl.load(o + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
+    for i_k in range(1, NK):
+        b_o += tl.load(o + i_k * s_ok + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
     b_x = tl.load(x + i_n * s_xn + o_h * s_xh + o_v, mask=m_c, other=0.0).to(tl.float32)
     if D_PER_CHANNEL:
         b_D = tl.load(D + o_c, mask=m_c, other=0.0).to(tl.float32)
@@ -202,21 +209,23 @@ def gated_rmsnorm_triton(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: t
                          weight: torch.Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
                          out_dtype: torch.dtype) -> torch.Tensor:
     """See ``gated_rmsnorm_ref``."""
-    N, H, V = o.shape
+    parts = o if o.dim() == 4 else o[None]  # (NK, N, H, V)
+    NK, N, H, V = parts.shape
     I = H * V
-    if (x.shape != o.shape or z.shape != (N, I) or D.numel() not in (H, I) or I % group_size
+    if (x.shape != parts.shape[1:] or z.shape != (N, I) or D.numel() not in (H, I) or I % group_size
             or (weight is not None and weight.shape != (I,))):
         raise ValueError(f"gated_rmsnorm: o {tuple(o.shape)}, x {tuple(x.shape)}, D {tuple(D.shape)}, "
                          f"z {tuple(z.shape)}, weight {None if weight is None else tuple(weight.shape)}, "
                          f"group_size {group_size}")
-    o, x, z, D = _unit_last(o), _unit_last(x), _unit_last(z), D.contiguous()
+    parts, x, z, D = _unit_last(parts), _unit_last(x), _unit_last(z), D.contiguous()
     weight = None if weight is None else weight.contiguous()
-    y = torch.empty(N, I, dtype=out_dtype, device=o.device)
+    y = torch.empty(N, I, dtype=out_dtype, device=parts.device)
     if N:
         BG = _block(group_size)
         _triton().gated_rmsnorm[(I // group_size, N)](
-            o, x, D, z, weight, y, o.stride(0), o.stride(1), x.stride(0), x.stride(1), z.stride(0),
-            y.stride(0), eps, V=V, GS=group_size, BG=BG, D_PER_CHANNEL=D.numel() != H,
+            parts, x, D, z, weight, y, parts.stride(0), parts.stride(1), parts.stride(2), x.stride(0),
+            x.stride(1), z.stride(0), y.stride(0), eps, NK=NK, V=V, GS=group_size, BG=BG,
+            D_PER_CHANNEL=D.numel() != H,
             HAS_WEIGHT=weight is not None, NORM_BEFORE_GATE=norm_before_gate, num_warps=_num_warps(BG),
         )
     return y
