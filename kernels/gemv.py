@@ -1,0 +1,280 @@
+"""Dense layers of a decode step for a few rows (M <= 8), with the norm and the epilogue fused in.
+
+At batch 1..8 a decode step is bound by launches and latency, not by FLOPs: each small cuBLAS GEMM
+takes several microseconds and every norm, activation and residual add is a kernel of its own. Here
+the dense part of a layer is four launches:
+
+    rmsnorm_linear           mixer_norm + in_proj                     (and norm_f + lm_head)
+    linear_residual          out_proj + the residual add
+    rmsnorm_linear_silu_mul  mlp_norm + [gate_proj; up_proj] + silu(gate) * up
+    linear_residual          down_proj + the residual add
+
+Each op has a PyTorch reference (``*_ref``: the specification and the CPU path, bit-identical to the
+model's modules), a Triton form (``*_triton``, same signature) and a dispatcher that runs Triton on
+CUDA tensors with 1 <= M <= 8 and the reference otherwise. Weights are ``nn.Linear.weight``
+([N_out, K], contiguous, model dtype) and there are no biases: callers check that the Linear has none.
+
+The Triton kernel is a GEMV over blocks of BN output columns (weight rows): each program streams its
+[BN, K] slice of the weight in [BN, BK] tiles against the [M, BK] input rows, a broadcast multiply into
+a float32 [M_PAD, BN, BK] accumulator that is reduced over BK once at the end (no tl.dot: M is tiny;
+no per-step shuffles). The K loop is software-pipelined (``num_stages`` cp.async stages) so that each
+program keeps ~24 KiB of loads in flight. The RMSNorm prologue first sums each input row's squares in
+one pass for K <= 8192 / M_PAD (the rows are small and stay in L1/L2), then the main loop normalises the
+input on the fly and rounds it to the model dtype exactly where the reference rounds, so that the only
+differences left are the order of the float32 sums and rsqrt's last bit. SiLU-mul programs own
+matching columns of the gate and up halves, so the epilogue is local. The kernels allocate nothing but
+their output and never synchronise with the host, so a decode step built from them can be captured in
+a CUDA graph (compile them with one eager call first).
+
+Triton is imported on the first Triton call (``_triton``), so this module imports without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 8  # the Triton path takes 1 <= M <= MAX_ROWS rows; more go to cuBLAS through the reference
+BLOCK_N = 8  # output rows per program: N_out = 768 -> 96 programs
+ACC_ELEMS = 8192  # M_PAD * BN * BK (x2 for gate/up): 64 float32 accumulator registers a thread at 4 warps
+NORM_ELEMS = 8192  # M_PAD * BK of the RMSNorm prologue's tile: K <= 1024 is one pass even at M = 8
+IN_FLIGHT_BYTES = 24 << 10  # weight + input bytes a program keeps in flight through the pipeline's stages
+NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of the Triton kernel (``default_config`` picks one; benchmarks override it)."""
+
+    block_n: int  # BN: output columns (weight rows) per program, a power of 2
+    block_k: int  # BK: reduction chunk per step of the K loop, a power of 2
+    num_stages: int  # software pipeline depth of the K loop (cp.async stages on sm80+)
+
+
+# ---- PyTorch references -------------------------------------------------------------------------
+
+
+def _mul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(a * b).to(dtype)`` with one rounding and in one kernel, as ``engine.mixer.mul_to``."""
+    if torch.result_type(a, b) == dtype:
+        return a * b
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return (a * b).to(dtype)
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
+    return torch.mul(a, b, out=out)
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``engine.mixer.RMSNorm(h, h.dtype)`` (one group): float32, one rounding to h.dtype at the end."""
+    xf = h.float()
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return _mul_to(xf, weight, h.dtype)
+
+
+def rmsnorm_linear_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       weight: torch.Tensor) -> torch.Tensor:
+    """RMSNorm, then a bias-free linear layer: ``in_proj(mixer_norm(h))`` or ``lm_head(norm_f(h))``.
+
+    Args:
+        h: [M, K] model dtype; norm_weight: [K] float32; weight: [N, K] model dtype.
+    Returns:
+        y: [M, N] model dtype. The normalised input is rounded to h.dtype before the product, as the
+        model does.
+    """
+    return F.linear(_rms_norm(h, norm_weight, eps), weight)
+
+
+def linear_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A bias-free linear layer added to the residual stream: ``h + out_proj(y)``, ``h + down_proj(a)``.
+
+    Args:
+        x: [M, K] model dtype; weight: [N, K] model dtype; residual: [M, N] model dtype.
+    Returns:
+        residual + x @ weight.T: [M, N] model dtype; the product is rounded to the model dtype, then the
+        sum is taken in float32 and rounded once.
+    """
+    return residual + F.linear(x, weight)
+
+
+def rmsnorm_linear_silu_mul_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                weight_gate_up: torch.Tensor) -> torch.Tensor:
+    """RMSNorm, then GatedMLP up to (not including) down_proj: ``silu(gate_proj(xn)) * up_proj(xn)``.
+
+    Args:
+        h: [M, K] model dtype; norm_weight: [K] float32;
+        weight_gate_up: [2 * I, K] model dtype, ``torch.cat([gate_proj.weight, up_proj.weight])``.
+    Returns:
+        a: [M, I] model dtype. gate and up are rounded to the model dtype (they are Linear outputs); silu
+        and the product are taken in float32 and rounded once, as ``GatedMLP.forward``.
+    """
+    xn = _rms_norm(h, norm_weight, eps)
+    gate_w, up_w = weight_gate_up.chunk(2, dim=0)  # row blocks of a contiguous weight stay contiguous
+    gate, up = F.linear(xn, gate_w), F.linear(xn, up_w)
+    return _mul_to(F.silu(gate.float()), up, h.dtype)
+
+
+# ---- Triton kernel: a plain function until _triton() jits it ----------------------------------------
+
+tl = None  # triton.language, bound by _triton(); the kernel body reads it as a module global
+
+
+def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, eps,
+                 K: tl.constexpr, M_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 BK_NORM: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_NORM: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr):
+    i_n = tl.program_id(0)
+    o_m = tl.arange(0, M_PAD)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_m = (o_m < M)[:, None, None]  # (M_PAD, 1, 1)
+    m_n = (o_n < N)[None, :, None]  # (1, BN, 1)
+    p_x = x + o_m[:, None, None] * s_xm  # (M_PAD, 1, 1) row starts
+    p_w = weight + o_n[None, :, None].to(tl.int64) * K  # (1, BN, 1) row starts
+    if SILU_MUL:
+        p_wu = weight + (N + o_n)[None, :, None].to(tl.int64) * K  # up_proj rows of the same outputs
+    if HAS_NORM:
+        b_ss = tl.zeros([M_PAD], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK_NORM)):
+            o_k = i_k * BK_NORM + tl.arange(0, BK_NORM)
+            m_x = (o_m < M)[:, None] & (o_k < K)[None, :]
+            b_x = tl.load(x + o_m[:, None] * s_xm + o_k[None, :], mask=m_x, other=0.0).to(tl.float32)
+            b_ss += tl.sum(b_x * b_x, axis=1)
+        b_r = tl.rsqrt(b_ss / K + eps)[:, None, None]  # (M_PAD, 1, 1)
+    m_y = (o_m < M)[:, None] & (o_n < N)[None, :]  # (M_PAD, BN)
+    if HAS_RESIDUAL:  # loaded before the K loop so that its latency hides behind the weights'
+        b_res = tl.load(residual + o_m[:, None] * s_rm + o_n[None, :], mask=m_y, other=0.0).to(tl.float32)
+    b_acc = tl.zeros([M_PAD, BN, BK], dtype=tl.float32)
+    if SILU_MUL:
+        b_acc_up = tl.zeros([M_PAD, BN, BK], dtype=tl.float32)
+    for i_k in tl.range(tl.cdiv(K, BK), num_stages=NUM_STAGES):
+        o_k = (i_k * BK + tl.arange(0, BK))[None, None, :]  # (1, 1, BK)
+        m_k = o_k < K
+        b_x = tl.load(p_x + o_k, mask=m_m & m_k, other=0.0).to(tl.float32)  # (M_PAD, 1, BK)
+        if HAS_NORM:
+            b_nw = tl.load(norm_weight + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_x = (b_x * b_r * b_nw).to(x.dtype.element_ty).to(tl.float32)  # rounded as the reference
+        b_w = tl.load(p_w + o_k, mask=m_n & m_k, other=0.0).to(tl.float32)  # (1, BN, BK)
+        b_acc += b_x * b_w
+        if SILU_MUL:
+            b_wu = tl.load(p_wu + o_k, mask=m_n & m_k, other=0.0).to(tl.float32)
+            b_acc_up += b_x * b_wu
+    b_y = tl.sum(b_acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # (M_PAD, BN) the Linear output
+    if SILU_MUL:
+        b_u = tl.sum(b_acc_up, axis=2).to(out.dtype.element_ty).to(tl.float32)
+        b_y = b_y / (1.0 + tl.exp(-b_y)) * b_u
+    if HAS_RESIDUAL:
+        b_y += b_res
+    tl.store(out + o_m[:, None] * s_om + o_n[None, :], b_y.to(out.dtype.element_ty), mask=m_y)
+
+
+@cache
+def _triton():
+    """The jitted kernel, built on first use; None where triton cannot be imported."""
+    global tl
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton.jit(_gemv_kernel)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and 1 <= x.shape[0] <= MAX_ROWS and _triton() is not None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def default_config(M: int, K: int, itemsize: int, has_norm: bool, silu_mul: bool) -> GemvConfig:
+    """BN fixed; BK as wide as the accumulator budget allows, within [32, 512]; enough stages to keep
+    about IN_FLIGHT_BYTES of weights and inputs loading (at least 2, at most 8, no more than the loop has)."""
+    m_pad, n_w = _pow2(M), 2 if silu_mul else 1
+    bk = max(32, min(512, ACC_ELEMS // (m_pad * BLOCK_N * n_w), _pow2(K)))
+    stage = (n_w * BLOCK_N + m_pad) * bk * itemsize + (4 * bk if has_norm else 0)
+    stages = max(2, min(8, 1 + round(IN_FLIGHT_BYTES / stage), 1 + -(-K // bk)))
+    return GemvConfig(BLOCK_N, bk, stages)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, N: int, norm_weight: torch.Tensor | None, eps: float,
+          residual: torch.Tensor | None, silu_mul: bool, config: GemvConfig | None) -> torch.Tensor:
+    M, K = x.shape
+    if (weight.dim() != 2 or weight.shape[1] != K or weight.dtype != x.dtype or not weight.is_contiguous()
+            or (norm_weight is not None and norm_weight.shape != (K,))
+            or (residual is not None and (residual.shape != (M, N) or residual.dtype != x.dtype))):
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype} "
+                         f"(contiguous: {weight.is_contiguous()}), norm_weight "
+                         f"{None if norm_weight is None else tuple(norm_weight.shape)}, residual "
+                         f"{None if residual is None else (tuple(residual.shape), residual.dtype)}")
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"gemv: {M} rows, the Triton path takes 1..{MAX_ROWS}")
+    x = _unit_last(x)
+    residual = None if residual is None else _unit_last(residual)
+    norm_weight = None if norm_weight is None else norm_weight.contiguous()
+    cfg = config or default_config(M, K, x.element_size(), norm_weight is not None, silu_mul)
+    m_pad = _pow2(M)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _triton()[(-(-N // cfg.block_n),)](
+        x, norm_weight, weight, residual, out, M, N, x.stride(0),
+        0 if residual is None else residual.stride(0), out.stride(0), eps,
+        K=K, M_PAD=m_pad, BN=cfg.block_n, BK=cfg.block_k,
+        BK_NORM=max(cfg.block_k, min(_pow2(K), NORM_ELEMS // m_pad)), NUM_STAGES=cfg.num_stages,
+        HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+# ---- Triton launchers (same signatures as the references; ``config`` overrides default_config) -------
+
+
+def rmsnorm_linear_triton(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, *,
+                          config: GemvConfig | None = None) -> torch.Tensor:
+    """See ``rmsnorm_linear_ref``."""
+    return _gemv(h, weight, weight.shape[0], norm_weight, eps, None, False, config)
+
+
+def linear_residual_triton(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, *,
+                           config: GemvConfig | None = None) -> torch.Tensor:
+    """See ``linear_residual_ref``."""
+    return _gemv(x, weight, weight.shape[0], None, 0.0, residual, False, config)
+
+
+def rmsnorm_linear_silu_mul_triton(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                   weight_gate_up: torch.Tensor, *,
+                                   config: GemvConfig | None = None) -> torch.Tensor:
+    """See ``rmsnorm_linear_silu_mul_ref``."""
+    if weight_gate_up.shape[0] % 2:
+        raise ValueError(f"rmsnorm_linear_silu_mul: weight_gate_up has {weight_gate_up.shape[0]} rows, "
+                         "expected 2 * I")
+    return _gemv(h, weight_gate_up, weight_gate_up.shape[0] // 2, norm_weight, eps, None, True, config)
+
+
+# ---- dispatch: Triton on CUDA tensors with 1 <= M <= 8, the reference otherwise ---------------------
+
+
+def rmsnorm_linear(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                   weight: torch.Tensor) -> torch.Tensor:
+    """See ``rmsnorm_linear_ref``."""
+    impl = rmsnorm_linear_triton if _use_triton(h) else rmsnorm_linear_ref
+    return impl(h, norm_weight, eps, weight)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """See ``linear_residual_ref``."""
+    impl = linear_residual_triton if _use_triton(x) else linear_residual_ref
+    return impl(x, weight, residual)
+
+
+def rmsnorm_linear_silu_mul(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            weight_gate_up: torch.Tensor) -> torch.Tensor:
+    """See ``rmsnorm_linear_silu_mul_ref``."""
+    impl = rmsnorm_linear_silu_mul_triton if _use_triton(h) else rmsnorm_linear_silu_mul_ref
+    return impl(h, norm_weight, eps, weight_gate_up)
