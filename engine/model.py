@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine.mixer import LogLinearMamba2Mixer, RMSNorm, mul_to
 from engine.model_config import ModelConfig
 from engine.state import ModelState
-from kernels import FenwickState, norm
+from kernels import FenwickState, gemv, norm
 
 
 class GatedMLP(nn.Module):
@@ -182,6 +182,8 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         fused forms: about ten launches per layer instead of fifty (same math; the roundings differ
         only where a fused kernel keeps float32 longer)."""
         eps = self.config.norm_eps
+        if self.small_batch_gemv(h):
+            return self._decode_gemv(h, state, slots, positions)
         delta = None
         for i, layer in enumerate(self.backbone.layers):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
@@ -193,3 +195,23 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         x, _ = norm.add_rmsnorm(h, delta, self.backbone.norm_f.weight, eps)
         state.positions[slots] = positions + 1
         return self.lm_head(x).float()
+
+    def small_batch_gemv(self, h: torch.Tensor) -> bool:
+        """Whether ``_decode_fused`` takes the GEMV path: a few rows on CUDA, bias-free projections."""
+        return (h.is_cuda and h.shape[0] <= gemv.MAX_ROWS and not self.config.use_bias
+                and getattr(self.backbone.layers[0].mlp, "gate_up_weight", None) is not None)
+
+    def _decode_gemv(self, h: torch.Tensor, state: ModelState, slots: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """The fused decode for a few rows: each norm rides in the GEMV after it and each residual add
+        in the GEMV before it (kernels.gemv), so a layer is seven launches. Same math as ``decode``."""
+        eps = self.config.norm_eps
+        for i, layer in enumerate(self.backbone.layers):
+            mixer = layer.mixer
+            proj = gemv.rmsnorm_linear(h, layer.mixer_norm.weight, eps, mixer.in_proj.weight)
+            y = mixer.decode_fused(proj, state.conv[i], state.levels[i], slots, positions)
+            h = gemv.linear_residual(y, mixer.out_proj.weight, h)
+            a = gemv.rmsnorm_linear_silu_mul(h, layer.mlp_norm.weight, eps, layer.mlp.gate_up_weight)
+            h = gemv.linear_residual(a, layer.mlp.down_proj.weight, h)
+        state.positions[slots] = positions + 1
+        return gemv.rmsnorm_linear(h, self.backbone.norm_f.weight, eps, self.lm_head.weight).float()

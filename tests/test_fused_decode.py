@@ -23,8 +23,11 @@ def _model(mode: str, dtype: torch.dtype, device: str = "cpu", **overrides) -> L
     return model.eval()
 
 
-def _decode_both(model: LogLinearMamba2ForCausalLM, steps: int = 5):
-    """Prefill 3 sequences of different lengths, then decode ``steps`` tokens with both paths."""
+def _decode_both(model: LogLinearMamba2ForCausalLM, steps: int = 5, gemv_path: bool = False):
+    """Prefill 3 sequences of different lengths, then decode ``steps`` tokens with both paths
+    (the fused one through kernels.gemv, as for a few rows on CUDA, when ``gemv_path``)."""
+    if gemv_path:
+        model.small_batch_gemv = lambda h: True
     dev = model.device
     cfg = model.config
     states = [ModelState.allocate(cfg, 6, dev, model.dtype) for _ in range(2)]
@@ -51,6 +54,15 @@ def test_fused_decode_matches_decode_fp32(mode: str) -> None:
     ref, fused, (s0, s1) = _decode_both(model)
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip([*s0.levels, *s0.conv, s0.positions], [*s1.levels, *s1.conv, s1.positions], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_gemv_decode_path_matches_decode_fp32(mode: str) -> None:
+    model = _model(mode, torch.float32)
+    ref, fused, (s0, s1) = _decode_both(model, gemv_path=True)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(s0.levels, s1.levels, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
@@ -85,8 +97,11 @@ def test_fuse_gate_up_keeps_names_and_values() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_decode_cuda_matches_decode(mode: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("small", [False, True], ids=["cublas", "gemv"])
+def test_fused_decode_cuda_matches_decode(mode: str, dtype: torch.dtype, small: bool) -> None:
+    """3 rows: the GEMV path when ``small``, else the add+norm / cuBLAS path (forced)."""
     model = _model(mode, dtype, device="cuda", hidden_size=256, head_dim=64, state_size=128)
+    model.small_batch_gemv = lambda h: small
     ref, fused, (s0, s1) = _decode_both(model, steps=40)
     err = ((fused - ref).norm() / ref.norm()).item()
     assert err < (1e-4 if dtype == torch.float32 else 2e-2), err
