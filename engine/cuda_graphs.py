@@ -26,8 +26,14 @@ class DecodeGraphs:
         self.dummy_slot = dummy_slot
         self.sizes = sorted(set(sizes))
         max_bs = self.sizes[-1]
-        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)  # (max_bs,)
-        self.slots = torch.full((max_bs,), dummy_slot, dtype=torch.long, device=device)  # (max_bs,)
+        # one device buffer holds the graphs' input ids (row 0) and slots (row 1); a pinned twin on the
+        # host takes a step's values from Python lists, so a step costs one host-to-device copy
+        self.inputs = torch.zeros(2, max_bs, dtype=torch.long, device=device)  # (2, max_bs)
+        self.inputs[1].fill_(dummy_slot)
+        self.input_ids, self.slots = self.inputs[0], self.inputs[1]
+        self.host = torch.zeros(2, max_bs, dtype=torch.long, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.copied = torch.cuda.Event()  # recorded after each copy out of ``host``
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bs -> (bs, vocab) logits written by the graph
         start = time.perf_counter()
@@ -60,6 +66,22 @@ class DecodeGraphs:
 
     def can_run(self, n: int) -> bool:
         return 0 < n <= self.sizes[-1]
+
+    def run_lists(self, input_ids: list[int], slots: list[int]) -> torch.Tensor:
+        """Like ``run`` with the step's ids and slots as Python lists: written into the pinned host
+        buffer and moved in one copy (waiting first for the previous step's copy out of that buffer,
+        normally long done)."""
+        n = len(input_ids)
+        bs = next(s for s in self.sizes if s >= n)
+        self.copied.synchronize()
+        self.host_np[0, :n] = input_ids
+        self.host_np[1, :n] = slots
+        self.host_np[0, n:bs] = 0
+        self.host_np[1, n:bs] = self.dummy_slot
+        self.inputs[:, :bs].copy_(self.host[:, :bs], non_blocking=True)
+        self.copied.record()
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
 
     def run(self, input_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """input_ids, slots: [N] on the device -> logits [N, vocab] (a view, valid until the next run)."""

@@ -65,9 +65,13 @@ class ModelRunner:
             parts.append(self.model.prefill(ids, cu, self.state, slots))  # (N, vocab)
             row_of.update((i, r) for r, i in enumerate(multi))
         if single:
-            ids = self._tensor([out.chunks[i].token_ids[0] for i in single])
-            slots = self._tensor([out.chunks[i].seq.slot for i in single])
-            parts.append(self.decode(ids, slots))  # (N, vocab)
+            id_list = [out.chunks[i].token_ids[0] for i in single]
+            slot_list = [out.chunks[i].seq.slot for i in single]
+            if self.graphs is not None and self.graphs.can_run(len(single)):
+                self.num_decode_calls += 1
+                parts.append(self.graphs.run_lists(id_list, slot_list))  # (N, vocab)
+            else:
+                parts.append(self.decode(self._tensor(id_list), self._tensor(slot_list)))
             row_of.update((i, len(multi) + r) for r, i in enumerate(single))
         for src, dsts in out.forks:
             self.state.copy_(src, self._tensor(dsts))
