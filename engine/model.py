@@ -16,6 +16,11 @@ from engine.model_config import ModelConfig
 from engine.state import ModelState
 from kernels import FenwickState, gemv, norm
 
+# Rows up to which decode takes kernels.gemv: on the H200 (bench/gemv.py, 768-wide model) the four fused
+# GEMVs of a layer take 15.8 / 17.0 / 17.9 / 27.9 us at 1 / 2 / 4 / 8 rows, against about 20 us for
+# cuBLAS plus the separate norm and activation kernels.
+GEMV_MAX_ROWS = 4
+
 
 class GatedMLP(nn.Module):
     """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases (FLA's GatedMLP)."""
@@ -198,7 +203,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
 
     def small_batch_gemv(self, h: torch.Tensor) -> bool:
         """Whether ``_decode_fused`` takes the GEMV path: a few rows on CUDA, bias-free projections."""
-        return (h.is_cuda and h.shape[0] <= gemv.MAX_ROWS and not self.config.use_bias
+        return (h.is_cuda and h.shape[0] <= GEMV_MAX_ROWS and not self.config.use_bias
                 and getattr(self.backbone.layers[0].mlp, "gate_up_weight", None) is not None)
 
     def _decode_gemv(self, h: torch.Tensor, state: ModelState, slots: torch.Tensor,
@@ -214,4 +219,5 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             a = gemv.rmsnorm_linear_silu_mul(h, layer.mlp_norm.weight, eps, layer.mlp.gate_up_weight)
             h = gemv.linear_residual(a, layer.mlp.down_proj.weight, h)
         state.positions[slots] = positions + 1
-        return gemv.rmsnorm_linear(h, self.backbone.norm_f.weight, eps, self.lm_head.weight).float()
+        x, _ = norm.add_rmsnorm(h, None, self.backbone.norm_f.weight, eps)
+        return self.lm_head(x).float()  # cuBLAS beats the GEMV on the 32000-row head (bench/gemv.py)

@@ -133,7 +133,7 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
                          positions: torch.Tensor, scale: float | None = None, *, partials: bool = False,
-                         tile: bool = True, block_k: int | None = None, block_v: int | None = None,
+                         tile: bool | None = None, block_k: int | None = None, block_v: int | None = None,
                          num_warps: int | None = None) -> torch.Tensor:
     """One decode token for N sequences held in a pool; updates ``levels[slots]`` in place.
 
@@ -142,9 +142,12 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
         levels: [P, L, H, K, V] state pool (fp32 or bf16, the last two dims contiguous);
         slots: [N] int, distinct pool rows; positions: [N] int, index of this token in each
         sequence (must be < 2^(L-1); not checked, to stay free of host synchronisation).
-        partials: return the tiled kernel's read-out before its sum over blocks of K, [NK, N, H, V]
-        float32 (scale applied), for a consumer that fuses the sum (kernels.norm.gated_rmsnorm).
-        tile: all levels of a [block_k, block_v] tile loaded at once (default) or the level loop.
+        partials: when the tiled kernel runs, return its read-outs before their sum over blocks of K,
+        [NK, N, H, V] float32 (scale applied), for a consumer that fuses the sum
+        (kernels.norm.gated_rmsnorm); the level loop returns o as usual.
+        tile: all levels of a [block_k, block_v] tile loaded at once, or one level after the other
+        (the level loop); default by size, from H200 timings (docs/kernels-notes.md): the loop up to
+        N * H < 512 (latency bound, no partial sums to add), tiles of [4, 64] beyond.
     Returns:
         o: [N, H, V] in v's dtype (or the float32 partials).
     """
@@ -157,13 +160,13 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
                          f"got {tuple(levels.shape)} strides {levels.stride()}")
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, level_scales = (_unit_last(x) for x in (q, k, v, g, level_scales))
+    if tile is None:
+        tile = N * H >= 512
     if not tile:
-        if partials:
-            raise ValueError("partials come from the tiled kernel only")
         return _step_loop(q, k, v, g, level_scales, levels, slots, positions, scale, block_v)
     LP = triton.next_power_of_2(L)
     BV = block_v or min(64, max(16, triton.next_power_of_2(V)))
-    BK = block_k or max(1, min(triton.next_power_of_2(K), 8192 // (LP * BV)))
+    BK = block_k or max(1, min(triton.next_power_of_2(K), 4096 // (LP * BV)))
     NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
     o = torch.empty(NK, N, H, V, dtype=torch.float32, device=v.device)
     if N > 0:
@@ -173,7 +176,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
             level_scales.stride(0), level_scales.stride(1), o.stride(1), o.stride(2), o.stride(0),
             levels.stride(0), levels.stride(1), levels.stride(2),
             scale, H=H, G=G, K=K, V=V, L=L, LP=LP, BK=BK, BV=BV, NK=NK, NV=NV,
-            num_warps=num_warps or (8 if LP * BK * BV >= 16384 else 4),
+            num_warps=num_warps or max(2, LP * BK * BV // 2048),
         )
     if partials:
         return o

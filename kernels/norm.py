@@ -114,17 +114,23 @@ def _add_rmsnorm_kernel(x, residual, weight, out, h, s_xn, s_rn, s_on, s_hn, eps
 
 
 def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_ok, s_on, s_oh, s_xn, s_xh, s_zn, s_yn, eps,
-                          NK: tl.constexpr, V: tl.constexpr, GS: tl.constexpr, BG: tl.constexpr,
-                          D_PER_CHANNEL: tl.constexpr,
+                          NK: tl.constexpr, NKB: tl.constexpr, V: tl.constexpr, GS: tl.constexpr,
+                          BG: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
                           HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
     i_g, i_n = tl.program_id(0), tl.program_id(1)
     o_g = tl.arange(0, BG)
     m_c = o_g < GS
     o_c = i_g * GS + o_g  # channel along I
     o_h, o_v = o_c // V, o_c % V
-    b_o = tl.load(o + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
-    for i_k in range(1, NK):
-        b_o += tl.load(o + i_k * s_ok + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
+    if NK == 1:
+        b_o = tl.load(o + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
+    else:  # partial read-outs: NKB of them per load, so the loads of a chunk are in flight together
+        o_kb = tl.arange(0, NKB)
+        b_o = tl.zeros([BG], dtype=tl.float32)
+        for i_k in range(0, NK, NKB):
+            p_o = o + (i_k + o_kb)[:, None] * s_ok + (i_n * s_on + o_h * s_oh + o_v)[None, :]
+            m_o = ((i_k + o_kb) < NK)[:, None] & m_c[None, :]
+            b_o += tl.sum(tl.load(p_o, mask=m_o, other=0.0).to(tl.float32), axis=0)
     b_x = tl.load(x + i_n * s_xn + o_h * s_xh + o_v, mask=m_c, other=0.0).to(tl.float32)
     if D_PER_CHANNEL:
         b_D = tl.load(D + o_c, mask=m_c, other=0.0).to(tl.float32)
@@ -224,8 +230,8 @@ def gated_rmsnorm_triton(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: t
         BG = _block(group_size)
         _triton().gated_rmsnorm[(I // group_size, N)](
             parts, x, D, z, weight, y, parts.stride(0), parts.stride(1), parts.stride(2), x.stride(0),
-            x.stride(1), z.stride(0), y.stride(0), eps, NK=NK, V=V, GS=group_size, BG=BG,
-            D_PER_CHANNEL=D.numel() != H,
+            x.stride(1), z.stride(0), y.stride(0), eps, NK=NK, NKB=min(_block(NK), max(1, 8192 // BG)),
+            V=V, GS=group_size, BG=BG, D_PER_CHANNEL=D.numel() != H,
             HAS_WEIGHT=weight is not None, NORM_BEFORE_GATE=norm_before_gate, num_warps=_num_warps(BG),
         )
     return y

@@ -187,6 +187,12 @@ GATED_CASES = {  # H, V, group size, D per channel?, norm?, norm before gate?, N
     "bf16_N5_groups_straddle_heads": dict(N=5, dtype=torch.bfloat16, H=3, V=20, group_size=30, D_hdim=True),
     "fp32_N3_groups_straddle_heads": dict(N=3, dtype=torch.float32, H=3, V=20, group_size=30, before=True),
     "fp16_N3_after_gate_2groups": dict(N=3, dtype=torch.float16, group_size=36),
+    # o as the tiled decode step's unsummed float32 read-outs: [NK, N, H, V], NK past one chunk of loads
+    "bf16_N3_partials_NK32": dict(N=3, dtype=torch.bfloat16, o_dtype=torch.float32, group_size=36, nk=32),
+    "fp32_N2_partials_NK5_before_gate": dict(N=2, dtype=torch.float32, o_dtype=torch.float32, group_size=72,
+                                             before=True, nk=5),
+    "fp32_N2_partials_NK10_wide_group": dict(N=2, dtype=torch.float32, o_dtype=torch.float32, H=8, V=160,
+                                             group_size=1280, nk=10),  # 4 partials per load, 3 loads
 }
 
 SILU_CASES = {  # N, I, dtype, strided rows?
@@ -224,14 +230,14 @@ def _case_add(*, N, D, dtype, residual=True, strided=False, seed=0) -> dict:
 
 
 def _case_gated(*, N, dtype, H=6, V=12, group_size=72, D_hdim=False, norm=True, before=False, o_dtype=None,
-                seed=0) -> dict:
+                nk=0, seed=0) -> dict:
     from kernels.norm import gated_rmsnorm_ref, gated_rmsnorm_triton
 
     gen = torch.Generator().manual_seed(seed)
     I = H * V
     proj = (2 * torch.randn(N, 2 * I + 9, generator=gen)).to(dtype)  # [z | x | rest], as in_proj's output
     z, x = proj[:, :I], proj[:, I:2 * I].unflatten(-1, (H, V))
-    o = torch.randn(N, H, V, generator=gen).to(o_dtype or dtype)
+    o = torch.randn(*((nk,) if nk else ()), N, H, V, generator=gen).to(o_dtype or dtype)
     D = 1 + 0.5 * torch.randn(I if D_hdim else H, generator=gen)
     w = 1 + 0.2 * torch.randn(I, generator=gen) if norm else None
     before_call = proj.clone()
