@@ -7,6 +7,7 @@ Fenwick step must move, against a measured device-to-device copy.
 
     python bench/kernels.py --out docs/kernels-bench.json        # on the GPU
     python bench/kernels.py --plot docs/kernels-bench.json       # here: table + docs/kernels-bench.png
+    python bench/kernels.py --explore OUT.json [--variants a,b]  # on the GPU: VARIANTS at T = 2K, 16K, 64K
 """
 
 from __future__ import annotations
@@ -135,39 +136,74 @@ def bench_decode(rows: list, copy_gbs: float, block_vs: list) -> None:
         print(json.dumps(row), flush=True)
 
 
-VARIANTS = {
-    "base": {},
+# Tilings timed on 2026-11-29 (docs/kernels-notes.md): bf16 nodes won and became the default.
+MEASURED_TILINGS = {
     "w8": {"num_warps": 8},
     "bt128w8": {"chunk_size": 128, "num_warps": 8},
     "bt128w4": {"chunk_size": 128, "num_warps": 4},
-    "nodes_bf16": {"node_dtype": torch.bfloat16},
     "chunks_first": {"heads_first": False},
     "z0_1": {"direct_levels": 1},
     "z0_5": {"direct_levels": 5},
 }
+# Output kernel alone: live level loop (3 stages), float-exponent levels, lambda gathered in registers.
+OUT_BEST = {"level_loop": "live", "fast_bitlen": True, "lam_gather": True}
+BEST = {**OUT_BEST, "node_pipelined": True}
+VARIANTS = {  # opt-in keywords of chunk_log_linear_attn_impl; docs/kernels-notes.md says what each does
+    "base": {},
+    # output kernel, inter-chunk level loop
+    "row_scale": {"level_loop": "row_scale"},
+    "live": {"level_loop": "live"},
+    "live_s2": {"level_loop": "live", "loop_stages": 2},
+    "prefetch": {"level_loop": "prefetch"},
+    # output kernel, intra-chunk part
+    "fast_bitlen": {"fast_bitlen": True},
+    "lam_gather": {"lam_gather": True},
+    "hb2": {"heads_per_program": 2},
+    # output kernel launch, node kernel
+    "out_w8": {"out_num_warps": 8},
+    "node_pipe": {"node_pipelined": True},
+    "node_bv32": {"node_block_v": 32},
+    # combinations
+    "intra": {"fast_bitlen": True, "lam_gather": True},
+    "out_best": OUT_BEST,
+    "out_best_row": {**OUT_BEST, "level_loop": "row_scale"},
+    "out_best_prefetch": {**OUT_BEST, "level_loop": "prefetch"},
+    "best": BEST,
+    "best_w8": {**BEST, "out_num_warps": 8},
+    "best_hb2": {**BEST, "heads_per_program": 2},
+    "best_node_bv32": {**BEST, "node_block_v": 32},
+}
 
 
-def explore(out: Path) -> None:
-    """Time the tiling variants of our prefill at the shortest and the longest T, with stage times."""
+def explore(out: Path, names: list[str] | None = None) -> None:
+    """Time the variants of our prefill at short, middle and long T, with stage times (node, fold, output)
+    and the relative error against the default kernel on fp32 copies of the inputs (ieee products)."""
     from kernels.chunk import chunk_log_linear_attn_impl
+    variants = {**VARIANTS, **MEASURED_TILINGS}
+    names = names or list(VARIANTS)
     rows = []
-    for T in (2048, 65536):
+    for T in (2048, 16384, 65536):
         L = 15 if T <= 16384 else 17
         q, k, v, g, lam = prefill_inputs(T, L)
         ref = chunk_log_linear_attn_impl(q, k, v, g, lam)[0].float()
-        for name, kw in VARIANTS.items():
+        exact = chunk_log_linear_attn_impl(*(x.float() for x in (q, k, v, g, lam)))[0]
+        for name in names:
+            kw = variants[name]
             try:
                 ms = _bench(partial(chunk_log_linear_attn_impl, q, k, v, g, lam, **kw))
                 stages: list = []
                 o = chunk_log_linear_attn_impl(q, k, v, g, lam, stage_ms=stages, **kw)[0].float()
                 row = {"T": T, "variant": name, "ms": ms, "Mtok_s": TOKENS / ms / 1e3,
                        "stages_ms": [round(x, 3) for x in stages],
-                       "rel_vs_base": ((o - ref).norm() / ref.norm()).item()}
+                       "rel_vs_base": ((o - ref).norm() / ref.norm()).item(),
+                       "rel_vs_fp32": ((o - exact).norm() / exact.norm()).item()}
             except Exception as e:
                 row = {"T": T, "variant": name, "error": f"{type(e).__name__}: {e}"[:300]}
             rows.append(row)
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps(rows, indent=1))
+        del q, k, v, g, lam, ref, exact
+        torch.cuda.empty_cache()
 
 
 def main_gpu(out: Path, quick: bool, decode: bool = True) -> None:
@@ -234,8 +270,10 @@ def plot(path: Path) -> None:
     a1.plot(Ts, series(lambda r: r.get("gla_ms")), "^-", label="FLA chunk_simple_gla")
     a1.plot(Ts, series(lambda r: r.get("sdpa_ms")), "x-", label="SDPA causal (FlashAttention)")
     explore = path.with_name("kernels-explore.json")
-    if explore.exists():  # the default tiling (bf16 nodes) timed alone, at 2K and 64K
-        pts = [r for r in json.loads(explore.read_text()) if r.get("variant") == "nodes_bf16"]
+    if explore.exists():  # the default tiling timed alone: "nodes_bf16" in the first run, "base" since
+        rows = json.loads(explore.read_text())
+        default = "nodes_bf16" if any(r.get("variant") == "nodes_bf16" for r in rows) else "base"
+        pts = [r for r in rows if r.get("variant") == default and "Mtok_s" in r]
         a1.plot([r["T"] for r in pts], [r["Mtok_s"] for r in pts], "o", mfc="none", ms=10,
                 label="ours, --explore run (no peers)")
     a1.set_xscale("log", base=2)
@@ -264,11 +302,12 @@ if __name__ == "__main__":
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--explore", type=Path)
+    ap.add_argument("--variants", type=str, help="--explore: comma-separated VARIANTS names (default: all)")
     ap.add_argument("--ts", type=str, help="comma-separated T values (default: all)")
     ap.add_argument("--no-decode", action="store_true")
     a = ap.parse_args()
     if a.explore:
-        explore(a.explore)
+        explore(a.explore, a.variants.split(",") if a.variants else None)
     elif a.plot:
         print(table(a.plot))
         plot(a.plot)

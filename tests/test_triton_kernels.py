@@ -55,8 +55,28 @@ def _states(starts, G, H, K, V, L, seed=100, device="cpu"):
 # CPU: interpreter cases, run in a subprocess
 
 
+CHUNK_CASES = {  # name -> shapes of _case_chunk: odd T, GQA, varlen, states at odd positions, folds, bf16
+    "dense_odd_T": dict(lens=[77, 77], dense=True),
+    "dense_gqa_init_odd": dict(lens=[50, 50], starts=[3, 21], G=2, H=4, dense=True),
+    "varlen_init": dict(lens=[5, 0, 70, 37], starts=[0, 3, 17, 64], L=8),
+    "varlen_fold_from_zero": dict(lens=[130, 9], chunk_size=16, direct_levels=1, V=24),
+    "init_aligned_deep": dict(lens=[40], starts=[96], L=9, dense=True, direct_levels=0),
+    "bf16": dict(lens=[40, 40], starts=[5, 0], dtype=torch.bfloat16, dense=True),
+    "varlen_init_many_levels": dict(lens=[100, 40, 1], starts=[21, 300, 7], L=10),
+}
+# opt-in variants of chunk_log_linear_attn_impl (bench/kernels.py VARIANTS) -> the cases they run here
+CHUNK_VARIANTS = {
+    "best": list(CHUNK_CASES),
+    "row_scale": ["varlen_init_many_levels"],
+    "prefetch": ["varlen_init_many_levels"],
+    "best_hb2": ["dense_gqa_init_odd", "bf16", "varlen_init_many_levels"],
+    "node_bv16": ["varlen_fold_from_zero"],  # here only: V = 24 in two node tiles, the second one partial
+}
+
+
 def _case_chunk(name, *, lens, starts=None, G=1, H=2, K=16, V=16, L=9, dtype=torch.float32, dense=False,
                 chunk_size=16, direct_levels=1, seed=0):
+    """The default kernel and every variant that lists this case, against one fp64 recurrence."""
     from kernels import naive
     from kernels.chunk import chunk_log_linear_attn_impl
     from kernels.state import FenwickState
@@ -70,13 +90,20 @@ def _case_chunk(name, *, lens, starts=None, G=1, H=2, K=16, V=16, L=9, dtype=tor
     init = None
     if starts is not None:
         init = FenwickState(_states(starts, G, H, K, V, L).float(), torch.tensor(starts))
-    o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
-                                       cu_seqlens=cu, chunk_size=chunk_size, direct_levels=direct_levels)
     ref_init = None if init is None else FenwickState(init.levels.double(), init.positions)
     ro, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
                                              initial_state=ref_init, output_final_state=True, cu_seqlens=cu)
-    return {name: {"o": _rel(o, ro), "state": _rel(st.levels, rst.levels),
-                   "positions": bool(torch.equal(st.positions, rst.positions))}}
+    from bench.kernels import VARIANTS
+    variants = {**VARIANTS, "node_bv16": {**VARIANTS["best"], "node_block_v": 16}}
+    runs = {name: {}} | {f"{vn}/{name}": variants[vn] for vn, cs in CHUNK_VARIANTS.items() if name in cs}
+    res = {}
+    for key, kw in runs.items():
+        o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
+                                           cu_seqlens=cu, chunk_size=chunk_size, direct_levels=direct_levels,
+                                           **kw)
+        res[key] = {"o": _rel(o, ro), "state": _rel(st.levels, rst.levels),
+                    "positions": bool(torch.equal(st.positions, rst.positions))}
+    return res
 
 
 def _case_step(name, *, positions, G=2, H=2, K=16, V=16, L=12, block_v=16, seed=1):
@@ -114,12 +141,8 @@ def _case_prefill_then_steps(name, *, T=45, steps=6, G=1, H=2, K=16, V=16, L=8):
 
 def _interpret_cases() -> dict:
     res = {}
-    res.update(_case_chunk("dense_odd_T", lens=[77, 77], dense=True))
-    res.update(_case_chunk("dense_gqa_init_odd", lens=[50, 50], starts=[3, 21], G=2, H=4, dense=True))
-    res.update(_case_chunk("varlen_init", lens=[5, 0, 70, 37], starts=[0, 3, 17, 64], L=8))
-    res.update(_case_chunk("varlen_fold_from_zero", lens=[130, 9], chunk_size=16, direct_levels=1, V=24))
-    res.update(_case_chunk("init_aligned_deep", lens=[40], starts=[96], L=9, dense=True, direct_levels=0))
-    res.update(_case_chunk("bf16", lens=[40, 40], starts=[5, 0], dtype=torch.bfloat16, dense=True))
+    for name, shapes in CHUNK_CASES.items():
+        res.update(_case_chunk(name, **shapes))
     res.update(_case_step("step_edges", positions=[0, 1, 7, 8, 15, 16, 255, 1000]))
     res.update(_case_step("step_wide_block", positions=[3, 64, 127], block_v=32, V=24, seed=2))
     res.update(_case_prefill_then_steps("prefill_then_steps"))
@@ -138,10 +161,18 @@ def interpret_results() -> dict:
 TOL = {"bf16": 2e-2}
 
 
-@pytest.mark.parametrize("case", ["dense_odd_T", "dense_gqa_init_odd", "varlen_init", "varlen_fold_from_zero",
-                                  "init_aligned_deep", "bf16"])
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
 def test_chunk_interpreted_matches_recurrence(interpret_results, case):
     r = interpret_results[case]
+    tol = TOL.get(case, 1e-5)
+    assert r["o"] < tol and r["state"] < tol and r["positions"], r
+
+
+@pytest.mark.parametrize("variant,case", [(vn, c) for vn, cs in CHUNK_VARIANTS.items() for c in cs],
+                         ids=lambda x: x)
+def test_chunk_variant_interpreted_matches_recurrence(interpret_results, variant, case):
+    """Each opt-in variant on the default's cases, at the default's tolerances."""
+    r = interpret_results[f"{variant}/{case}"]
     tol = TOL.get(case, 1e-5)
     assert r["o"] < tol and r["state"] < tol and r["positions"], r
 
@@ -209,6 +240,54 @@ def test_chunk_gpu_matches_quadratic(dtype):
     _, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
                                              output_final_state=True)
     assert _rel(st.levels, rst.levels) < GPU_TOL[dtype]
+
+
+def _bench_variants() -> list[str]:
+    from bench.kernels import VARIANTS
+    return [n for n in VARIANTS if n != "base"]
+
+
+@pytest.fixture(scope="module")
+def gpu_quadratic_case():
+    """bf16 inputs at B=2, T=1000, H=32 and their fp64 quadratic form, computed on the CPU once."""
+    from kernels import naive
+    q, k, v, g, lam = _inputs(2, 1000, 1, 32, 128, 64, 15, dtype=torch.bfloat16, device="cuda")
+    return (q, k, v, g, lam), naive.log_linear_attn(*(x.double().cpu() for x in (q, k, v, g, lam)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", _bench_variants())
+def test_chunk_gpu_variant_matches_quadratic(gpu_quadratic_case, variant):
+    """Every bench variant at the default's bf16 tolerance, and no further from the truth than the default."""
+    from bench.kernels import VARIANTS
+    from kernels.chunk import chunk_log_linear_attn_impl
+    inputs, ref = gpu_quadratic_case
+    _poison_cuda()
+    o = chunk_log_linear_attn_impl(*inputs, **VARIANTS[variant])[0].cpu()
+    base = chunk_log_linear_attn_impl(*inputs)[0].cpu()
+    assert _rel(o, ref) < GPU_TOL[torch.bfloat16]
+    assert _rel(o, ref) < 1.25 * _rel(base, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", _bench_variants())
+def test_chunk_gpu_variant_varlen_with_state_matches_default(variant):
+    """fp32, packed sequences from states at odd positions, final states: the variant equals the default."""
+    from bench.kernels import VARIANTS
+    from kernels.chunk import chunk_log_linear_attn_impl
+    from kernels.state import FenwickState
+    lens, starts = [1, 700, 64, 2049, 333], [0, 5, 4096, 1023, 9000]
+    H, K, V, L = 32, 128, 64, 15
+    q, k, v, g, lam = _inputs(1, sum(lens), 1, H, K, V, L, dtype=torch.float32, device="cuda")
+    levels = torch.randn(len(lens), L, H, K, V, device="cuda")
+    init = FenwickState(levels, torch.tensor(starts, device="cuda"))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    kw = dict(initial_state=init, output_final_state=True, cu_seqlens=cu)
+    o0, st0 = chunk_log_linear_attn_impl(q, k, v, g, lam, **kw)
+    _poison_cuda()
+    o1, st1 = chunk_log_linear_attn_impl(q, k, v, g, lam, **kw, **VARIANTS[variant])
+    assert _rel(o1, o0) < 1e-5 and _rel(st1.levels, st0.levels) < 1e-5
+    assert torch.equal(st1.positions, st0.positions)
 
 
 @pytest.mark.gpu
