@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TOKENS = 65536
 H, G, K, V = 32, 1, 128, 64
 TS = [2048, 4096, 8192, 16384, 32768, 65536]
-NS = [1, 8, 64, 256]
+NS = [1, 8, 32, 64, 256]
 
 
 def _bench(fn, graph: bool = False) -> float:
@@ -111,6 +111,9 @@ def decode_bytes(positions: list[int], L: int, level_bytes: int) -> int:
     return total
 
 
+STEP_TILES = [(8, 64, 4), (16, 64, 8), (16, 32, 4), (32, 32, 8), (4, 64, 2), (128, 16, 8)]  # (BK, BV, warps)
+
+
 def bench_decode(rows: list, copy_gbs: float, block_vs: list) -> None:
     from kernels.fused_recurrent import fused_recurrent_step
     L = 15
@@ -127,11 +130,15 @@ def bench_decode(rows: list, copy_gbs: float, block_vs: list) -> None:
         lam = (torch.rand(N, H, L, device="cuda") + 0.5).bfloat16()
         nbytes = decode_bytes(pos.tolist(), L, K * V * 4)
         row = {"N": N, "bytes": nbytes, "copy_GBps": copy_gbs}
-        for bv in block_vs:
-            step = partial(fused_recurrent_step, q, k, v, g, lam, pool, slots, pos, block_v=bv)
+        variants = {f"loop_bv{bv}": dict(tile=False, block_v=bv) for bv in block_vs}
+        variants.update({f"tile_k{bk}v{bv}w{w}": dict(block_k=bk, block_v=bv, num_warps=w)
+                         for bk, bv, w in STEP_TILES})
+        variants["tile_default"] = {}
+        for name, kw in variants.items():
+            step = partial(fused_recurrent_step, q, k, v, g, lam, pool, slots, pos, **kw)
             ms = _bench(step, graph=True)
-            row[f"bv{bv}_us"] = ms * 1e3
-            row[f"bv{bv}_GBps"] = nbytes / ms / 1e6
+            row[f"{name}_us"] = ms * 1e3
+            row[f"{name}_GBps"] = nbytes / ms / 1e6
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -219,7 +226,8 @@ def main_gpu(out: Path, quick: bool, decode: bool = True) -> None:
         TS[:] = TS[:1] + TS[-1:]
     prefill, dec = [], []
     if decode:
-        bench_decode(dec, copy_gbs, [16, 32, 64])
+        bench_decode(dec, copy_gbs, [32, 64])
+        out.write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": dec}, indent=1))
     for T in TS:  # the file is rewritten after every row, so a run cut short keeps what it measured
         prefill.append(prefill_row(T, variants))
         torch.cuda.empty_cache()
@@ -303,7 +311,7 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--explore", type=Path)
     ap.add_argument("--variants", type=str, help="--explore: comma-separated VARIANTS names (default: all)")
-    ap.add_argument("--ts", type=str, help="comma-separated T values (default: all)")
+    ap.add_argument("--ts", type=str, help="comma-separated T values (default: all; none: decode only)")
     ap.add_argument("--no-decode", action="store_true")
     a = ap.parse_args()
     if a.explore:
@@ -313,6 +321,6 @@ if __name__ == "__main__":
         plot(a.plot)
     else:
         if a.ts:
-            TS[:] = [int(x) for x in a.ts.split(",")]
+            TS[:] = [] if a.ts == "none" else [int(x) for x in a.ts.split(",")]
         main_gpu(a.out or Path("kernels-bench.json"), a.quick, not a.no_decode)
         print(table(a.out or Path("kernels-bench.json")))
