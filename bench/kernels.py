@@ -152,26 +152,30 @@ MEASURED_TILINGS = {
     "z0_1": {"direct_levels": 1},
     "z0_5": {"direct_levels": 5},
 }
+# The first kernels (2026-11-29 morning): q scaled per level, bit-loop intra levels, lambda per (t, s).
+V1 = {"level_loop": "scale_q", "fast_bitlen": False, "lam_gather": False}
 # Output kernel alone: live level loop (3 stages), float-exponent levels, lambda gathered in registers.
+# Fastest at 2K / 16K / 64K in the H200 --explore run (docs/kernels-notes.md); the default since.
 OUT_BEST = {"level_loop": "live", "fast_bitlen": True, "lam_gather": True}
 BEST = {**OUT_BEST, "node_pipelined": True}
-VARIANTS = {  # opt-in keywords of chunk_log_linear_attn_impl; docs/kernels-notes.md says what each does
-    "base": {},
-    # output kernel, inter-chunk level loop
-    "row_scale": {"level_loop": "row_scale"},
-    "live": {"level_loop": "live"},
-    "live_s2": {"level_loop": "live", "loop_stages": 2},
-    "prefetch": {"level_loop": "prefetch"},
+VARIANTS = {  # keywords of chunk_log_linear_attn_impl; docs/kernels-notes.md says what each does
+    "base": {},  # the current defaults (= out_best)
+    "v1": V1,
+    # output kernel, inter-chunk level loop (each on top of v1)
+    "row_scale": {**V1, "level_loop": "row_scale"},
+    "live": {**V1, "level_loop": "live"},
+    "live_s2": {**V1, "level_loop": "live", "loop_stages": 2},
+    "prefetch": {**V1, "level_loop": "prefetch"},
     # output kernel, intra-chunk part
-    "fast_bitlen": {"fast_bitlen": True},
-    "lam_gather": {"lam_gather": True},
-    "hb2": {"heads_per_program": 2},
+    "fast_bitlen": {**V1, "fast_bitlen": True},
+    "lam_gather": {**V1, "lam_gather": True},
+    "hb2": {**V1, "heads_per_program": 2},
     # output kernel launch, node kernel
-    "out_w8": {"out_num_warps": 8},
-    "node_pipe": {"node_pipelined": True},
-    "node_bv32": {"node_block_v": 32},
+    "out_w8": {**V1, "out_num_warps": 8},
+    "node_pipe": {**V1, "node_pipelined": True},
+    "node_bv32": {**V1, "node_block_v": 32},
     # combinations
-    "intra": {"fast_bitlen": True, "lam_gather": True},
+    "intra": {**V1, "fast_bitlen": True, "lam_gather": True},
     "out_best": OUT_BEST,
     "out_best_row": {**OUT_BEST, "level_loop": "row_scale"},
     "out_best_prefetch": {**OUT_BEST, "level_loop": "prefetch"},
