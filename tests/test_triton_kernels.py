@@ -270,6 +270,80 @@ def test_chunk_gpu_variant_matches_quadratic(gpu_quadratic_case, variant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T,H,L", [(65536, 32, 17), (1 << 20, 2, 21)], ids=["64K", "1M"])
+def test_chunk_gpu_long_rows_and_split(T, H, L):
+    from kernels.chunk import chunk_log_linear_attn
+    from kernels.state import FenwickState
+    q, k, v, g, lam = _inputs(1, T, 1, H, 128, 64, L, dtype=torch.bfloat16, device="cuda", gmax=0.002)
+    _poison_cuda()
+    o, st = chunk_log_linear_attn(q, k, v, g, lam, output_final_state=True)
+    rows = sorted({0, 63, 64, 4095, 4096, 40001, T // 2 - 1, T - 2, T - 1} |
+                  set(torch.randint(0, T, (8,), generator=torch.Generator().manual_seed(0)).tolist()))
+    ref = _rows_reference(q, k, v, g, lam, rows, 128 ** -0.5)
+    assert _rel(o[0, rows], ref) < GPU_TOL[torch.bfloat16]
+    cut = 40001
+    o1, s1 = chunk_log_linear_attn(*(x[:, :cut] for x in (q, k, v, g, lam)), output_final_state=True)
+    o2, s2 = chunk_log_linear_attn(*(x[:, cut:] for x in (q, k, v, g, lam)),
+                                   initial_state=FenwickState(s1.levels, s1.positions),
+                                   output_final_state=True)
+    assert _rel(torch.cat([o1, o2], 1), o) < 1e-2
+    assert _rel(s2.levels, st.levels) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", [False, True], ids=["loop", "tiles"])
+def test_step_gpu_matches_reference_at_edge_positions(tile):
+    from kernels import naive
+    from kernels.fused_recurrent import fused_recurrent_step
+    H, K, V, L = 32, 128, 64, 15
+    positions = [0, 1, 2, 3, 63, 64, 1023, 1024, 4095, 4096, 8191, 16383, 5000, 9999, 12345, 777]
+    N, P = len(positions), 40
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    slots = torch.randperm(P, device="cuda", generator=gen)[:N]
+    pool = torch.randn(P, L, H, K, V, device="cuda", generator=gen)
+    for i, s in enumerate(positions):
+        for lv in range(L):
+            live = (lv == 0 and s > 0) or (lv > 0 and ((s - 1) >> (lv - 1)) & 1 and s > 0)
+            if not live:
+                pool[slots[i], lv] = 0
+    q, k, v, g, lam = (x[0] for x in _inputs(1, N, 1, H, K, V, L, device="cuda", gmax=1.0))
+    pos = torch.tensor(positions, device="cuda")
+    ref_pool = pool.double()
+    ro = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
+                                        ref_pool, slots, pos)
+    _poison_cuda()
+    o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos, tile=tile)
+    assert _rel(o, ro) < 1e-5
+    assert _rel(pool, ref_pool) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT_ID.get)
+def test_gpu_prefill_then_steps_equals_longer_prefill(dtype):
+    from kernels.chunk import chunk_log_linear_attn
+    from kernels.fused_recurrent import fused_recurrent_step
+    T, steps, H, K, V, L = 4000, 100, 32, 128, 64, 15
+    q, k, v, g, lam = _inputs(2, T + steps, 1, H, K, V, L, dtype=dtype, device="cuda")
+    full, st_full = chunk_log_linear_attn(q, k, v, g, lam, output_final_state=True)
+    part, st = chunk_log_linear_attn(*(x[:, :T] for x in (q, k, v, g, lam)), output_final_state=True)
+    pool = torch.cat([torch.zeros_like(st.levels), st.levels])  # sequences in slots 2, 3
+    slots = torch.tensor([2, 3], device="cuda")
+    outs = []
+    graph_pos = torch.zeros(2, dtype=torch.int64, device="cuda")
+    for t in range(T, T + steps):
+        graph_pos.fill_(t)
+        step = fused_recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], lam[:, t], pool, slots, graph_pos)
+        outs.append(step)
+    tol = GPU_TOL[dtype]
+    assert _rel(torch.stack(outs, 1), full[:, T:]) < tol
+    assert _rel(part, full[:, :T]) < tol
+    assert _rel(pool[2:], st_full.levels) < tol
+
+
+# fp32 packed sequences from initial states, last: at K = 128 these fp32 kernels are FMA products
+# with a large stack, and their compile did not finish inside 150-200 s on the H200 (docs/kernels-notes.md)
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", _bench_variants())
 def test_chunk_gpu_variant_varlen_with_state_matches_default(variant):
     """fp32, packed sequences from states at odd positions, final states: the variant equals the default."""
@@ -315,76 +389,6 @@ def test_chunk_gpu_varlen_with_state_matches_per_sequence():
         assert _rel(o[:, a:b], oi) < 1e-6
         assert _rel(st.levels[i:i + 1], sti.levels) < 1e-6
     assert st.positions.tolist() == [s + n for s, n in zip(starts, lens, strict=True)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T,H,L", [(65536, 32, 17), (1 << 20, 2, 21)], ids=["64K", "1M"])
-def test_chunk_gpu_long_rows_and_split(T, H, L):
-    from kernels.chunk import chunk_log_linear_attn
-    from kernels.state import FenwickState
-    q, k, v, g, lam = _inputs(1, T, 1, H, 128, 64, L, dtype=torch.bfloat16, device="cuda", gmax=0.002)
-    _poison_cuda()
-    o, st = chunk_log_linear_attn(q, k, v, g, lam, output_final_state=True)
-    rows = sorted({0, 63, 64, 4095, 4096, 40001, T // 2 - 1, T - 2, T - 1} |
-                  set(torch.randint(0, T, (8,), generator=torch.Generator().manual_seed(0)).tolist()))
-    ref = _rows_reference(q, k, v, g, lam, rows, 128 ** -0.5)
-    assert _rel(o[0, rows], ref) < GPU_TOL[torch.bfloat16]
-    cut = 40001
-    o1, s1 = chunk_log_linear_attn(*(x[:, :cut] for x in (q, k, v, g, lam)), output_final_state=True)
-    o2, s2 = chunk_log_linear_attn(*(x[:, cut:] for x in (q, k, v, g, lam)),
-                                   initial_state=FenwickState(s1.levels, s1.positions),
-                                   output_final_state=True)
-    assert _rel(torch.cat([o1, o2], 1), o) < 1e-2
-    assert _rel(s2.levels, st.levels) < 1e-2
-
-
-@pytest.mark.gpu
-def test_step_gpu_matches_reference_at_edge_positions():
-    from kernels import naive
-    from kernels.fused_recurrent import fused_recurrent_step
-    H, K, V, L = 32, 128, 64, 15
-    positions = [0, 1, 2, 3, 63, 64, 1023, 1024, 4095, 4096, 8191, 16383, 5000, 9999, 12345, 777]
-    N, P = len(positions), 40
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    slots = torch.randperm(P, device="cuda", generator=gen)[:N]
-    pool = torch.randn(P, L, H, K, V, device="cuda", generator=gen)
-    for i, s in enumerate(positions):
-        for lv in range(L):
-            live = (lv == 0 and s > 0) or (lv > 0 and ((s - 1) >> (lv - 1)) & 1 and s > 0)
-            if not live:
-                pool[slots[i], lv] = 0
-    q, k, v, g, lam = (x[0] for x in _inputs(1, N, 1, H, K, V, L, device="cuda", gmax=1.0))
-    pos = torch.tensor(positions, device="cuda")
-    ref_pool = pool.double()
-    ro = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
-                                        ref_pool, slots, pos)
-    _poison_cuda()
-    o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos)
-    assert _rel(o, ro) < 1e-5
-    assert _rel(pool, ref_pool) < 1e-6
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT_ID.get)
-def test_gpu_prefill_then_steps_equals_longer_prefill(dtype):
-    from kernels.chunk import chunk_log_linear_attn
-    from kernels.fused_recurrent import fused_recurrent_step
-    T, steps, H, K, V, L = 4000, 100, 32, 128, 64, 15
-    q, k, v, g, lam = _inputs(2, T + steps, 1, H, K, V, L, dtype=dtype, device="cuda")
-    full, st_full = chunk_log_linear_attn(q, k, v, g, lam, output_final_state=True)
-    part, st = chunk_log_linear_attn(*(x[:, :T] for x in (q, k, v, g, lam)), output_final_state=True)
-    pool = torch.cat([torch.zeros_like(st.levels), st.levels])  # sequences in slots 2, 3
-    slots = torch.tensor([2, 3], device="cuda")
-    outs = []
-    graph_pos = torch.zeros(2, dtype=torch.int64, device="cuda")
-    for t in range(T, T + steps):
-        graph_pos.fill_(t)
-        step = fused_recurrent_step(q[:, t], k[:, t], v[:, t], g[:, t], lam[:, t], pool, slots, graph_pos)
-        outs.append(step)
-    tol = GPU_TOL[dtype]
-    assert _rel(torch.stack(outs, 1), full[:, T:]) < tol
-    assert _rel(part, full[:, :T]) < tol
-    assert _rel(pool[2:], st_full.levels) < tol
 
 
 if __name__ == "__main__":
