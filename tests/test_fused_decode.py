@@ -23,24 +23,25 @@ def _model(mode: str, dtype: torch.dtype, device: str = "cpu", **overrides) -> L
     return model.eval()
 
 
-def _decode_both(model: LogLinearMamba2ForCausalLM, steps: int = 5, gemv_path: bool = False):
+def _decode_both(model: LogLinearMamba2ForCausalLM, steps: int = 5, gemv_path: bool = False,
+                 lens: tuple[int, ...] = (5, 1, 17)):
     """Prefill 3 sequences of different lengths, then decode ``steps`` tokens with both paths
     (the fused one through kernels.gemv, as for a few rows on CUDA, when ``gemv_path``)."""
     if gemv_path:
         model.small_batch_gemv = lambda h: True
     dev = model.device
     cfg = model.config
-    states = [ModelState.allocate(cfg, 6, dev, model.dtype) for _ in range(2)]
-    slots = torch.tensor([4, 0, 2], device=dev)
+    n = len(lens)
+    states = [ModelState.allocate(cfg, 2 * n, dev, model.dtype) for _ in range(2)]
     gen = torch.Generator().manual_seed(1)
-    lens = [5, 1, 17]
+    slots = torch.randperm(2 * n, generator=gen)[:n].to(dev)
     ids = torch.randint(1, cfg.vocab_size, (sum(lens),), generator=gen).to(dev)
-    cu = torch.tensor([0, 5, 6, 23], device=dev)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=dev)
     for st in states:
         model.prefill(ids, cu, st, slots)
     outs = ([], [])
     for _ in range(steps):
-        tok = torch.randint(1, cfg.vocab_size, (3,), generator=gen).to(dev)
+        tok = torch.randint(1, cfg.vocab_size, (n,), generator=gen).to(dev)
         for j, st in enumerate(states):
             model.enable_fused_decode(j == 1)
             outs[j].append(model.decode(tok, st, slots))
@@ -107,3 +108,15 @@ def test_fused_decode_cuda_matches_decode(mode: str, dtype: torch.dtype, small: 
     assert err < (1e-4 if dtype == torch.float32 else 2e-2), err
     for a, b in zip(s0.levels, s1.levels, strict=True):
         assert ((a - b).norm() / a.norm()).item() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.gpu
+def test_fused_decode_cuda_tiles_and_partials() -> None:
+    """40 rows of 32 heads: the tiled step (N * H >= 512) and its partial sums in the gated norm."""
+    model = _model("mlp", torch.float32, device="cuda", hidden_size=512, head_dim=32, state_size=64)
+    assert model.config.num_heads * 40 >= 512
+    lens = tuple(1 + (7 * i) % 23 for i in range(40))
+    ref, fused, (s0, s1) = _decode_both(model, steps=20, lens=lens)
+    assert ((fused - ref).norm() / ref.norm()).item() < 1e-4
+    for a, b in zip(s0.levels, s1.levels, strict=True):
+        assert ((a - b).norm() / a.norm()).item() < 1e-4
