@@ -558,7 +558,9 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
             marks[-1].record()
 
     if NC:
-        cbits = max(int(np.max(c_abs)).bit_length(), 1)
+        # bits of any chunk index below max_positions(L): fixed per model, so a prompt reaching a new
+        # power of two never compiles a new output kernel in the middle of serving
+        cbits = max(((max_positions(L) - 1) // BT).bit_length(), 1)
         fold_sizes = sorted(set(zc[needs_fold].tolist()))
         fold_idx = [dev_i64(np.nonzero(needs_fold & (zc == z))[0]) for z in fold_sizes]
         NBV = BV if node_block_v is None else node_block_v
