@@ -48,6 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-waiting", type=int, default=None, help="queued requests beyond the running ones; more get 429"
     )
+    serve.add_argument(
+        "--max-num-batched-tokens", type=int, default=None,
+        help="tokens per engine step, decodes and prompt chunks together",
+    )
+    serve.add_argument(
+        "--state-dtype", default=None, choices=["float32", "bfloat16"],
+        help="dtype of the per-request Fenwick state (default float32; bfloat16 halves its memory and bytes)",
+    )
+    serve.add_argument(
+        "--memory-fraction", type=float, default=None,
+        help="fraction of free GPU memory (or available RAM) the state pool may take (default 0.9)",
+    )
+    serve.add_argument("--seed", type=int, default=None, help="sampling seed of requests without their own")
+    serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    serve.add_argument(
+        "--no-fused-decode", action="store_true",
+        help="decode op by op instead of through the fused Triton kernels (CUDA)",
+    )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
@@ -96,6 +114,11 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         engine_kwargs["max_model_len"] = args.max_model_len
     if args.max_waiting is not None:
         engine_kwargs["max_waiting"] = args.max_waiting
+    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed"):
+        if getattr(args, key) is not None:
+            engine_kwargs[key] = getattr(args, key)
+    engine_kwargs["enforce_eager"] = args.enforce_eager
+    engine_kwargs["fused_decode"] = not args.no_fused_decode
     name = args.served_model_name or model_dir.name
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(
