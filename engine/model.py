@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 from engine.mixer import LogLinearMamba2Mixer, RMSNorm, mul_to
 from engine.model_config import ModelConfig
 from engine.state import ModelState
@@ -152,12 +153,14 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             raise ValueError(f"prefill: sequence lengths {lens.tolist()} from positions {start.tolist()} "
                              f"must be >= 1 token and end within max_model_len={self.config.max_model_len}")
         h = self.backbone.embeddings(input_ids.to(device))[None]  # (1, T_total, hidden)
-        for i, layer in enumerate(self.backbone.layers):
-            fenwick = FenwickState(state.levels[i][slots].float(), start)
-            out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots], fenwick)
-            state.conv[i][slots] = conv.to(state.conv[i].dtype)
-            state.levels[i][slots] = final.levels.to(state.levels[i].dtype)
-            h = layer.add_mlp(h + out)
+        with kernels.chunk_plan_cache(device):  # cu and start are the same, unchanged, in every layer
+            for i, layer in enumerate(self.backbone.layers):
+                fenwick = FenwickState(state.levels[i][slots].float(), start)
+                out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
+                                                       fenwick)
+                state.conv[i][slots] = conv.to(state.conv[i].dtype)
+                state.levels[i][slots] = final.levels.to(state.levels[i].dtype)
+                h = layer.add_mlp(h + out)
         state.positions[slots] = end
         return self._logits(h[0, cu[1:] - 1]).float()
 

@@ -6,6 +6,7 @@ a GPU; where they cannot be imported, CUDA tensors take the PyTorch path too.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import cache
 
@@ -19,6 +20,7 @@ from kernels.step_torch import fused_recurrent_step as fused_recurrent_step_torc
 __all__ = [
     "FenwickState",
     "chunk_log_linear_attn",
+    "chunk_plan_cache",
     "fused_recurrent_step",
     "max_positions",
     "naive",
@@ -42,6 +44,16 @@ def _triton_step() -> Callable | None:
     except ImportError:
         return None
     return impl
+
+
+def chunk_plan_cache(device: torch.device) -> contextlib.AbstractContextManager:
+    """A block in which Triton prefill calls with the very same cu_seqlens / positions tensors (the
+    layers of one model pass) share one host plan: one read-back instead of one per layer. A no-op
+    off CUDA or where the Triton prefill is not importable."""
+    if device.type != "cuda" or _triton_chunk() is None:
+        return contextlib.nullcontext()
+    from kernels.chunk import plan_cache
+    return plan_cache()
 
 
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

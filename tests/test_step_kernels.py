@@ -75,3 +75,19 @@ def test_partials_are_per_block_of_k(results):
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     print(json.dumps({name: _run_case(*args) for name, args in CASES.items()}))
+
+
+def test_prefill_plan_is_shared_only_inside_plan_cache():
+    from kernels.chunk import _plan, plan_cache
+
+    cu = torch.tensor([0, 5, 70, 71])
+    pos = torch.tensor([0, 130, 7])
+    args = (1, 71, cu, pos, 12, 16, 1, torch.device("cpu"))
+    assert _plan(*args) is not _plan(*args)  # no cache outside the block
+    with plan_cache():
+        first = _plan(*args)
+        assert _plan(*args) is first  # the same tensors: the same plan, no second read-back
+        other = _plan(1, 71, cu, pos.clone(), 12, 16, 1, torch.device("cpu"))
+        assert other is not first and other.ends.tolist() == first.ends.tolist() == [5, 195, 8]
+    with plan_cache():
+        assert _plan(*args) is not first  # the cache ends with its block
