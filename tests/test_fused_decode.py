@@ -24,7 +24,7 @@ def _model(mode: str, dtype: torch.dtype, device: str = "cpu", **overrides) -> L
 
 
 def _decode_both(model: LogLinearMamba2ForCausalLM, steps: int = 5, gemv_path: bool = False,
-                 lens: tuple[int, ...] = (5, 1, 17)):
+                 lens: tuple[int, ...] = (5, 1, 17), state_dtype: torch.dtype = torch.float32):
     """Prefill 3 sequences of different lengths, then decode ``steps`` tokens with both paths
     (the fused one through kernels.gemv, as for a few rows on CUDA, when ``gemv_path``)."""
     if gemv_path:
@@ -32,7 +32,7 @@ def _decode_both(model: LogLinearMamba2ForCausalLM, steps: int = 5, gemv_path: b
     dev = model.device
     cfg = model.config
     n = len(lens)
-    states = [ModelState.allocate(cfg, 2 * n, dev, model.dtype) for _ in range(2)]
+    states = [ModelState.allocate(cfg, 2 * n, dev, model.dtype, state_dtype=state_dtype) for _ in range(2)]
     gen = torch.Generator().manual_seed(1)
     slots = torch.randperm(2 * n, generator=gen)[:n].to(dev)
     ids = torch.randint(1, cfg.vocab_size, (sum(lens),), generator=gen).to(dev)
@@ -81,6 +81,13 @@ def test_fused_decode_bf16_close() -> None:
     ref, fused, _ = _decode_both(model, steps=3)
     err = ((fused - ref).norm() / ref.norm()).item()
     assert err < 2e-2, err
+
+
+def test_fused_decode_with_bf16_state() -> None:
+    model = _model("mlp", torch.float32)
+    ref, fused, (s0, s1) = _decode_both(model, steps=4, state_dtype=torch.bfloat16)
+    assert s0.levels[0].dtype == s1.levels[0].dtype == torch.bfloat16
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_gate_up_keeps_names_and_values() -> None:
