@@ -16,22 +16,11 @@ import torch.nn.functional as F
 import kernels
 from engine.model_config import ModelConfig
 from kernels import FenwickState, mixer_step, norm
+from kernels.ops import mul_to
 
 
 def inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
-
-
-def mul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(a * b).to(dtype)`` in one kernel: the product is taken in the promoted dtype of a and b and
-    rounded to ``dtype`` as it is stored, instead of a multiply followed by a separate cast (out= has no
-    autograd, so a product that needs a gradient takes the two ops)."""
-    if torch.result_type(a, b) == dtype:
-        return a * b
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        return (a * b).to(dtype)
-    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
-    return torch.mul(a, b, out=out)
 
 
 class RMSNorm(nn.Module):

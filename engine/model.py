@@ -12,10 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from engine.mixer import LogLinearMamba2Mixer, RMSNorm, mul_to
+from engine.mixer import LogLinearMamba2Mixer, RMSNorm
 from engine.model_config import ModelConfig
 from engine.state import ModelState
 from kernels import FenwickState, gemv, norm
+from kernels.ops import mul_to
 
 # Rows up to which decode takes kernels.gemv: on the H200 (bench/gemv.py, 768-wide model) the four fused
 # GEMVs of a layer take 15.8 / 17.0 / 17.9 / 27.9 us at 1 / 2 / 4 / 8 rows, against about 20 us for

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.naive import check_shapes
+from kernels.ops import unit_last
 
 
 @triton.jit
@@ -126,10 +127,6 @@ def _ctz(t):
     return n
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
                          positions: torch.Tensor, scale: float | None = None, *, partials: bool = False,
@@ -159,7 +156,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
         raise ValueError(f"levels must be [P, {L}, {H}, {K}, {V}] with contiguous [K, V] blocks, "
                          f"got {tuple(levels.shape)} strides {levels.stride()}")
     scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, level_scales = (_unit_last(x) for x in (q, k, v, g, level_scales))
+    q, k, v, g, level_scales = (unit_last(x) for x in (q, k, v, g, level_scales))
     if tile is None:
         tile = N * H >= 512
     if not tile:

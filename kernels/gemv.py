@@ -37,6 +37,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from kernels.ops import mul_to, unit_last
+
 MAX_ROWS = 8  # the Triton path takes 1 <= M <= MAX_ROWS rows; more go to cuBLAS through the reference
 BLOCK_N = 8  # output rows per program: N_out = 768 -> 96 programs
 ACC_ELEMS = 8192  # M_PAD * BN * BK (x2 for gate/up): 64 float32 accumulator registers a thread at 4 warps
@@ -57,21 +59,11 @@ class GemvConfig:
 # ---- PyTorch references -------------------------------------------------------------------------
 
 
-def _mul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(a * b).to(dtype)`` with one rounding and in one kernel, as ``engine.mixer.mul_to``."""
-    if torch.result_type(a, b) == dtype:
-        return a * b
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        return (a * b).to(dtype)
-    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
-    return torch.mul(a, b, out=out)
-
-
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``engine.mixer.RMSNorm(h, h.dtype)`` (one group): float32, one rounding to h.dtype at the end."""
     xf = h.float()
     xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return _mul_to(xf, weight, h.dtype)
+    return mul_to(xf, weight, h.dtype)
 
 
 def rmsnorm_linear_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -113,7 +105,7 @@ def rmsnorm_linear_silu_mul_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps:
     xn = _rms_norm(h, norm_weight, eps)
     gate_w, up_w = weight_gate_up.chunk(2, dim=0)  # row blocks of a contiguous weight stay contiguous
     gate, up = F.linear(xn, gate_w), F.linear(xn, up_w)
-    return _mul_to(F.silu(gate.float()), up, h.dtype)
+    return mul_to(F.silu(gate.float()), up, h.dtype)
 
 
 # ---- Triton kernel: a plain function until _triton() jits it ----------------------------------------
@@ -199,10 +191,6 @@ def default_config(M: int, K: int, itemsize: int, has_norm: bool, silu_mul: bool
     return GemvConfig(BLOCK_N, bk, stages)
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _gemv(x: torch.Tensor, weight: torch.Tensor, N: int, norm_weight: torch.Tensor | None, eps: float,
           residual: torch.Tensor | None, silu_mul: bool, config: GemvConfig | None) -> torch.Tensor:
     M, K = x.shape
@@ -215,8 +203,8 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, N: int, norm_weight: torch.Tens
                          f"{None if residual is None else (tuple(residual.shape), residual.dtype)}")
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv: {M} rows, the Triton path takes 1..{MAX_ROWS}")
-    x = _unit_last(x)
-    residual = None if residual is None else _unit_last(residual)
+    x = unit_last(x)
+    residual = None if residual is None else unit_last(residual)
     norm_weight = None if norm_weight is None else norm_weight.contiguous()
     cfg = config or default_config(M, K, x.element_size(), norm_weight is not None, silu_mul)
     m_pad = _pow2(M)

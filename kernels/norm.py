@@ -20,17 +20,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from kernels.ops import mul_to, unit_last
+
 # ---- PyTorch references -------------------------------------------------------------------------
-
-
-def _mul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(a * b).to(dtype)`` with one rounding, as ``engine.mixer.mul_to``."""
-    if torch.result_type(a, b) == dtype:
-        return a * b
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-        return (a * b).to(dtype)
-    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype, device=a.device)
-    return torch.mul(a, b, out=out)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
@@ -38,7 +30,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int
     """``engine.mixer.RMSNorm.forward``: float32 over groups of ``group_size``; the weight multiply rounds."""
     xf = x.float().unflatten(-1, (-1, group_size))  # (..., groups, group_size)
     xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return _mul_to(xf.flatten(-2), weight, dtype)
+    return mul_to(xf.flatten(-2), weight, dtype)
 
 
 def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
@@ -79,9 +71,9 @@ def gated_rmsnorm_ref(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torc
     y = torch.addcmul(o, x, D).flatten(-2)  # (N, I) float32
     gate = F.silu(z.float())
     if weight is None:
-        return _mul_to(y, gate, out_dtype)
+        return mul_to(y, gate, out_dtype)
     if norm_before_gate:
-        return _mul_to(_rms_norm(y, weight, eps, group_size, torch.float32), gate, out_dtype)
+        return mul_to(_rms_norm(y, weight, eps, group_size, torch.float32), gate, out_dtype)
     return _rms_norm(y * gate, weight, eps, group_size, out_dtype)
 
 
@@ -89,7 +81,7 @@ def silu_mul_ref(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) ->
     """SwiGLU's middle: gate_up [N, 2 * I] = [gate | up] -> silu(gate) * up: [N, I] in ``out_dtype``
     (default gate_up.dtype), silu in float32 and one rounding."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return _mul_to(F.silu(gate.float()), up, out_dtype or gate_up.dtype)
+    return mul_to(F.silu(gate.float()), up, out_dtype or gate_up.dtype)
 
 
 # ---- Triton kernels: plain functions until _triton() jits them --------------------------------------
@@ -183,10 +175,6 @@ def _num_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 # ---- Triton launchers (same signatures as the references) -------------------------------------------
 
 
@@ -197,8 +185,8 @@ def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     if weight.shape != (D,) or (residual is not None and residual.shape != x.shape):
         r = None if residual is None else tuple(residual.shape)
         raise ValueError(f"add_rmsnorm: x {tuple(x.shape)}, residual {r}, weight {tuple(weight.shape)}")
-    x, weight = _unit_last(x), weight.contiguous()
-    residual = None if residual is None else _unit_last(residual)
+    x, weight = unit_last(x), weight.contiguous()
+    residual = None if residual is None else unit_last(residual)
     out = torch.empty(N, D, dtype=out_dtype or x.dtype, device=x.device)
     h = x if residual is None else torch.empty(N, D, dtype=x.dtype, device=x.device)
     if N:
@@ -223,7 +211,7 @@ def gated_rmsnorm_triton(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: t
         raise ValueError(f"gated_rmsnorm: o {tuple(o.shape)}, x {tuple(x.shape)}, D {tuple(D.shape)}, "
                          f"z {tuple(z.shape)}, weight {None if weight is None else tuple(weight.shape)}, "
                          f"group_size {group_size}")
-    parts, x, z, D = _unit_last(parts), _unit_last(x), _unit_last(z), D.contiguous()
+    parts, x, z, D = unit_last(parts), unit_last(x), unit_last(z), D.contiguous()
     weight = None if weight is None else weight.contiguous()
     y = torch.empty(N, I, dtype=out_dtype, device=parts.device)
     if N:
@@ -242,7 +230,7 @@ def silu_mul_triton(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None)
     N, I2 = gate_up.shape
     if I2 % 2:
         raise ValueError(f"silu_mul: gate_up width {I2} is odd")
-    gate_up = _unit_last(gate_up)
+    gate_up = unit_last(gate_up)
     out = torch.empty(N, I2 // 2, dtype=out_dtype or gate_up.dtype, device=gate_up.device)
     if N:
         BI = _block(I2 // 2)

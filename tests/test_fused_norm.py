@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.norm import add_rmsnorm, gated_rmsnorm, silu_mul
+from tests.interpreted import round_bf16_to_nearest_even, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -263,27 +262,8 @@ def _case_silu(*, N, I, dtype, strided=False, seed=0) -> dict:
     return res
 
 
-def _round_bf16_to_nearest_even() -> None:
-    """Make the interpreter's float32 -> bfloat16 cast round to nearest even, as on the GPU."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    truncating = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            u = src.data.view(np.uint32)
-            bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-            bits = np.where(np.isnan(src.data), np.uint16(0x7FC0), bits)
-            return interpreter.TensorHandle(bits, tl.bfloat16)
-        return truncating(self, src, dst_type)
-
-    interpreter.InterpreterBuilder.cast_impl = cast_impl
-
-
 def _interpret_cases() -> dict:
-    _round_bf16_to_nearest_even()
+    round_bf16_to_nearest_even()
     res = {}
     res.update({f"add_{name}": _case_add(**kw) for name, kw in ADD_CASES.items()})
     res.update({f"gated_{name}": _case_gated(**kw) for name, kw in GATED_CASES.items()})
@@ -293,11 +273,7 @@ def _interpret_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpret_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=300)
 
 
 @pytest.mark.parametrize("case", list(ADD_CASES))

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import gemv
+from tests.interpreted import round_bf16_to_nearest_even, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -259,37 +258,14 @@ def _case(*, op: str, M: int, dtype: torch.dtype, K: int = 200, N: int = 90,
                                     if isinstance(a, torch.Tensor))}
 
 
-def _round_bf16_to_nearest_even() -> None:
-    """Make the interpreter's float32 -> bfloat16 cast round to nearest even, as on the GPU."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    truncating = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            u = src.data.view(np.uint32)
-            bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-            bits = np.where(np.isnan(src.data), np.uint16(0x7FC0), bits)
-            return interpreter.TensorHandle(bits, tl.bfloat16)
-        return truncating(self, src, dst_type)
-
-    interpreter.InterpreterBuilder.cast_impl = cast_impl
-
-
 def _interpret_cases() -> dict:
-    _round_bf16_to_nearest_even()
+    round_bf16_to_nearest_even()
     return {name: _case(**kw) for name, kw in CASES.items()}
 
 
 @pytest.fixture(scope="module")
 def interpret_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=300)
 
 
 TOL = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.interpreted import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMBDA_MODES = ("linear", "mlp", "none")
@@ -209,11 +209,7 @@ def _interpret_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interpret_results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("case", list(CASES))

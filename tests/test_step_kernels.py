@@ -8,13 +8,13 @@ subprocess (this file as a script), like tests/test_triton_kernels.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.interpreted import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,11 +60,7 @@ def _run_case(positions, shape, kw, seed=1) -> dict:
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("case", list(CASES))
