@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +43,15 @@ def round_bf16_to_nearest_even() -> None:
         return truncating(self, src, dst_type)
 
     interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between a and b in units in the last place of their (common) dtype."""
+    bits = torch.finfo(a.dtype).bits
+    as_int = {16: torch.int16, 32: torch.int32}[bits]
+
+    def ordered(x: torch.Tensor) -> torch.Tensor:  # sign-magnitude bits -> integers in value order
+        i = x.view(as_int).long()
+        return torch.where(i >= 0, i, -(i + (1 << (bits - 1))))
+
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.norm import add_rmsnorm, gated_rmsnorm, silu_mul
-from tests.interpreted import round_bf16_to_nearest_even, run_interpreted
+from tests.interpreted import round_bf16_to_nearest_even, run_interpreted, ulps
 
 ROOT = Path(__file__).resolve().parents[1]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -38,21 +38,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance between a and b in units in the last place of their (common) dtype."""
-    bits = torch.finfo(a.dtype).bits
-    as_int = {16: torch.int16, 32: torch.int32}[bits]
-
-    def ordered(x: torch.Tensor) -> torch.Tensor:  # sign-magnitude bits -> integers in value order
-        i = x.view(as_int).long()
-        return torch.where(i >= 0, i, -(i + (1 << (bits - 1))))
-
-    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
-
-
 def _compare(got: torch.Tensor, want: torch.Tensor) -> dict:
     assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
-    return {"dtype": DT_ID[got.dtype], "rel": _rel(got, want), "ulps": _ulps(got, want),
+    return {"dtype": DT_ID[got.dtype], "rel": _rel(got, want), "ulps": ulps(got, want),
             "mismatch": (got != want).float().mean().item()}
 
 

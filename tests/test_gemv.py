@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import gemv
-from tests.interpreted import round_bf16_to_nearest_even, run_interpreted
+from tests.interpreted import round_bf16_to_nearest_even, run_interpreted, ulps
 
 ROOT = Path(__file__).resolve().parents[1]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -41,18 +41,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     if not torch.isfinite(a).all():
         return math.inf
     return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max().item()
-
-
-def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance between a and b in units in the last place of their (common) dtype."""
-    bits = torch.finfo(a.dtype).bits
-    as_int = {16: torch.int16, 32: torch.int32}[bits]
-
-    def ordered(x: torch.Tensor) -> torch.Tensor:  # sign-magnitude bits -> integers in value order
-        i = x.view(as_int).long()
-        return torch.where(i >= 0, i, -(i + (1 << (bits - 1))))
-
-    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +240,7 @@ def _case(*, op: str, M: int, dtype: torch.dtype, K: int = 200, N: int = 90,
         got = tri(*args, config=config)
     want = ref(*args)
     assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
-    return {"dtype": DT_ID[dtype], "op": op, "rel": _rel(got, want), "ulps": _ulps(got, want),
+    return {"dtype": DT_ID[dtype], "op": op, "rel": _rel(got, want), "ulps": ulps(got, want),
             "mismatch": (got != want).float().mean().item(),
             "inputs_untouched": all(torch.equal(a, b) for a, b in zip(args, before, strict=True)
                                     if isinstance(a, torch.Tensor))}
