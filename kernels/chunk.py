@@ -580,7 +580,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
         return o, None
     if plan.empty is not None:
         final[plan.empty] = initial_state.levels[plan.empty].float() if has_init else 0.0
-    return o, FenwickState(final, plan.ends)
+    return o, FenwickState(final, plan.ends.clone())  # a plan may serve several calls: no shared tensor
 
 
 @dataclass

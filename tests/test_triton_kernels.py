@@ -139,8 +139,33 @@ def _case_prefill_then_steps(name, *, T=45, steps=6, G=1, H=2, K=16, V=16, L=8):
                    "state": _rel(pool, st_full.levels)}}
 
 
+def _case_layers_share_plan(name, *, lens=(5, 70, 37), starts=(3, 17, 64), G=1, H=2, K=16, V=16, L=9):
+    """Three "layers" in one plan_cache block: the same cu_seqlens / positions tensors, new q, k, v, g, λ
+    each time (as model.prefill calls it); every layer against the recurrence."""
+    from kernels import naive
+    from kernels.chunk import chunk_log_linear_attn_impl, plan_cache
+    from kernels.state import FenwickState
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    pos = torch.tensor(starts)
+    worst = {"o": 0.0, "state": 0.0}
+    with plan_cache():
+        for layer in range(3):
+            q, k, v, g, lam = _inputs(1, sum(lens), G, H, K, V, L, seed=layer)
+            levels = _states(list(starts), G, H, K, V, L, seed=50 + 10 * layer)
+            init = FenwickState(levels.float(), pos)
+            o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
+                                               cu_seqlens=cu, chunk_size=16, direct_levels=1)
+            ro, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
+                                                     initial_state=FenwickState(levels, pos),
+                                                     output_final_state=True, cu_seqlens=cu)
+            worst["o"] = max(worst["o"], _rel(o, ro))
+            worst["state"] = max(worst["state"], _rel(st.levels, rst.levels))
+    return {name: worst}
+
+
 def _interpret_cases() -> dict:
     res = {}
+    res.update(_case_layers_share_plan("layers_share_plan"))
     for name, shapes in CHUNK_CASES.items():
         res.update(_case_chunk(name, **shapes))
     res.update(_case_step("step_edges", positions=[0, 1, 7, 8, 15, 16, 255, 1000]))
@@ -177,6 +202,11 @@ def test_chunk_variant_interpreted_matches_recurrence(interpret_results, variant
 def test_step_interpreted_matches_reference(interpret_results, case):
     r = interpret_results[case]
     assert r["o"] < 1e-5 and r["state"] < 1e-5 and r["others_untouched"], r
+
+
+def test_layers_sharing_one_plan_interpreted(interpret_results):
+    r = interpret_results["layers_share_plan"]
+    assert r["o"] < 1e-5 and r["state"] < 1e-5, r
 
 
 def test_prefill_then_steps_interpreted(interpret_results):
