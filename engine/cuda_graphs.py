@@ -67,10 +67,11 @@ class DecodeGraphs:
     def can_run(self, n: int) -> bool:
         return 0 < n <= self.sizes[-1]
 
-    def run_lists(self, input_ids: list[int], slots: list[int]) -> torch.Tensor:
-        """Like ``run`` with the step's ids and slots as Python lists: written into the pinned host
-        buffer and moved in one copy (waiting first for the previous step's copy out of that buffer,
-        normally long done)."""
+    def run(self, input_ids: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step for N <= the largest captured size -> logits [N, vocab] (a view, valid until
+        the next run). The ids and slots are written into the pinned host buffer and moved in one copy
+        (after waiting for the previous step's copy out of that buffer, normally long done); the rows
+        past N up to the captured size point at the dummy slot."""
         n = len(input_ids)
         bs = next(s for s in self.sizes if s >= n)
         self.copied.synchronize()
@@ -80,17 +81,5 @@ class DecodeGraphs:
         self.host_np[1, n:bs] = self.dummy_slot
         self.inputs[:, :bs].copy_(self.host[:, :bs], non_blocking=True)
         self.copied.record()
-        self.graphs[bs].replay()
-        return self.outputs[bs][:n]
-
-    def run(self, input_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """input_ids, slots: [N] on the device -> logits [N, vocab] (a view, valid until the next run)."""
-        n = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.slots[:n].copy_(slots, non_blocking=True)
-        if bs > n:
-            self.input_ids[n:bs].zero_()
-            self.slots[n:bs].fill_(self.dummy_slot)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -40,12 +40,12 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def decode(self, input_ids: torch.Tensor, slots: torch.Tensor, eager: bool = False) -> torch.Tensor:
-        """input_ids, slots: [N] -> logits [N, vocab]; a CUDA graph unless eager or none fits N."""
+    def decode(self, input_ids: list[int], slots: list[int], eager: bool = False) -> torch.Tensor:
+        """One token for each of N slots -> logits [N, vocab]; a CUDA graph unless eager or none fits N."""
         self.num_decode_calls += 1
-        if self.graphs is not None and not eager and self.graphs.can_run(input_ids.shape[0]):
+        if self.graphs is not None and not eager and self.graphs.can_run(len(input_ids)):
             return self.graphs.run(input_ids, slots)
-        return self.model.decode(input_ids, self.state, slots)
+        return self.model.decode(self._tensor(input_ids), self.state, self._tensor(slots))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
@@ -65,13 +65,8 @@ class ModelRunner:
             parts.append(self.model.prefill(ids, cu, self.state, slots))  # (N, vocab)
             row_of.update((i, r) for r, i in enumerate(multi))
         if single:
-            id_list = [out.chunks[i].token_ids[0] for i in single]
-            slot_list = [out.chunks[i].seq.slot for i in single]
-            if self.graphs is not None and self.graphs.can_run(len(single)):
-                self.num_decode_calls += 1
-                parts.append(self.graphs.run_lists(id_list, slot_list))  # (N, vocab)
-            else:
-                parts.append(self.decode(self._tensor(id_list), self._tensor(slot_list)))
+            ids_1 = [out.chunks[i].token_ids[0] for i in single]
+            parts.append(self.decode(ids_1, [out.chunks[i].seq.slot for i in single]))  # (N, vocab)
             row_of.update((i, len(multi) + r) for r, i in enumerate(single))
         for src, dsts in out.forks:
             self.state.copy_(src, self._tensor(dsts))

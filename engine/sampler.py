@@ -54,9 +54,9 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [N, V] (any float dtype), row i for seqs[i] -> one token per row."""
         n_rows, vocab = logits.shape
-        params = [s.request.params for s in seqs]
         if all(_plain_greedy(s) for s in seqs):  # argmax of the raw logits, nothing else to do
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n_rows)
+        params = [s.request.params for s in seqs]
         raw = logits.float()  # (N, V)
         x = raw.clone()
         self._apply_penalties(x, seqs)

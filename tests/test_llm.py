@@ -254,11 +254,11 @@ def test_cuda_graph_step_equals_eager_step_and_padding_touches_no_request(tiny_m
         llm.engine.model.prefill(torch.randint(1, 300, (22,), device=dev), cu, state, slots)
         saved = [t.clone() for t in tensors()]
         ids = torch.tensor([5, 6, 7], device=dev)
-        eager = runner.decode(ids, slots, eager=True).clone()
+        eager = runner.decode(ids.tolist(), slots.tolist(), eager=True).clone()
         after_eager = [t[:8].clone() for t in tensors()]
         for t, s in zip(tensors(), saved, strict=True):
             t.copy_(s)
-        graph = runner.decode(ids, slots).clone()
+        graph = runner.decode(ids.tolist(), slots.tolist()).clone()
         after_graph = [t[:8].clone() for t in tensors()]
     torch.testing.assert_close(graph, eager, atol=1e-5, rtol=1e-5)
     for a, b in zip(after_graph, after_eager, strict=True):  # same writes; slots 1, 3, 4, 6, 7 untouched
