@@ -157,7 +157,6 @@ V1 = {"level_loop": "scale_q", "fast_bitlen": False, "lam_gather": False}
 # Output kernel alone: live level loop (3 stages), float-exponent levels, lambda gathered in registers.
 # Fastest at 2K / 16K / 64K in the H200 --explore run (docs/kernels-notes.md); the default since.
 OUT_BEST = {"level_loop": "live", "fast_bitlen": True, "lam_gather": True}
-BEST = {**OUT_BEST, "node_pipelined": True}
 VARIANTS = {  # keywords of chunk_log_linear_attn_impl; docs/kernels-notes.md says what each does
     "base": {},  # the current defaults (= out_best)
     "v1": V1,
@@ -165,24 +164,17 @@ VARIANTS = {  # keywords of chunk_log_linear_attn_impl; docs/kernels-notes.md sa
     "row_scale": {**V1, "level_loop": "row_scale"},
     "live": {**V1, "level_loop": "live"},
     "live_s2": {**V1, "level_loop": "live", "loop_stages": 2},
-    "prefetch": {**V1, "level_loop": "prefetch"},
     # output kernel, intra-chunk part
     "fast_bitlen": {**V1, "fast_bitlen": True},
     "lam_gather": {**V1, "lam_gather": True},
     "hb2": {**V1, "heads_per_program": 2},
     # output kernel launch, node kernel
     "out_w8": {**V1, "out_num_warps": 8},
-    "node_pipe": {**V1, "node_pipelined": True},
     "node_bv32": {**V1, "node_block_v": 32},
     # combinations
     "intra": {**V1, "fast_bitlen": True, "lam_gather": True},
     "out_best": OUT_BEST,
     "out_best_row": {**OUT_BEST, "level_loop": "row_scale"},
-    "out_best_prefetch": {**OUT_BEST, "level_loop": "prefetch"},
-    "best": BEST,
-    "best_w8": {**BEST, "out_num_warps": 8},
-    "best_hb2": {**BEST, "heads_per_program": 2},
-    "best_node_bv32": {**BEST, "node_block_v": 32},
 }
 
 

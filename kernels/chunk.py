@@ -34,7 +34,7 @@ from kernels.state import FenwickState, max_positions
 
 CHUNK_SIZE = 64  # BT: levels <= log2(BT) are intra-chunk
 DIRECT_LEVELS = 3  # Z0: nodes of up to 2^Z0 chunks are summed straight from k and v
-LEVEL_LOOPS = {"scale_q": 0, "row_scale": 1, "live": 2, "prefetch": 3}  # _chunk_output_kernel's LEVEL_LOOP
+LEVEL_LOOPS = {"scale_q": 0, "row_scale": 1, "live": 2}  # _chunk_output_kernel's LEVEL_LOOP
 
 
 @triton.jit
@@ -83,7 +83,6 @@ def _chunk_node_kernel(
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, Z0: tl.constexpr,
     IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
-    NODE_PIPE: tl.constexpr,
 ):
     if HEADS_FIRST:
         i_hv, i_c = tl.program_id(0), tl.program_id(1)
@@ -106,11 +105,9 @@ def _chunk_node_kernel(
         size = tl.minimum((c + 1) & -(c + 1), 1 << Z0)
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
         b_a = 0.0
-        if NODE_PIPE:
-            # newest chunk first, each decayed straight to the node's end and accumulated in the product;
-            # loads are unconditional (chunks before p0 are masked out by position) so the loop pipelines
-            for i_m in range(0, size):
-                cm = c - i_m
+        for i_m in range(0, size):
+            cm = c + 1 - size + i_m
+            if cm >= cf:
                 t_abs = cm * BT + o_i
                 m_t = (t_abs >= p0) & (t_abs < pe)
                 row = bos + t_abs - p0
@@ -121,26 +118,9 @@ def _chunk_node_kernel(
                 b_g = tl.load(g + row * s_gt + i_h, mask=m_t, other=0.0).to(tl.float32)
                 b_gl = tl.cumsum(b_g, axis=0)
                 b_last = tl.sum(b_g, axis=0)
-                b_vd = b_v.to(tl.float32) * tl.exp(b_a + b_last - b_gl)[:, None]
-                b_s = tl.dot(tl.trans(b_k).to(ST_DT), b_vd.to(ST_DT), acc=b_s, input_precision=PREC)
+                b_vd = b_v.to(tl.float32) * tl.exp(b_last - b_gl)[:, None]
+                b_s = b_s * tl.exp(b_last) + _dot(tl.trans(b_k), b_vd, ST_DT, PREC)
                 b_a += b_last
-        else:
-            for i_m in range(0, size):
-                cm = c + 1 - size + i_m
-                if cm >= cf:
-                    t_abs = cm * BT + o_i
-                    m_t = (t_abs >= p0) & (t_abs < pe)
-                    row = bos + t_abs - p0
-                    p_k = k + row[:, None] * s_kt + i_g * s_kg + o_k[None, :]
-                    p_v = v + row[:, None] * s_vt + i_h * s_vh + o_v[None, :]
-                    b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
-                    b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
-                    b_g = tl.load(g + row * s_gt + i_h, mask=m_t, other=0.0).to(tl.float32)
-                    b_gl = tl.cumsum(b_g, axis=0)
-                    b_last = tl.sum(b_g, axis=0)
-                    b_vd = b_v.to(tl.float32) * tl.exp(b_last - b_gl)[:, None]
-                    b_s = b_s * tl.exp(b_last) + _dot(tl.trans(b_k), b_vd, ST_DT, PREC)
-                    b_a += b_last
         p_s = nodes + (i_c * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :]
         tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
         if i_v == 0:
@@ -218,7 +198,7 @@ def _chunk_output_kernel(
     LAM_GATHER: tl.constexpr, BL: tl.constexpr,
 ):
     # LEVEL_LOOP: 0 scale q per level; 1 scale the product's rows; 2 as 1 over the live levels only,
-    # pipelined loads; 3 as 2 with the next live node prefetched by hand. HB heads share one q/k tile.
+    # pipelined loads. HB heads share one q/k tile.
     if HEADS_FIRST:
         i_hv, i_c = tl.program_id(0), tl.program_id(1)
     else:
@@ -317,32 +297,14 @@ def _chunk_output_kernel(
                 else:
                     rem = c
                 n_live = _popcount(rem, CBITS)
-                if LEVEL_LOOP == 2:
-                    for _i_live in tl.range(0, n_live, num_stages=LOOP_STAGES):
-                        b = rem & -rem
-                        rem = rem ^ b
-                        i_e = node0 + (c & -b) - 1 - cf
-                        b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0)
-                        b_lam = tl.load(p_lam + BTLOG + 1 + _log2_pow2(b), mask=m_t, other=0.0).to(tl.float32)
-                        b_o += _dot(b_qd, b_n, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
-                        b_acc += tl.load(node_decay + i_e * H + i_h)
-                else:
+                for _i_live in tl.range(0, n_live, num_stages=LOOP_STAGES):
                     b = rem & -rem
-                    i_e = node0 + tl.maximum((c & -b) - 1 - cf, 0)
-                    # (the predicate as a tile: the interpreter rejects a 0-d predicate & a tile as a mask)
-                    m_n = m_kv & ((tl.zeros([BK, BV], tl.int64) + rem) > 0)
-                    b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_n, other=0.0)
-                    for _i_live in tl.range(0, n_live, num_stages=1):
-                        b_lam = tl.load(p_lam + BTLOG + 1 + _log2_pow2(b), mask=m_t, other=0.0).to(tl.float32)
-                        b_d = tl.load(node_decay + i_e * H + i_h)
-                        rem = rem ^ b
-                        b = rem & -rem
-                        i_e = node0 + tl.maximum((c & -b) - 1 - cf, 0)
-                        b_cur = b_n
-                        m_n = m_kv & ((tl.zeros([BK, BV], tl.int64) + rem) > 0)
-                        b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_n, other=0.0)
-                        b_o += _dot(b_qd, b_cur, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
-                        b_acc += b_d
+                    rem = rem ^ b
+                    i_e = node0 + (c & -b) - 1 - cf
+                    b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0)
+                    b_lam = tl.load(p_lam + BTLOG + 1 + _log2_pow2(b), mask=m_t, other=0.0).to(tl.float32)
+                    b_o += _dot(b_qd, b_n, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
+                    b_acc += tl.load(node_decay + i_e * H + i_h)
                 if HAS_INIT:
                     # every live node lies at a level <= lc: the initial state sees the whole decay
                     for l in range(BTLOG + 1, L):
@@ -469,7 +431,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
                                node_dtype: torch.dtype | None = None, stage_ms: list | None = None,
                                level_loop: str = "live", loop_stages: int = 3, fast_bitlen: bool = True,
                                lam_gather: bool = True, heads_per_program: int = 1,
-                               node_pipelined: bool = False, node_block_v: int | None = None,
+                               node_block_v: int | None = None,
                                out_num_warps: int | None = None, out_num_stages: int | None = None):
     """``chunk_log_linear_attn`` with its tiling exposed (tests use small chunks).
 
@@ -477,12 +439,11 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     the fastest on the H200 at 2K-64K tokens (``out_best`` in docs/kernels-notes.md):
         level_loop: "scale_q" (q scaled per live level, then the product), "row_scale" (raw q times the
             stored state tile, rows scaled after), "live" (row_scale over the live levels only, loads
-            pipelined ``loop_stages`` deep), "prefetch" (live, next live node loaded before the product).
+            pipelined ``loop_stages`` deep).
         fast_bitlen: intra-chunk levels from a float exponent instead of a bit loop.
         lam_gather: intra-chunk lambda from one [BT, 8] tile per row gathered in registers.
         heads_per_program: value heads per output program sharing one q/k tile and q k^T.
-        node_pipelined: node kernel reads its chunks newest first with unconditional loads and
-            accumulates in the product; node_block_v: its V tile (default: the output kernel's).
+        node_block_v: the node kernel's V tile (default: the output kernel's).
         out_num_warps, out_num_stages: launch options of the output kernel alone.
         stage_ms: filled with the node, fold and output times in ms (CUDA).
     """
@@ -548,7 +509,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
             kr, vr, gr, nodes, node_decay, t_seq, t_bos, t_start, t_len, t_node0,
             kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), gr.stride(0),
             H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=NBV, NV=NNV, Z0=direct_levels,
-            IN_DT=in_dt, ST_DT=st_dt, PREC=prec, HEADS_FIRST=heads_first, NODE_PIPE=node_pipelined,
+            IN_DT=in_dt, ST_DT=st_dt, PREC=prec, HEADS_FIRST=heads_first,
             num_warps=num_warps,
         )
         mark()

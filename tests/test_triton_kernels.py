@@ -66,10 +66,9 @@ CHUNK_CASES = {  # name -> shapes of _case_chunk: odd T, GQA, varlen, states at 
 }
 # opt-in variants of chunk_log_linear_attn_impl (bench/kernels.py VARIANTS) -> the cases they run here
 CHUNK_VARIANTS = {
-    "best": list(CHUNK_CASES),
+    "v1": list(CHUNK_CASES),
     "row_scale": ["varlen_init_many_levels"],
-    "prefetch": ["varlen_init_many_levels"],
-    "best_hb2": ["dense_gqa_init_odd", "bf16", "varlen_init_many_levels"],
+    "hb2": ["dense_gqa_init_odd", "bf16", "varlen_init_many_levels"],
     "node_bv16": ["varlen_fold_from_zero"],  # here only: V = 24 in two node tiles, the second one partial
 }
 
@@ -94,7 +93,7 @@ def _case_chunk(name, *, lens, starts=None, G=1, H=2, K=16, V=16, L=9, dtype=tor
     ro, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
                                              initial_state=ref_init, output_final_state=True, cu_seqlens=cu)
     from bench.kernels import VARIANTS
-    variants = {**VARIANTS, "node_bv16": {**VARIANTS["best"], "node_block_v": 16}}
+    variants = {**VARIANTS, "node_bv16": {"node_block_v": 16}}
     runs = {name: {}} | {f"{vn}/{name}": variants[vn] for vn, cs in CHUNK_VARIANTS.items() if name in cs}
     res = {}
     for key, kw in runs.items():
