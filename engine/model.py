@@ -34,6 +34,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, **kw)
         self.up_proj = nn.Linear(hidden, intermediate, **kw)
         self.down_proj = nn.Linear(intermediate, hidden, **kw)
+        self.gate_up_weight: torch.Tensor | None = None  # [2 * I, hidden] after fuse_gate_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # silu in float32; the product promotes up_proj's output and is stored in the model dtype
@@ -42,7 +43,7 @@ class GatedMLP(nn.Module):
     def fuse_gate_up(self) -> None:
         """Store gate_proj and up_proj as the two halves of one [2 * I, hidden] weight, so decode runs
         one GEMM for both (the parameters become views of it; names and values are unchanged)."""
-        if getattr(self, "gate_up_weight", None) is not None:
+        if self.gate_up_weight is not None:
             return
         w = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
         I = self.gate_proj.weight.shape[0]
@@ -51,10 +52,8 @@ class GatedMLP(nn.Module):
         self.gate_up_weight = w
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` with one GEMM for gate and up (after ``fuse_gate_up``) and one SiLU-mul kernel."""
-        w = getattr(self, "gate_up_weight", None)
-        gate_up = F.linear(x, w) if w is not None else torch.cat([self.gate_proj(x), self.up_proj(x)], -1)
-        return self.down_proj(norm.silu_mul(gate_up))
+        """``forward`` with one GEMM for gate and up (``fuse_gate_up`` first) and one SiLU-mul kernel."""
+        return self.down_proj(norm.silu_mul(F.linear(x, self.gate_up_weight)))
 
 
 class LogLinearMamba2Block(nn.Module):
@@ -190,9 +189,9 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         """``decode`` with each residual add fused into the next norm and the mixer and MLP in their
         fused forms: about ten launches per layer instead of fifty (same math; the roundings differ
         only where a fused kernel keeps float32 longer)."""
-        eps = self.config.norm_eps
         if self.small_batch_gemv(h):
             return self._decode_gemv(h, state, slots, positions)
+        eps = self.config.norm_eps
         delta = None
         for i, layer in enumerate(self.backbone.layers):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
@@ -207,8 +206,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
 
     def small_batch_gemv(self, h: torch.Tensor) -> bool:
         """Whether ``_decode_fused`` takes the GEMV path: a few rows on CUDA, bias-free projections."""
-        return (h.is_cuda and h.shape[0] <= GEMV_MAX_ROWS and not self.config.use_bias
-                and getattr(self.backbone.layers[0].mlp, "gate_up_weight", None) is not None)
+        return h.is_cuda and h.shape[0] <= GEMV_MAX_ROWS and not self.config.use_bias
 
     def _decode_gemv(self, h: torch.Tensor, state: ModelState, slots: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:
