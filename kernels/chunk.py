@@ -55,7 +55,7 @@ def _bitlen_fast(x, NBITS: tl.constexpr):
 
 
 @triton.jit
-def _log2_pow2(x):
+def log2_pow2(x):
     """log2(x) for a power of two x (a scalar), exact: the exponent of float(x)."""
     return (x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
 
@@ -302,7 +302,7 @@ def _chunk_output_kernel(
                     rem = rem ^ b
                     i_e = node0 + (c & -b) - 1 - cf
                     b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0)
-                    b_lam = tl.load(p_lam + BTLOG + 1 + _log2_pow2(b), mask=m_t, other=0.0).to(tl.float32)
+                    b_lam = tl.load(p_lam + BTLOG + 1 + log2_pow2(b), mask=m_t, other=0.0).to(tl.float32)
                     b_o += _dot(b_qd, b_n, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
                     b_acc += tl.load(node_decay + i_e * H + i_h)
                 if HAS_INIT:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.chunk import log2_pow2
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
 
@@ -95,7 +96,7 @@ def _fused_recurrent_step_tile_kernel(
     b_lam = tl.load(lam + i_n * s_ln + i_h * s_lh + o_l, mask=o_l < L, other=0.0).to(tl.float32)
 
     # per level: fold (0..z into the carry), new (z + 1), keep (live above z + 1, decays in place)
-    z1 = tl.where(t > 0, _ctz(t) + 1, 0)  # first level that is not folded; 0 at position 0
+    z1 = tl.where(t > 0, log2_pow2(t & -t) + 1, 0)  # ctz(t) + 1: first level not folded; 0 at t = 0
     bit = ((t >> tl.maximum(o_l - 1, 0)) & 1) == 1
     fold = (o_l < z1)
     new = (o_l == z1) & (o_l > 0)  # z1 = 0 at position 0: no new level
@@ -115,16 +116,6 @@ def _fused_recurrent_step_tile_kernel(
     b_t = tl.sum(b_w[:, None, None] * b_s, axis=0)  # (BK, BV) λ-weighted sum of the live levels
     b_o = tl.sum(b_q[:, None] * b_t, axis=0) * scale
     tl.store(o + i_k * s_ok + i_n * s_on + i_h * s_oh + o_v, b_o, mask=m_v)
-
-
-@triton.jit
-def _ctz(t):
-    """Trailing zeros of t > 0 (int64 scalar)."""
-    low = t & (-t)
-    n = tl.zeros_like(t)
-    for b in tl.static_range(1, 63):
-        n += ((low >> b) > 0).to(tl.int64)
-    return n
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
