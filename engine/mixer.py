@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import kernels
 from engine.model_config import ModelConfig
 from kernels import FenwickState, mixer_step, norm
-from kernels.ops import mul_to
+from kernels.ops import mul_to, rms_norm
 
 
 def inv_softplus(y: float) -> float:
@@ -35,9 +35,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Normalised x, computed in float32 and returned in ``dtype`` (the last multiply casts)."""
-        xf = x.float().unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return mul_to(xf.flatten(-2), self.weight, dtype)
+        return rms_norm(x, self.weight, self.eps, self.group_size, dtype)
 
 
 class LambdaMLP(nn.Module):

@@ -37,7 +37,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from kernels.ops import mul_to, unit_last
+from kernels.ops import mul_to, rms_norm, unit_last
 
 MAX_ROWS = 8  # the Triton path takes 1 <= M <= MAX_ROWS rows; more go to cuBLAS through the reference
 BLOCK_N = 8  # output rows per program: N_out = 768 -> 96 programs
@@ -59,13 +59,6 @@ class GemvConfig:
 # ---- PyTorch references -------------------------------------------------------------------------
 
 
-def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``engine.mixer.RMSNorm(h, h.dtype)`` (one group): float32, one rounding to h.dtype at the end."""
-    xf = h.float()
-    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return mul_to(xf, weight, h.dtype)
-
-
 def rmsnorm_linear_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                        weight: torch.Tensor) -> torch.Tensor:
     """RMSNorm, then a bias-free linear layer: ``in_proj(mixer_norm(h))`` or ``lm_head(norm_f(h))``.
@@ -76,7 +69,7 @@ def rmsnorm_linear_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
         y: [M, N] model dtype. The normalised input is rounded to h.dtype before the product, as the
         model does.
     """
-    return F.linear(_rms_norm(h, norm_weight, eps), weight)
+    return F.linear(rms_norm(h, norm_weight, eps, h.shape[-1], h.dtype), weight)
 
 
 def linear_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -102,7 +95,7 @@ def rmsnorm_linear_silu_mul_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps:
         a: [M, I] model dtype. gate and up are rounded to the model dtype (they are Linear outputs); silu
         and the product are taken in float32 and rounded once, as ``GatedMLP.forward``.
     """
-    xn = _rms_norm(h, norm_weight, eps)
+    xn = rms_norm(h, norm_weight, eps, h.shape[-1], h.dtype)
     gate_w, up_w = weight_gate_up.chunk(2, dim=0)  # row blocks of a contiguous weight stay contiguous
     gate, up = F.linear(xn, gate_w), F.linear(xn, up_w)
     return mul_to(F.silu(gate.float()), up, h.dtype)

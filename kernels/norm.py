@@ -20,17 +20,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kernels.ops import mul_to, unit_last
+from kernels.ops import mul_to, rms_norm, unit_last
 
 # ---- PyTorch references -------------------------------------------------------------------------
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
-              dtype: torch.dtype) -> torch.Tensor:
-    """``engine.mixer.RMSNorm.forward``: float32 over groups of ``group_size``; the weight multiply rounds."""
-    xf = x.float().unflatten(-1, (-1, group_size))  # (..., groups, group_size)
-    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return mul_to(xf.flatten(-2), weight, dtype)
 
 
 def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
@@ -46,7 +38,7 @@ def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torc
     h = x
     if residual is not None:  # the sum in float32 (the promoted type), stored in x.dtype
         h = torch.add(x, residual, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    return _rms_norm(h, weight, eps, h.shape[-1], out_dtype or x.dtype), h
+    return rms_norm(h, weight, eps, h.shape[-1], out_dtype or x.dtype), h
 
 
 def gated_rmsnorm_ref(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
@@ -73,8 +65,8 @@ def gated_rmsnorm_ref(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torc
     if weight is None:
         return mul_to(y, gate, out_dtype)
     if norm_before_gate:
-        return mul_to(_rms_norm(y, weight, eps, group_size, torch.float32), gate, out_dtype)
-    return _rms_norm(y * gate, weight, eps, group_size, out_dtype)
+        return mul_to(rms_norm(y, weight, eps, group_size, torch.float32), gate, out_dtype)
+    return rms_norm(y * gate, weight, eps, group_size, out_dtype)
 
 
 def silu_mul_ref(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

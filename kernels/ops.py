@@ -20,3 +20,12 @@ def mul_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 def unit_last(x: torch.Tensor) -> torch.Tensor:
     """x itself when its last dimension is contiguous (what the Triton launchers index), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm in float32 over groups of ``group_size`` channels of the last dim; the weight multiply
+    rounds to ``dtype`` (the model's ``RMSNorm`` and every reference of the fused norms)."""
+    xf = x.float().unflatten(-1, (-1, group_size))  # (..., groups, group_size)
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return mul_to(xf.flatten(-2), weight, dtype)
