@@ -1,15 +1,19 @@
-"""``kernels.mixer_step``: the decode inputs (conv step, Δ, g, λ) of one token per sequence.
+"""``kernels.mixer_step``: the decode inputs (conv step, Δ, g, λ) of one token per sequence, and the
+prefill inputs of sequences packed along the rows.
 
-The reference is checked bit for bit against what ``LogLinearMamba2Mixer.decode`` hands to
-``kernels.fused_recurrent_step`` (captured by a stand-in) and against the conv pool it leaves. The Triton
-kernel runs under ``TRITON_INTERPRET=1`` in one subprocess (this file run as a script, as in
-test_triton_kernels.py) and is compared with the reference: odd head counts, a head_dim that is not a
-power of two, conv channel blocks that end part-way, strided pools and dt / λ inputs on both sides of
-softplus's threshold.
+The decode reference is checked bit for bit against what ``LogLinearMamba2Mixer.decode`` hands to
+``kernels.fused_recurrent_step`` (captured by a stand-in) and against the conv pool it leaves; the prefill
+reference likewise against ``LogLinearMamba2Mixer.prefill`` and ``kernels.chunk_log_linear_attn``, and
+against the decode reference run one token at a time. The Triton kernels run under
+``TRITON_INTERPRET=1`` in one subprocess (this file run as a script, as in test_triton_kernels.py) and
+are compared with the references: odd head counts, a head_dim that is not a power of two, conv channel
+and row blocks that end part-way, strided pools, dt / λ inputs on both sides of softplus's threshold, and
+(prefill) sequences shorter than the conv window, of one token, and in slots out of order.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -121,12 +125,124 @@ def test_reference_rejects_missing_lambda_params():
 
 
 # ----------------------------------------------------------------------------------------------
+# The prefill reference against the mixer's prefill and against decode steps
+
+PREFILL_LENS = [5, 1, 2, 9, 3]  # W = 4: one token, fewer than, as many as and more than the W - 1 saved
+
+
+def _cu(lens: list[int], dtype: torch.dtype = torch.int64, device: str = "cpu") -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
+def test_prefill_reference_matches_mixer_prefill(monkeypatch, lambda_mode, conv_bias, dtype):
+    import kernels
+    from engine.mixer import LogLinearMamba2Mixer
+    from kernels.mixer_step import mixer_prefill_inputs_ref
+    from tests.tiny import randomize_, tiny_config
+
+    c = tiny_config(lambda_mode, hidden_size=48, head_dim=24, state_size=16, n_groups=2,
+                    lambda_levels=9, lambda_mlp_hidden=20, use_conv_bias=conv_bias)  # 4 heads of 24 channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mixer = LogLinearMamba2Mixer(c, dtype=dtype)
+        randomize_(mixer)
+    lens, P, W = PREFILL_LENS, 9, c.conv_kernel
+    N, T = len(lens), sum(lens)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(1, T, c.hidden_size, generator=gen).to(dtype)
+    pool = torch.randn(P, c.conv_dim, W - 1, generator=gen).to(dtype)
+    slots = torch.randperm(P, generator=gen)[:N]
+    cu = _cu(lens)
+
+    seen = {}
+
+    def fake_chunk(q, k, v, g, lam, **kw):
+        seen.update(q=q[0].clone(), k=k[0].clone(), v=v[0].clone(), g=g[0].clone(), lam=lam[0].clone())
+        return torch.zeros_like(v), None
+
+    output = mixer._output
+
+    def spy_output(o, x, z):
+        seen["x"] = x[0].clone()
+        return output(o, x, z)
+
+    monkeypatch.setattr(kernels, "chunk_log_linear_attn", fake_chunk)
+    monkeypatch.setattr(mixer, "_output", spy_output)
+    mixer.in_proj.register_forward_hook(lambda m, i, out: seen.__setitem__("proj", out[0].clone()))
+    args, kw = _mixer_args(mixer)
+    with torch.no_grad():
+        _, new_conv, _ = mixer.prefill(h, cu, pool[slots], None)
+        ref_pool = pool.clone()
+        xBC, v, g, lam = mixer_prefill_inputs_ref(seen["proj"], cu, ref_pool, slots, *args, **kw)
+
+    I, GK = c.intermediate_size, c.n_groups * c.state_size
+    assert xBC.dtype == v.dtype == dtype and g.dtype == lam.dtype == torch.float32
+    assert torch.equal(xBC[:, :I].unflatten(-1, (c.num_heads, c.head_dim)), seen["x"])
+    assert torch.equal(xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size)), seen["k"])
+    assert torch.equal(xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size)), seen["q"])
+    for name, got in (("v", v), ("g", g), ("lam", lam)):
+        assert got.dtype == seen[name].dtype and torch.equal(got, seen[name]), name
+    untouched = [i for i in range(P) if i not in slots.tolist()]
+    assert torch.equal(ref_pool[slots], new_conv.to(pool.dtype))
+    assert torch.equal(ref_pool[untouched], pool[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
+def test_prefill_reference_matches_decode_steps(lambda_mode, dtype):
+    # Row t of a sequence is the t-th of one-token decode steps from the sequence's saved window, and the
+    # window the steps leave is the prefill's. The steps see fewer rows at a time, so Δ, g and λ
+    # (vectorised exp / log) may differ from the prefill's by an ulp; the conv and the windows may not.
+    from kernels.mixer_step import mixer_decode_inputs_ref, mixer_prefill_inputs_ref
+    lens = PREFILL_LENS
+    (proj, pool, slots, *args), kw = _inputs(N=sum(lens), S=len(lens), H=3, V=8, G=1, K=8, mode=lambda_mode,
+                                             Lv=5, hidden=12, dtype=dtype)
+    cu = _cu(lens, torch.int32)
+    prefill_pool, step_pool = pool.clone(), pool.clone()
+    out = mixer_prefill_inputs_ref(proj, cu, prefill_pool, slots, *args, **kw)
+    steps = [torch.full_like(t, float("nan")) for t in out]
+    for t in range(max(lens)):
+        live = [n for n, length in enumerate(lens) if t < length]
+        rows = cu[live].long() + t
+        for got, part in zip(steps, mixer_decode_inputs_ref(proj[rows], step_pool, slots[live], *args, **kw),
+                             strict=True):
+            got[rows] = part
+    assert torch.equal(prefill_pool, step_pool) and not torch.equal(prefill_pool, pool)
+    assert torch.equal(out[0], steps[0])
+    for name, a, b in zip(("v", "g", "lam"), out[1:], steps[1:], strict=True):
+        assert _rel(a, b) < (1e-6 if a.dtype == torch.float32 else 1e-2), name
+        if a.dtype == torch.bfloat16:
+            assert _bf16_ulps(a, b) <= 1, name
+
+
+def test_prefill_reference_rejects_bad_cu_seqlens():
+    from kernels.mixer_step import mixer_prefill_inputs_ref
+    H, V, Lv, D = 2, 8, 3, 16 + 2 * 4
+    proj = torch.zeros(3, H * V + D + H * (1 + Lv))
+    rest = (torch.zeros(4, D, 3), torch.tensor([2, 0]), torch.zeros(D, 4), None, torch.zeros(H),
+            torch.zeros(H))
+    kw = dict(intermediate_size=H * V, n_groups=1, state_size=4, num_heads=H, head_dim=V, lambda_levels=Lv,
+              lambda_mode="none")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        mixer_prefill_inputs_ref(proj, torch.tensor([[0, 1, 3]]), *rest, **kw)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        mixer_prefill_inputs_ref(proj, torch.tensor([0.0, 1.0, 3.0]), *rest, **kw)
+    with pytest.raises(ValueError, match="slots"):
+        mixer_prefill_inputs_ref(proj, torch.tensor([0, 3]), *rest, **kw)
+    mixer_prefill_inputs_ref(proj, torch.tensor([0, 1, 3]), *rest, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
 # Triton (interpreter) against the reference, in a subprocess
 
 
-def _inputs(*, N, H, V, G, K, mode, Lv=9, hidden=20, W=4, bias=True, dtype=torch.float32, strided=False,
-            seed=0, device="cpu"):
-    """Random (proj, conv_pool, slots, conv_weight, conv_bias, dt_bias, A_log) and keyword arguments."""
+def _inputs(*, N, H, V, G, K, mode, S=None, Lv=9, hidden=20, W=4, bias=True, dtype=torch.float32,
+            strided=False, seed=0, device="cpu"):
+    """Random (proj [N rows], conv_pool, slots [S, default N], conv_weight, conv_bias, dt_bias, A_log) and
+    keyword arguments."""
     I = H * V
     D = I + 2 * G * K
     cols = I + D + H * (1 + Lv)
@@ -135,12 +251,13 @@ def _inputs(*, N, H, V, G, K, mode, Lv=9, hidden=20, W=4, bias=True, dtype=torch
     proj[:, I + D:] *= 12  # dt and dl on both sides of softplus's threshold
     proj[0, I + D] = 30.0
     proj[-1, I + D + H - 1] = -60.0
-    P = N + 4
+    S = N if S is None else S
+    P = S + 4
     if strided:  # channels not contiguous: [P, W-1, D] storage seen as [P, D, W-1]
         pool = torch.randn(P, W - 1, D, generator=gen).transpose(1, 2)
     else:
         pool = torch.randn(P, D, W - 1, generator=gen)
-    slots = torch.randperm(P, generator=gen)[:N]
+    slots = torch.randperm(P, generator=gen)[:S]
     weight = 0.5 * torch.randn(D, W, generator=gen)
     conv_bias = 0.1 * torch.randn(D, generator=gen) if bias else None
     dt = torch.empty(H).uniform_(0.01, 0.3, generator=gen)
@@ -184,7 +301,7 @@ def _case_triton(name, *, block_c=32, **kw):
     (proj, pool, *args), kwargs = _inputs(**kw)
     ref_pool, new_pool = pool.clone(), pool.clone()
     ref = mixer_decode_inputs_ref(proj, ref_pool, *args, **kwargs)
-    out = _triton()(proj, new_pool, *args, block_c=block_c, **kwargs)
+    out = _triton().decode(proj, new_pool, *args, block_c=block_c, **kwargs)
     return {name: _compare(out, ref, pool, new_pool, ref_pool, args[0])}
 
 
@@ -200,10 +317,40 @@ CASES = {
 }
 
 
+def _case_prefill(name, *, lens, cu_dtype=torch.int64, block_t=8, block_c=16, block_m=16, **kw):
+    from kernels.mixer_step import _triton, mixer_prefill_inputs_ref
+    (proj, pool, *args), kwargs = _inputs(N=sum(lens), S=len(lens), **kw)
+    cu = _cu(lens, cu_dtype)
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    ref = mixer_prefill_inputs_ref(proj, cu, ref_pool, *args, **kwargs)
+    out = _triton().prefill(proj, cu, new_pool, *args, block_t=block_t, block_c=block_c, block_m=block_m,
+                            **kwargs)
+    return {name: _compare(out, ref, pool, new_pool, ref_pool, args[0])}
+
+
+PREFILL_CASES = {  # D = H V + 2 G K = 40 to 56 conv channels in blocks of 16; rows in blocks of 8, of which
+    # those with every window inside its sequence take the conv's fast path
+    "fp32_mlp_bias": dict(lens=[5, 1, 2, 19, 3], H=2, V=8, G=1, K=16, mode="mlp", Lv=5, hidden=12),
+    "fp32_linear_nobias_G2_int32": dict(lens=[1, 7, 3, 2, 7], H=3, V=8, G=2, K=4, mode="linear", Lv=5,
+                                        bias=False, cu_dtype=torch.int32, seed=1),
+    "fp32_none_one_sequence": dict(lens=[20], H=3, V=8, G=1, K=16, mode="none", Lv=5, seed=2),
+    "fp32_mlp_single_tokens": dict(lens=[1] * 6, H=2, V=12, G=1, K=8, mode="mlp", Lv=5, hidden=12, seed=3),
+    "fp32_mlp_strided_one_block_W3": dict(lens=[2, 1, 14, 3], H=2, V=8, G=1, K=16, mode="mlp", Lv=5,
+                                          hidden=12, strided=True, W=3, block_t=32, block_c=64, block_m=64,
+                                          seed=4),
+    "bf16_mlp_bias": dict(lens=[3, 1, 2, 20, 4], H=2, V=8, G=1, K=16, mode="mlp", Lv=5, hidden=12,
+                          dtype=torch.bfloat16, seed=5),
+    "bf16_linear_nobias_strided": dict(lens=[3, 1, 2, 8, 6], H=3, V=8, G=1, K=8, mode="linear", Lv=5,
+                                       bias=False, dtype=torch.bfloat16, strided=True, seed=6),
+}
+
+
 def _interpret_cases() -> dict:
     res = {}
     for name, kw in CASES.items():
         res.update(_case_triton(name, **kw))
+    for name, kw in PREFILL_CASES.items():
+        res.update(_case_prefill(f"prefill_{name}", **kw))
     return res
 
 
@@ -227,8 +374,20 @@ def test_triton_interpreted_matches_reference(interpret_results, case):
         assert r["xBC_ulps"] <= 1 and r["v_ulps"] <= 3 and r["xBC_rel"] < 1e-2 and r["v_rel"] < 1e-2, r
 
 
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+def test_triton_prefill_interpreted_matches_reference(interpret_results, case):
+    # The decode kernel's tolerances: the prefill computes each row as the decode kernel does.
+    r = interpret_results[f"prefill_{case}"]
+    assert r["dtypes"] and r["pool_equal"] and r["others_untouched"], r
+    assert r["g_rel"] < 1e-6 and r["lam_rel"] < 1e-6, r
+    if case.startswith("fp32"):
+        assert r["xBC_rel"] < 1e-6 and r["v_rel"] < 1e-6, r
+    else:
+        assert r["xBC_ulps"] <= 1 and r["v_ulps"] <= 3 and r["xBC_rel"] < 1e-2 and r["v_rel"] < 1e-2, r
+
+
 # ----------------------------------------------------------------------------------------------
-# GPU: realistic shapes, NaN-filled outputs, CUDA graph replay
+# GPU: realistic shapes, NaN-filled outputs, CUDA graph replay (decode)
 
 
 @pytest.mark.gpu
@@ -262,6 +421,30 @@ def test_gpu_matches_reference_and_replays_in_a_graph(mode, dtype):
             assert r["xBC_rel"] < 1e-5 and r["v_rel"] < 1e-5, r
         else:
             assert r["xBC_ulps"] <= 1 and r["v_ulps"] <= 2 and r["xBC_rel"] < 1e-3 and r["v_rel"] < 1e-3, r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("mode", LAMBDA_MODES)
+def test_gpu_prefill_matches_reference(mode, dtype):
+    from kernels.mixer_step import mixer_prefill_inputs, mixer_prefill_inputs_ref
+    lens = [700, 1, 1297, 2, 1000]
+    (proj, pool, *args), kw = _inputs(N=sum(lens), S=len(lens), H=24, V=64, G=1, K=128, mode=mode, Lv=15,
+                                      hidden=64, dtype=dtype, device="cuda")  # D = 1792 conv channels
+    cu = _cu(lens, device="cuda")
+    ref_pool, new_pool = pool.clone(), pool.clone()
+    ref = mixer_prefill_inputs_ref(proj, cu, ref_pool, *args, **kw)
+    torch.full((1 << 28,), float("nan"), device="cuda")  # freed to the cache: unwritten outputs show as NaN
+    out = mixer_prefill_inputs(proj, cu, new_pool, *args, **kw)
+    torch.cuda.synchronize()
+    r = _compare(out, ref, pool, new_pool, ref_pool, args[0])
+    # as test_gpu_matches_reference_and_replays_in_a_graph
+    assert r["dtypes"] and r["pool_equal"] and r["others_untouched"], r
+    assert r["g_rel"] < 1e-5 and r["lam_rel"] < 1e-5, r
+    if dtype == torch.float32:
+        assert r["xBC_rel"] < 1e-5 and r["v_rel"] < 1e-5, r
+    else:
+        assert r["xBC_ulps"] <= 1 and r["v_ulps"] <= 2 and r["xBC_rel"] < 1e-3 and r["v_rel"] < 1e-3, r
 
 
 if __name__ == "__main__":
