@@ -389,13 +389,16 @@ def _dot_types(dtype: torch.dtype):
     """Operand types of the intra-chunk and the state products, and the fp32 product precision.
 
     States are fp32; they meet q in bf16 for bf16 inputs and in fp32 otherwise (fp16 could overflow).
-    Triton's CPU interpreter gets 16-bit products wrong, so there every product runs on fp32.
+    fp32 products run as three TF32 tensor-core products ("tf32x3": the split operands' cross terms,
+    about fp32 accuracy): "ieee" lowers to FMA loops on the H200 whose compile (ptxas) took over 100 s
+    for the packed-sequences-with-state kernel. Triton's CPU interpreter gets 16-bit products wrong, so
+    there every product runs on fp32.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return tl.float32, tl.float32, "ieee"
     in_dt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
     st_dt = tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
-    return in_dt, st_dt, "ieee" if dtype == torch.float32 else "tf32"
+    return in_dt, st_dt, "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _block(n: int) -> int:
