@@ -146,13 +146,13 @@ class LogLinearMamba2Mixer(nn.Module):
 
     # ---- packed sequences continuing from saved state ---------------------------------------------
     def prefill(self, h: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
-                fenwick: FenwickState) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
+                fenwick: FenwickState | None) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
         """Continue N packed sequences from their state.
 
         Args:
             h: [1, T_total, hidden]; cu_seqlens: [N + 1] int64 (every sequence non-empty);
             conv_state: [N, conv_dim, W - 1], the last conv inputs of each sequence (oldest first);
-            fenwick: FenwickState of the N sequences (levels float32).
+            fenwick: FenwickState of the N sequences (levels float32), or None: every sequence starts empty.
         Returns:
             (out [1, T_total, hidden], new conv_state [N, conv_dim, W - 1], final FenwickState).
         """
@@ -171,6 +171,34 @@ class LogLinearMamba2Mixer(nn.Module):
         o, final = kernels.chunk_log_linear_attn(q, k, v, g, lam, scale=1.0, initial_state=fenwick,
                                                  output_final_state=True, cu_seqlens=cu_seqlens)
         return self._output(o, x, z), new_conv, final
+
+    def prefill_fused(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
+                      slots: torch.Tensor, initial: FenwickState | None) -> tuple[torch.Tensor, FenwickState]:
+        """``prefill`` between in_proj and out_proj in the fused kernels: conv + Δ + g + λ of the packed
+        rows in one call (kernels.mixer_step, which also writes each slot's new conv window), the chunked
+        attention, and D skip + gated norm in one kernel (kernels.norm).
+
+        proj: [T_total, in_proj_size] = in_proj(normed input); initial: the sequences' states, or None
+        when every sequence starts empty. Returns (y [T_total, I] in the model dtype, the input of
+        out_proj; the final FenwickState, levels float32).
+        """
+        c = self.config
+        I, GK, H = c.intermediate_size, c.n_groups * c.state_size, c.num_heads
+        xBC, v, g, lam = mixer_step.mixer_prefill_inputs(
+            proj, cu_seqlens, conv_pool, slots, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias,
+            self.A_log, intermediate_size=I, n_groups=c.n_groups, state_size=c.state_size, num_heads=H,
+            head_dim=c.head_dim, lambda_levels=c.lambda_levels, lambda_mode=c.lambda_mode,
+            lambda_L=getattr(self, "L", None), **_mlp_weights(getattr(self, "lambda_mlp", None)))
+        x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (T, H, V)
+        k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (T, G, K)
+        q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
+        o, final = kernels.chunk_log_linear_attn(q[None], k[None], v[None], g[None], lam[None], scale=1.0,
+                                                 initial_state=initial, output_final_state=True,
+                                                 cu_seqlens=cu_seqlens)
+        weight = self.norm.weight if c.rmsnorm else None
+        y = norm.gated_rmsnorm(o[0], x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
+                               c.norm_before_gate, self.out_proj.weight.dtype)
+        return y, final
 
     # ---- one token per sequence, state pools updated in place -------------------------------------
     def decode(self, h: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor, slots: torch.Tensor,

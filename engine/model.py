@@ -93,10 +93,10 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device,
                                  dtype=dtype)
         self.tie_weights()
-        self.fused_decode = False  # decode through the fused kernels (set by the engine on CUDA)
+        self.fused_decode = False  # decode and prefill through the fused kernels (set by the engine on CUDA)
 
     def enable_fused_decode(self, enabled: bool = True) -> None:
-        """Route ``decode`` through the fused kernels (one GEMM for each MLP's gate and up)."""
+        """Route ``decode`` and ``prefill`` through the fused kernels (one GEMM for gate and up)."""
         if enabled:
             for layer in self.backbone.layers:
                 layer.mlp.fuse_gate_up()
@@ -130,39 +130,68 @@ class LogLinearMamba2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, state: ModelState,
-                slots: torch.Tensor) -> torch.Tensor:
+                slots: torch.Tensor, starts: list[int] | None = None) -> torch.Tensor:
         """Continue N packed sequences from their slots and write the state back.
 
         Args:
             input_ids: [T_total] the new tokens of N sequences, packed;
-            cu_seqlens: [N + 1] cumulative lengths (each sequence has at least one token);
-            state: the pool; slots: [N] distinct slot indices.
+            cu_seqlens: [N + 1] cumulative lengths (each sequence has at least one token); a CPU tensor
+                saves a device round trip;
+            state: the pool; slots: [N] distinct slot indices;
+            starts: state.positions[slots] as the host knows them (the engine does); read back if None.
         Returns:
             logits of each sequence's last token: [N, vocab] float32. Advances state.positions[slots].
         """
         device = self.device
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        bounds = cu_seqlens.tolist()
         slots = torch.as_tensor(slots, device=device, dtype=torch.int64)
-        if cu.numel() != slots.numel() + 1 or int(cu[-1]) != input_ids.numel():
-            raise ValueError(f"prefill: cu_seqlens {cu.tolist()} does not match {slots.numel()} slots and "
+        if len(bounds) != slots.numel() + 1 or bounds[-1] != input_ids.numel():
+            raise ValueError(f"prefill: cu_seqlens {bounds} does not match {slots.numel()} slots and "
                              f"{input_ids.numel()} tokens")
-        lens = cu[1:] - cu[:-1]
+        lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        starts = state.positions[slots].tolist() if starts is None else list(starts)
+        if len(starts) != len(lens) or any(n < 1 or s + n > self.config.max_model_len
+                                           for s, n in zip(starts, lens, strict=True)):
+            raise ValueError(f"prefill: sequence lengths {lens} from positions {starts} must be >= 1 token "
+                             f"and end within max_model_len={self.config.max_model_len}")
+        cu = cu_seqlens.to(device=device, dtype=torch.int64, non_blocking=True)
         start = state.positions[slots]
-        end = start + lens
-        if slots.numel() and (int(lens.min()) < 1 or int(end.max()) > self.config.max_model_len):
-            raise ValueError(f"prefill: sequence lengths {lens.tolist()} from positions {start.tolist()} "
-                             f"must be >= 1 token and end within max_model_len={self.config.max_model_len}")
-        h = self.backbone.embeddings(input_ids.to(device))[None]  # (1, T_total, hidden)
+        h = self.backbone.embeddings(input_ids.to(device))  # (T_total, hidden)
+        fresh = not any(starts)  # every sequence starts empty: no initial state to read or merge
         with kernels.chunk_plan_cache(device):  # cu and start are the same, unchanged, in every layer
-            for i, layer in enumerate(self.backbone.layers):
-                fenwick = FenwickState(state.levels[i][slots].float(), start)
-                out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
-                                                       fenwick)
-                state.conv[i][slots] = conv.to(state.conv[i].dtype)
-                state.levels[i][slots] = final.levels.to(state.levels[i].dtype)
-                h = layer.add_mlp(h + out)
-        state.positions[slots] = end
-        return self._logits(h[0, cu[1:] - 1]).float()
+            if self.fused_decode:
+                h = self._prefill_fused(h, cu, state, slots, None if fresh else start)
+            else:
+                h = h[None]
+                for i, layer in enumerate(self.backbone.layers):
+                    fenwick = None if fresh else FenwickState(state.levels[i][slots].float(), start)
+                    out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
+                                                           fenwick)
+                    state.conv[i][slots] = conv.to(state.conv[i].dtype)
+                    state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
+                    h = layer.add_mlp(h + out)
+                h = self.backbone.norm_f(h[0, cu[1:] - 1], h.dtype)
+        state.positions[slots] = start + torch.as_tensor(lens, device=device)
+        return self.lm_head(h).float()
+
+    def _prefill_fused(self, h: torch.Tensor, cu: torch.Tensor, state: ModelState, slots: torch.Tensor,
+                       start: torch.Tensor | None) -> torch.Tensor:
+        """``prefill``'s layers in the fused kernels of ``_decode_fused`` (residual adds inside the next
+        norm, one GEMM for gate and up) and the mixer's ``prefill_fused``; start None: fresh sequences.
+        Returns the final-normed hidden rows of each sequence's last token: [N, hidden]."""
+        eps = self.config.norm_eps
+        delta = None
+        for i, layer in enumerate(self.backbone.layers):
+            x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
+            mixer = layer.mixer
+            initial = None if start is None else FenwickState(state.levels[i][slots].float(), start)
+            y, final = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], slots, initial)
+            state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
+            delta = mixer.out_proj(y)
+            x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
+            delta = layer.mlp.forward_fused(x)
+        last = cu[1:] - 1
+        return norm.add_rmsnorm(h[last], delta[last], self.backbone.norm_f.weight, eps)[0]
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, state: ModelState, slots: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,13 @@ class ModelRunner:
         if multi:
             lens = [len(out.chunks[i].token_ids) for i in multi]
             ids = self._tensor([t for i in multi for t in out.chunks[i].token_ids])  # (T_total,)
-            cu = self._tensor([0, *itertools.accumulate(lens)])  # (N + 1,)
+            cu = torch.tensor([0, *itertools.accumulate(lens)])  # (N + 1,) on the host: no round trip
             slots = self._tensor([out.chunks[i].seq.slot for i in multi])  # (N,)
+            # a prompt chunk's tokens are counted as computed when scheduled: it starts before them
+            starts = [out.chunks[i].seq.request.num_computed_tokens - n
+                      for i, n in zip(multi, lens, strict=True)]
             self.num_prefill_calls += 1
-            parts.append(self.model.prefill(ids, cu, self.state, slots))  # (N, vocab)
+            parts.append(self.model.prefill(ids, cu, self.state, slots, starts))  # (N, vocab)
             row_of.update((i, r) for r, i in enumerate(multi))
         if single:
             ids_1 = [out.chunks[i].token_ids[0] for i in single]
