@@ -5,7 +5,8 @@ expand 2, vocab 32000). FLA runs only the linear λ mode, so the model directory
 the same seed: ``mlp`` (adaptive decay, Fenwick's headline) and ``linear`` (what FLA loads; Fenwick also
 runs it, for a like-for-like row). Each batch: B random prompts of --prompt-len tokens, --new-tokens
 greedy tokens with EOS ignored; output tokens/s = B * new_tokens / wall time (prefill included, as for
-FLA's generate). Fenwick's pure-decode steps (no prompt tokens) also give a per-step time, set against
+FLA's generate). The steps that carry prompt tokens are summed ("prompt steps ms": prefill and the first
+sample). Fenwick's pure-decode steps (no prompt tokens) also give a per-step time, set against
 two floors at the measured device-to-device copy bandwidth: reading the weights once per step, and
 reading + writing every slot's full Fenwick state (all L levels) once per step.
 
@@ -96,7 +97,9 @@ def bench_fenwick(llm: LLM, batch: int, a: argparse.Namespace, vocab: int) -> di
     decode = [times[i + 1] - times[i] for i, (_, s) in enumerate(steps)
               if s.num_prompt_tokens == 0 and s.num_generation_tokens == batch]
     step_s = sorted(decode)[len(decode) // 2] if decode else float("nan")
-    return dict(tokens_per_s=tokens / wall, wall_s=wall, output_tokens=tokens, decode_step_ms=step_s * 1e3,
+    prompt_s = sum(times[i + 1] - times[i] for i, (_, s) in enumerate(steps) if s.num_prompt_tokens)
+    return dict(tokens_per_s=tokens / wall, wall_s=wall, output_tokens=tokens, prompt_steps_ms=prompt_s * 1e3,
+                decode_step_ms=step_s * 1e3,
                 decode_tokens_per_s=batch / step_s if decode else float("nan"), decode_steps=len(decode))
 
 
@@ -201,12 +204,14 @@ def markdown(r: dict[str, Any], a: argparse.Namespace) -> str:
             f"{r.get('state_MiB_per_request', 0):.1f} MiB/request ({r['state_dtype']}); "
             f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, greedy; "
             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s. {r['note']}")
-    cols = ["engine", "λ", "batch", "output tok/s", "decode step ms", "decode tok/s", "weights floor ms",
+    cols = ["engine", "λ", "batch", "output tok/s", "prompt steps ms", "decode step ms", "decode tok/s",
+            "weights floor ms",
             "state r+w floor ms", "error"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for x in r["rows"]:
         lines.append(f"| {x['engine']} | {x['lambda_mode']} | {x['batch']} | {f(x.get('tokens_per_s'))} | "
-                     f"{f(x.get('decode_step_ms'), 2)} | {f(x.get('decode_tokens_per_s'))} | "
+                     f"{f(x.get('prompt_steps_ms'))} | {f(x.get('decode_step_ms'), 2)} | "
+                     f"{f(x.get('decode_tokens_per_s'))} | "
                      f"{f(x.get('weights_floor_ms'), 3)} | {f(x.get('state_floor_ms'), 3)} | "
                      f"{x.get('error', '')} |")
     lines.append(f"\nCommand: python {' '.join(sys.argv)}")

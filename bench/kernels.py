@@ -114,13 +114,14 @@ def decode_bytes(positions: list[int], L: int, level_bytes: int) -> int:
 STEP_TILES = [(8, 64, 4), (16, 64, 8), (16, 32, 4), (32, 32, 8), (4, 64, 2), (128, 16, 8)]  # (BK, BV, warps)
 
 
-def bench_decode(rows: list, copy_gbs: float, block_vs: list) -> None:
+def bench_decode(rows: list, copy_gbs: float, block_vs: list,
+                 state_dtype: torch.dtype = torch.float32) -> None:
     from kernels.fused_recurrent import fused_recurrent_step
     L = 15
     for N in NS:
         gen = torch.Generator(device="cuda").manual_seed(N)
         P = max(N, 64)
-        pool = torch.randn(P, L, H, K, V, device="cuda", generator=gen)
+        pool = torch.randn(P, L, H, K, V, device="cuda", generator=gen).to(state_dtype)
         slots = torch.randperm(P, device="cuda", generator=gen)[:N]
         pos = torch.randint(4096, 16384, (N,), device="cuda", generator=gen)
         q = torch.randn(N, G, K, device="cuda").bfloat16()
@@ -128,8 +129,8 @@ def bench_decode(rows: list, copy_gbs: float, block_vs: list) -> None:
         v = torch.randn(N, H, V, device="cuda").bfloat16()
         g = -torch.rand(N, H, device="cuda")
         lam = (torch.rand(N, H, L, device="cuda") + 0.5).bfloat16()
-        nbytes = decode_bytes(pos.tolist(), L, K * V * 4)
-        row = {"N": N, "bytes": nbytes, "copy_GBps": copy_gbs}
+        nbytes = decode_bytes(pos.tolist(), L, K * V * pool.element_size())
+        row = {"N": N, "state_dtype": str(state_dtype), "bytes": nbytes, "copy_GBps": copy_gbs}
         variants = {f"loop_bv{bv}": dict(tile=False, block_v=bv) for bv in block_vs}
         variants.update({f"tile_k{bk}v{bv}w{w}": dict(block_k=bk, block_v=bv, num_warps=w)
                          for bk, bv, w in STEP_TILES})
@@ -209,7 +210,7 @@ def explore(out: Path, names: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
 
 
-def main_gpu(out: Path, quick: bool, decode: bool = True) -> None:
+def main_gpu(out: Path, quick: bool, decode: bool = True, state_dtype: torch.dtype = torch.float32) -> None:
     props = torch.cuda.get_device_properties(0)
     meta = {"device": props.name, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M")}
     import triton
@@ -222,7 +223,7 @@ def main_gpu(out: Path, quick: bool, decode: bool = True) -> None:
         TS[:] = TS[:1] + TS[-1:]
     prefill, dec = [], []
     if decode:
-        bench_decode(dec, copy_gbs, [32, 64])
+        bench_decode(dec, copy_gbs, [32, 64], state_dtype)
         out.write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": dec}, indent=1))
     for T in TS:  # the file is rewritten after every row, so a run cut short keeps what it measured
         prefill.append(prefill_row(T, variants))
@@ -309,6 +310,7 @@ if __name__ == "__main__":
     ap.add_argument("--variants", type=str, help="--explore: comma-separated VARIANTS names (default: all)")
     ap.add_argument("--ts", type=str, help="comma-separated T values (default: all; none: decode only)")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"], help="decode pool")
     a = ap.parse_args()
     if a.explore:
         explore(a.explore, a.variants.split(",") if a.variants else None)
@@ -318,5 +320,5 @@ if __name__ == "__main__":
     else:
         if a.ts:
             TS[:] = [] if a.ts == "none" else [int(x) for x in a.ts.split(",")]
-        main_gpu(a.out or Path("kernels-bench.json"), a.quick, not a.no_decode)
+        main_gpu(a.out or Path("kernels-bench.json"), a.quick, not a.no_decode, getattr(torch, a.state_dtype))
         print(table(a.out or Path("kernels-bench.json")))

@@ -4,7 +4,9 @@ Builds bench/engine.py's ~250M model (random weights), then for each batch size:
   1. replays the captured decode CUDA graph and times it with CUDA events (pure device time per step);
   2. profiles one eager decode step with torch.profiler (kernel count, top kernels by device time);
   3. runs LLM.generate and times each stage of EngineCore.step (schedule / model / sample / outputs)
-     with a device synchronisation around each, so host overhead shows beside device time.
+     with a device synchronisation around each, so host overhead shows beside device time;
+  4. (first) times a prompt-only request (max_tokens=1: the eager prefill step + one sample) and profiles
+     it: wall time, summed kernel time, top kernels and top host ops, so launch/sync overhead shows.
 
     python tools/profile_decode.py --out /tmp/profile.txt            # H200
     python tools/profile_decode.py --tiny --out /tmp/profile.txt     # CPU smoke test
@@ -38,6 +40,40 @@ def timed(stats: dict[str, list[float]], name: str, fn, device: torch.device):
     return wrapper
 
 
+def kernel_table(prof, log, rows: int = 25) -> None:
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    log(f"    {len(kernels)} kernels, {sum(e.device_time for e in kernels) / 1e3:.3f} ms summed kernel time")
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for e in kernels:
+        by_name[e.name[:90]].append(e.device_time)
+    for name, ts in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        log(f"    {sum(ts) / 1e3:8.3f} ms  {len(ts):5d}x  {sum(ts) / len(ts):7.2f} us  {name}")
+
+
+def profile_prefill(llm: LLM, bs: int, prompt_len: int, vocab: int, device: torch.device, log) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    batch = prompts(bs, prompt_len, vocab, 3)
+    llm.generate(batch, params)  # warm-up
+    walls = []
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        llm.generate(batch, params)
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+    log(f"[prefill] batch {bs} x {prompt_len} tokens, max_tokens=1: wall {min(walls) * 1e3:.2f} ms "
+        "(best of 3)")
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        llm.generate(batch, params)
+        sync(device)
+    if device.type == "cuda":
+        kernel_table(prof, log)
+    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -66,6 +102,8 @@ def main() -> None:
     runner, model, state = core.runner, core.model, core.pool.state
     log(f"device {device}, dtype {dtype}, mode {a.mode}, levels {state.levels[0].shape}")
     for bs in a.batches:
+        profile_prefill(llm, bs, prompt_len, shape["vocab_size"], device, log)
+    for bs in a.batches:
         slots = torch.arange(bs, device=device)
         ids = torch.randint(1, shape["vocab_size"], (bs,), device=device)
         with torch.inference_mode():
@@ -73,7 +111,7 @@ def main() -> None:
             state.positions[slots] = 600 if not a.tiny else 10
             if runner.graphs is not None:
                 for _ in range(3):
-                    runner.decode(ids, slots)
+                    runner.decode(ids.tolist(), slots.tolist())
                 sync(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 reps = 50
@@ -92,16 +130,8 @@ def main() -> None:
                 model.decode(ids, state, slots)
                 sync(device)
         if device.type == "cuda":
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            total = sum(e.device_time for e in kernels)
-            log(f"[eager] batch {bs}: {len(kernels)} kernels per step, "
-                f"{total / 1e3:.3f} ms summed kernel time")
-            by_name: dict[str, list[float]] = collections.defaultdict(list)
-            for e in kernels:
-                by_name[e.name[:90]].append(e.device_time)
-            top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
-            for name, ts in top:
-                log(f"    {sum(ts) / 1e3:8.3f} ms  {len(ts):5d}x  {sum(ts) / len(ts):7.2f} us  {name}")
+            log(f"[eager] batch {bs}: one decode step")
+            kernel_table(prof, log, rows=30)
         else:
             log(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
         stats: dict[str, list[float]] = collections.defaultdict(list)
