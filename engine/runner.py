@@ -30,9 +30,24 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.fused_decode and hasattr(model, "enable_fused_decode"):
             model.enable_fused_decode()
+        if self.device.type == "cuda":
+            self._warm_up_prefill()
         if config.use_cuda_graphs:
             sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
             self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
+
+    @torch.inference_mode()
+    def _warm_up_prefill(self) -> None:
+        """Compile the prompt path's kernels at start-up rather than inside the first request: a short
+        prompt in the dummy slot from an empty state, then a continuation of it (the initial-state
+        kernels), then the slot is zeroed again."""
+        slot = self.pool.dummy_slot
+        n = max(1, min(70, int(self.model.config.max_model_len) // 2))
+        slots = self._tensor([slot])
+        for start in (0, n):
+            self.model.prefill(self._tensor([0] * n), torch.tensor([0, n]), self.state, slots, [start])
+        self.state.reset(slots)
+        torch.cuda.synchronize(self.device)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long)

@@ -134,8 +134,9 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
         [NK, N, H, V] float32 (scale applied), for a consumer that fuses the sum
         (kernels.norm.gated_rmsnorm); the level loop returns o as usual.
         tile: all levels of a [block_k, block_v] tile loaded at once, or one level after the other
-        (the level loop); default by size, from H200 timings (docs/kernels-notes.md): the loop up to
-        N * H < 512 (latency bound, no partial sums to add), tiles of [4, 64] beyond.
+        (the level loop); default by size and pool dtype, from H200 timings (docs/kernels-notes.md):
+        the loop up to N * H < 512 (latency bound, no partial sums to add), tiles of [4, 64] beyond for
+        fp32 pools; bf16 pools keep the loop (the tiles reached 1.4 TB/s there, the loop 1.7-1.9).
     Returns:
         o: [N, H, V] in v's dtype (or the float32 partials).
     """
@@ -149,7 +150,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, level_scales = (unit_last(x) for x in (q, k, v, g, level_scales))
     if tile is None:
-        tile = N * H >= 512
+        tile = N * H >= 512 and levels.dtype == torch.float32
     if not tile:
         return _step_loop(q, k, v, g, level_scales, levels, slots, positions, scale, block_v)
     LP = triton.next_power_of_2(L)

@@ -326,7 +326,9 @@ def _triton() -> SimpleNamespace | None:
         )
         return xbc, v, g, lam
 
-    @triton.jit
+    # T, N, n_bits and NM change with every batch: Triton would compile a new kernel for each value
+    # that is 1 or a multiple of 16 (its integer specialisations), in the middle of serving
+    @triton.jit(do_not_specialize=["T", "N", "n_bits"])
     def _prefill_conv_kernel(
         proj, cu_seqlens, conv_pool, slots, conv_weight, conv_bias, dt_bias, xbc, v,
         T, N, n_bits, s_pt, s_cp, s_cd, s_cw, s_wd, s_ww,
@@ -386,7 +388,7 @@ def _triton() -> SimpleNamespace | None:
             tl.store(v + o_t.to(tl.int64)[:, None] * I + o_c[None, :],
                      (b_y.to(tl.float32) * b_delta).to(v.dtype.element_ty), mask=m_tx)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "NM"])
     def _prefill_heads_kernel(
         proj, cu_seqlens, conv_pool, slots, dt_bias, A_log, lam_L, fc1_w, fc1_b, fc2_w, fc2_b, g, lam,
         T, NM, s_pt, s_cp, s_cd, s_cw,
