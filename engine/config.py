@@ -43,7 +43,10 @@ class EngineConfig:
     long_prefill_chunk: int = 512  # most prompt tokens one request runs in one step
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests get QueueFullError
     enforce_eager: bool = False  # no CUDA graphs for decode
-    fused_decode: bool = True  # decode through the fused Triton kernels on CUDA (engine/model.py)
+    fused_decode: bool = True  # decode and prefill through the fused Triton kernels on CUDA (engine/model.py)
+    # queue the next decode step on the device before the host reads this step's tokens (EngineCore);
+    # None: on where decode runs from CUDA graphs
+    overlap_decode: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name
@@ -108,6 +111,10 @@ class EngineConfig:
     @property
     def torch_state_dtype(self) -> torch.dtype:
         return _DTYPES[str(self.state_dtype)]
+
+    @property
+    def use_overlap_decode(self) -> bool:
+        return self.use_cuda_graphs if self.overlap_decode is None else self.overlap_decode
 
     @property
     def use_cuda_graphs(self) -> bool:

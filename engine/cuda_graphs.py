@@ -83,3 +83,20 @@ class DecodeGraphs:
         self.copied.record()
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
+
+    def run_next(self, input_ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """``run`` with the ids [N] already on the device (tokens just sampled, not yet read by the host):
+        only the slots go through the pinned buffer. -> logits [N, vocab] (a view, as for ``run``)."""
+        n = len(slots)
+        if input_ids.shape != (n,):
+            raise ValueError(f"run_next: {n} slots but ids of shape {tuple(input_ids.shape)}")
+        bs = next(s for s in self.sizes if s >= n)
+        self.copied.synchronize()
+        self.host_np[1, :n] = slots
+        self.host_np[1, n:bs] = self.dummy_slot
+        self.slots[:bs].copy_(self.host[1, :bs], non_blocking=True)
+        self.copied.record()
+        self.input_ids[:n].copy_(input_ids)
+        self.input_ids[n:bs].zero_()
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,10 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.state_pool import StatePool, prefill_headroom_bytes
 from engine.stats import EngineStats, FinishedRequestStats
+
+if TYPE_CHECKING:
+    from engine import request
+    from engine.runner import Speculated
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ class EngineCore:
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
         self._pending_finished: list[FinishedRequestStats] = []  # aborts between steps
+        # the next decode step, queued on the device while the host handled this one (overlap_decode)
+        self._speculated: Speculated | None = None
         self.num_steps = 0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -140,12 +146,13 @@ class EngineCore:
         return outputs
 
     def _run(self, sched: SchedulerOutput, stats: EngineStats) -> list[Request]:
-        logits = self.runner.execute(sched)  # (M, vocab), one row per sampling chunk
+        speculated, self._speculated = self._speculated, None
+        logits = self.runner.execute(sched, speculated)  # (M, vocab), one row per sampling chunk
         seqs = sched.sampled_seqs
         repeats = [len(c.seq.request.live_seqs) if c.is_prompt else 1 for c in sched.chunks if c.sample]
         if seqs and any(r > 1 for r in repeats):  # n > 1: a finished prompt's row feeds all its samples
             logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
-        sampled = self.sampler.sample(logits, seqs) if seqs else None
+        sampled = self.sampler.sample(logits, seqs, self._speculate(sched, seqs)) if seqs else None
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
@@ -162,6 +169,26 @@ class EngineCore:
             touched[request.request_id] = request
         stats.num_generation_tokens = len(seqs)
         return list(touched.values())
+
+    def _speculate(self, sched: SchedulerOutput,
+                   seqs: list[request.Sequence]) -> Callable[[torch.Tensor], None] | None:
+        """With overlap_decode, after a pure decode step: a hook for the sampler that queues the next
+        decode of the same sequences on the device from the tokens just sampled, before the host reads
+        them. The next step takes its rows for the decodes it schedules (every running sequence that did
+        not finish; a sequence that finished leaves a step in its freed slot, which is zeroed on reuse)
+        and runs only new prompt chunks. This relies on every decoding sequence decoding in every step
+        (max_num_batched_tokens >= max_num_seqs, checked at start-up): a sequence left out of this step
+        would run later with its token absorbed twice. Not when every sequence is at its max_tokens."""
+        if (not self.config.use_overlap_decode or sched.num_prompt_tokens or sched.reset_slots
+                or sched.forks or any(c.is_prompt for c in sched.chunks)
+                or all(len(s.token_ids) + 1 >= s.request.max_tokens for s in seqs)):
+            return None
+
+        ids, slots = [s.seq_id for s in seqs], [s.slot for s in seqs]
+
+        def queue_next(token_ids: torch.Tensor) -> None:
+            self._speculated = (ids, self.runner.decode_next(token_ids, slots))
+        return queue_next
 
     def _finished_stats(self, request: Request, now: float, reason: str | None) -> FinishedRequestStats:
         reasons = [s.finish_reason for s in request.seqs if s.finish_reason]

@@ -18,6 +18,8 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.scheduler import SchedulerOutput
 from engine.state_pool import StatePool
 
+Speculated = tuple[list[int], torch.Tensor]  # (seq ids in row order, logits [N, vocab]) of a decode_next
+
 
 class ModelRunner:
     def __init__(self, model: Any, pool: StatePool, config: EngineConfig) -> None:
@@ -62,15 +64,44 @@ class ModelRunner:
             return self.graphs.run(input_ids, slots)
         return self.model.decode(self._tensor(input_ids), self.state, self._tensor(slots))
 
+    def decode_next(self, input_ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """``decode`` with the ids [N] on the device (tokens just sampled, not yet read by the host):
+        queued without waiting for the host, so the device runs it while the host handles the step
+        that sampled them. -> logits [N, vocab]."""
+        self.num_decode_calls += 1
+        if self.graphs is not None and self.graphs.can_run(len(slots)):
+            return self.graphs.run_next(input_ids, slots)
+        return self.model.decode(input_ids, self.state, self._tensor(slots))
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run one step -> logits [M, vocab] of the chunks with sample=True, in chunk order."""
-        if out.reset_slots:
-            self.state.reset(self._tensor(out.reset_slots))
-        multi = [i for i, c in enumerate(out.chunks) if len(c.token_ids) > 1]
-        single = [i for i, c in enumerate(out.chunks) if len(c.token_ids) == 1]
+    def execute(self, out: SchedulerOutput, speculated: Speculated | None = None) -> torch.Tensor:
+        """Run one step -> logits [M, vocab] of the chunks with sample=True, in chunk order.
+
+        speculated: (seq ids, logits) of a ``decode_next`` already queued for this step: its rows serve
+        the step's decode chunks (each of which must be among them) and only the prompt chunks run.
+        """
         parts: list[torch.Tensor] = []
         row_of: dict[int, int] = {}  # chunk index -> row in cat(parts)
+        todo = range(len(out.chunks))
+        if speculated is not None:
+            decodes = [i for i, c in enumerate(out.chunks) if not c.is_prompt]
+            where = {sid: r for r, sid in enumerate(speculated[0])}
+            missing = [out.chunks[i].seq.seq_id for i in decodes if out.chunks[i].seq.seq_id not in where]
+            if missing:
+                raise RuntimeError(f"decodes of sequences {missing} were not in the speculated step")
+            take = [where[out.chunks[i].seq.seq_id] for i in decodes]
+            todo = [i for i, c in enumerate(out.chunks) if c.is_prompt]
+            ready = speculated[1]
+            if take != list(range(ready.shape[0])):
+                ready = ready.index_select(0, self._tensor(take))
+            elif todo:  # a graph replay below may write over the view
+                ready = ready.clone()
+            parts.append(ready)
+            row_of.update((i, r) for r, i in enumerate(decodes))
+        if out.reset_slots:
+            self.state.reset(self._tensor(out.reset_slots))
+        multi = [i for i in todo if len(out.chunks[i].token_ids) > 1]
+        single = [i for i in todo if len(out.chunks[i].token_ids) == 1]
         if multi:
             lens = [len(out.chunks[i].token_ids) for i in multi]
             ids = self._tensor([t for i in multi for t in out.chunks[i].token_ids])  # (T_total,)
@@ -80,12 +111,14 @@ class ModelRunner:
             starts = [out.chunks[i].seq.request.num_computed_tokens - n
                       for i, n in zip(multi, lens, strict=True)]
             self.num_prefill_calls += 1
+            base = sum(p.shape[0] for p in parts)
             parts.append(self.model.prefill(ids, cu, self.state, slots, starts))  # (N, vocab)
-            row_of.update((i, r) for r, i in enumerate(multi))
+            row_of.update((i, base + r) for r, i in enumerate(multi))
         if single:
             ids_1 = [out.chunks[i].token_ids[0] for i in single]
+            base = sum(p.shape[0] for p in parts)
             parts.append(self.decode(ids_1, [out.chunks[i].seq.slot for i in single]))  # (N, vocab)
-            row_of.update((i, len(multi) + r) for r, i in enumerate(single))
+            row_of.update((i, base + r) for r, i in enumerate(single))
         for src, dsts in out.forks:
             self.state.copy_(src, self._tensor(dsts))
         rows = [row_of[i] for i, c in enumerate(out.chunks) if c.sample]

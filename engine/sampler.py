@@ -9,6 +9,7 @@ Logprobs are the log-softmax of the raw model logits (before penalties, temperat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,11 +52,19 @@ class Sampler:
         return gen
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: [N, V] (any float dtype), row i for seqs[i] -> one token per row."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence],
+               before_sync: Callable[[torch.Tensor], None] | None = None) -> SamplerOutput:
+        """logits: [N, V] (any float dtype), row i for seqs[i] -> one token per row.
+
+        before_sync(token_ids [N] on the device) runs once every device op of the sampling is queued and
+        the results' copies to the host are in flight, before the host waits for them: work it queues
+        on the device (the next decode step) overlaps with the host's wait and what follows it.
+        """
         n_rows, vocab = logits.shape
         if all(_plain_greedy(s) for s in seqs):  # argmax of the raw logits, nothing else to do
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * n_rows)
+            sampled = logits.argmax(dim=-1)
+            (ids,) = _to_host([sampled], before_sync, sampled)
+            return SamplerOutput(ids, [None] * n_rows)
         params = [s.request.params for s in seqs]
         raw = logits.float()  # (N, V)
         x = raw.clone()
@@ -69,17 +78,19 @@ class Sampler:
             sampled[rows] = self._sample_random(x[rows], [seqs[i] for i in idx])
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs: list[RowLogprobs | None] = [None] * n_rows
-        if want:
-            rows = torch.tensor(want, device=x.device)
-            lp = torch.log_softmax(raw[rows], dim=-1)  # (M, V)
-            k = max(int(params[i].logprobs or 0) for i in want)
-            top_v, top_i = lp.topk(max(k, 1), dim=-1)  # (M, k)
-            picked = lp.gather(1, sampled[rows][:, None])[:, 0]
-            picked_l, top_vl, top_il = picked.tolist(), top_v.tolist(), top_i.tolist()
-            for j, i in enumerate(want):
-                ki = int(params[i].logprobs or 0)
-                logprobs[i] = RowLogprobs(picked_l[j], top_il[j][:ki], top_vl[j][:ki])
-        return SamplerOutput(sampled.tolist(), logprobs)
+        if not want:
+            (ids,) = _to_host([sampled], before_sync, sampled)
+            return SamplerOutput(ids, logprobs)
+        rows = torch.tensor(want, device=x.device)
+        lp = torch.log_softmax(raw[rows], dim=-1)  # (M, V)
+        k = max(int(params[i].logprobs or 0) for i in want)
+        top_v, top_i = lp.topk(max(k, 1), dim=-1)  # (M, k)
+        picked = lp.gather(1, sampled[rows][:, None])[:, 0]
+        ids, picked_l, top_vl, top_il = _to_host([sampled, picked, top_v, top_i], before_sync, sampled)
+        for j, i in enumerate(want):
+            ki = int(params[i].logprobs or 0)
+            logprobs[i] = RowLogprobs(picked_l[j], top_il[j][:ki], top_vl[j][:ki])
+        return SamplerOutput(ids, logprobs)
 
     def _apply_penalties(self, x: torch.Tensor, seqs: list[Sequence]) -> None:
         rows = [i for i, s in enumerate(seqs) if _has_penalty(s)]
@@ -140,6 +151,25 @@ class Sampler:
             if s.request.params.seed is not None:
                 q[i].exponential_(generator=self._generator(s))
         return (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
+
+
+def _to_host(tensors: list[torch.Tensor], before_sync: Callable[[torch.Tensor], None] | None,
+             sampled: torch.Tensor) -> list[list]:
+    """The tensors as lists; ``before_sync(sampled)`` runs after their copies are queued (CUDA: into
+    pinned memory, without blocking) and before the host waits for them."""
+    if sampled.device.type != "cuda":
+        if before_sync is not None:
+            before_sync(sampled)
+        return [t.tolist() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(hosts, tensors, strict=True):
+        h.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    if before_sync is not None:
+        before_sync(sampled)
+    copied.synchronize()
+    return [h.tolist() for h in hosts]
 
 
 def _plain_greedy(s: Sequence) -> bool:

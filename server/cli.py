@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     serve.add_argument(
         "--no-fused-decode", action="store_true",
-        help="decode op by op instead of through the fused Triton kernels (CUDA)",
+        help="decode and prefill op by op instead of through the fused Triton kernels (CUDA)",
+    )
+    serve.add_argument(
+        "--no-overlap-decode", action="store_true",
+        help="wait for each step's tokens before queueing the next decode step (default: queue it "
+             "ahead with CUDA graphs)",
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -119,6 +124,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager
     engine_kwargs["fused_decode"] = not args.no_fused_decode
+    if args.no_overlap_decode:
+        engine_kwargs["overlap_decode"] = False
     name = args.served_model_name or model_dir.name
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(

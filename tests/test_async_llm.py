@@ -71,8 +71,9 @@ def test_streams_cumulative_outputs_ending_finished(loaded: tuple[Any, Any], tin
     assert len([t for s in stats for t in s.inter_token_latencies]) == 5
 
 
-def test_closing_the_iterator_aborts_and_frees_the_slot(loaded: tuple[Any, Any],
-                                                        tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_closing_the_iterator_aborts_and_frees_the_slot(loaded: tuple[Any, Any], tiny_model_dir: Path,
+                                                        overlap: bool) -> None:
     finished: list[str] = []
 
     async def body(engine: AsyncLLM) -> None:
@@ -83,11 +84,17 @@ def test_closing_the_iterator_aborts_and_frees_the_slot(loaded: tuple[Any, Any],
         await stream.aclose()  # type: ignore[attr-defined]
         await until(lambda: engine.core.pool.allocator.num_used == 0 and "abort" in finished)
         assert not engine.core.has_unfinished()
+        # the slot serves the next request from a clean state, whatever step was queued ahead in it
+        again = [o async for o in engine.generate([5, 6, 7], SamplingParams(max_tokens=4, **GREEDY), "b")]
+        first = got[-1].outputs[0].token_ids  # greedy: the same prompt starts the same way
+        assert first and again[-1].outputs[0].token_ids[:len(first)] == first
 
-    run(loaded, tiny_model_dir, body, max_num_seqs=2)
+    run(loaded, tiny_model_dir, body, max_num_seqs=2, overlap_decode=overlap)
 
 
-def test_abort_ends_the_stream_with_abort(loaded: tuple[Any, Any], tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_abort_ends_the_stream_with_abort(loaded: tuple[Any, Any], tiny_model_dir: Path,
+                                          overlap: bool) -> None:
     async def body(engine: AsyncLLM) -> None:
         outs: list[RequestOutput] = []
 
@@ -102,7 +109,7 @@ def test_abort_ends_the_stream_with_abort(loaded: tuple[Any, Any], tiny_model_di
         await asyncio.wait_for(task, 10)
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
 
-    run(loaded, tiny_model_dir, body, max_num_seqs=2)
+    run(loaded, tiny_model_dir, body, max_num_seqs=2, overlap_decode=overlap)
 
 
 def test_queue_full_and_cancelled_consumer(loaded: tuple[Any, Any], tiny_model_dir: Path) -> None:

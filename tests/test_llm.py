@@ -21,10 +21,12 @@ PROMPTS: list[str | list[int]] = [
     "Hello, world!", "The quick brown fox jumps over the lazy dog. Once upon a time", [7, 8, 9, 10, 11]]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir: Path) -> LLM:
+@pytest.fixture(scope="module", params=[False, True], ids=["serial", "overlap"])
+def llm(tiny_model_dir: Path, request: pytest.FixtureRequest) -> LLM:
+    """Each test runs twice: host and device in turn, and with the next decode step queued before the
+    host reads a step's tokens (overlap_decode, the default with CUDA graphs)."""
     return LLM(str(tiny_model_dir), max_num_seqs=8, max_model_len=96, max_num_batched_tokens=32,
-               long_prefill_chunk=16)
+               long_prefill_chunk=16, overlap_decode=request.param)
 
 
 def forward_logprobs(llm: LLM, out: RequestOutput, sample: int = 0) -> torch.Tensor:
@@ -215,6 +217,38 @@ def test_random_traffic_with_aborts_frees_every_slot(llm: LLM) -> None:
             core.abort(rng.choice(list(core.scheduler.running)))
     assert core.pool.allocator.num_used == 0 and core.pool.allocator.num_free == core.pool.num_slots
     assert not core.requests and not core.sampler._generators and not core.outputs._detok
+
+
+def test_overlap_decode_queues_steps_and_matches_serial(tiny_model_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy with logprobs, seeded sampling with penalties, a stop string, EOS, and requests that
+    finish at different steps while later ones arrive: the same outputs with and without overlap, and
+    the overlapped engine really ran queued steps (and freed every slot)."""
+    kw = dict(max_num_seqs=4, max_model_len=96, max_num_batched_tokens=24, long_prefill_chunk=8)
+    serial = LLM(str(tiny_model_dir), overlap_decode=False, **kw)
+    overlap = LLM(str(tiny_model_dir), overlap_decode=True, **kw)
+    queued: list[int] = []
+    runner = overlap.engine.runner
+    decode_next = runner.decode_next
+    monkeypatch.setattr(runner, "decode_next",
+                        lambda ids, slots: queued.append(len(ids)) or decode_next(ids, slots))
+    params = [SamplingParams(max_tokens=9, logprobs=2, **GREEDY),
+              SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=3, repetition_penalty=1.3),
+              SamplingParams(max_tokens=20, temperature=0.0, stop=["e"]),
+              SamplingParams(max_tokens=4, temperature=1.0, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=15, temperature=0.0)]
+    prompts = [*PROMPTS, [3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "Tomorrow and tomorrow"]
+    a = serial.generate(prompts, params)
+    b = overlap.generate(prompts, params)
+    assert queued, "no decode step was queued ahead"
+    for x, y in zip(a, b, strict=True):
+        assert y.outputs[0].token_ids == x.outputs[0].token_ids
+        assert y.outputs[0].text == x.outputs[0].text
+        assert y.outputs[0].finish_reason == x.outputs[0].finish_reason
+        lx = [t.sampled.logprob for t in x.outputs[0].logprobs or []]
+        ly = [t.sampled.logprob for t in y.outputs[0].logprobs or []]
+        assert ly == pytest.approx(lx, abs=1e-5)
+    assert overlap.engine.pool.allocator.num_used == 0
 
 
 def test_bf16_state_runs(tiny_model_dir: Path) -> None:
