@@ -16,6 +16,12 @@ from engine.model import LogLinearMamba2ForCausalLM
 from engine.state import ModelState
 from tests.tiny import randomize_, tiny_config
 
+# mixer configurations beside the default: grouped norm before the gate, no norm, per-channel D, no conv bias
+MIXER_VARIANTS = pytest.mark.parametrize(
+    "overrides", [dict(n_groups=2, norm_before_gate=True), dict(rmsnorm=False),
+                  dict(D_has_hdim=True, use_conv_bias=False)],
+    ids=["groups_norm_first", "no_norm", "D_hdim_no_conv_bias"])
+
 
 def _model(mode: str, dtype: torch.dtype, device: str = "cpu", **overrides) -> LogLinearMamba2ForCausalLM:
     torch.manual_seed(0)
@@ -68,9 +74,7 @@ def test_gemv_decode_path_matches_decode_fp32(mode: str) -> None:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides", [dict(n_groups=2, norm_before_gate=True), dict(rmsnorm=False),
-                                       dict(D_has_hdim=True, use_conv_bias=False)],
-                         ids=["groups_norm_first", "no_norm", "D_hdim_no_conv_bias"])
+@MIXER_VARIANTS
 def test_fused_decode_matches_decode_variants(overrides: dict) -> None:
     model = _model("mlp", torch.float32, **overrides)
     ref, fused, _ = _decode_both(model, steps=3)
@@ -144,9 +148,7 @@ def test_fused_prefill_matches_prefill_fp32(mode: str, host_starts: bool) -> Non
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides", [dict(n_groups=2, norm_before_gate=True), dict(rmsnorm=False),
-                                       dict(D_has_hdim=True, use_conv_bias=False)],
-                         ids=["groups_norm_first", "no_norm", "D_hdim_no_conv_bias"])
+@MIXER_VARIANTS
 def test_fused_prefill_matches_prefill_variants(overrides: dict) -> None:
     model = _model("mlp", torch.float32, **overrides)
     (ref, fused), _ = _prefill_both(model, [(6, 2), (4, 3)])
