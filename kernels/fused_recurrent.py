@@ -20,6 +20,15 @@ from kernels.ops import unit_last
 
 
 @triton.jit
+def _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v, s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn):
+    """This token's q and k rows (group i_g), v (head i_h, columns o_v) in fp32, and exp(g)."""
+    b_q = tl.load(q + i_n * s_qn + i_g * s_qg + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k + i_n * s_kn + i_g * s_kg + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_n * s_vn + i_h * s_vh + o_v, mask=m_v, other=0.0).to(tl.float32)
+    return b_q, b_k, b_v, tl.exp(tl.load(g + i_n * s_gn + i_h).to(tl.float32))
+
+
+@triton.jit
 def _fused_recurrent_step_kernel(
     q, k, v, g, lam, levels, slots, positions, o,
     s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_sp, s_sl, s_sh,
@@ -37,10 +46,8 @@ def _fused_recurrent_step_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    b_q = tl.load(q + i_n * s_qn + i_g * s_qg + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(k + i_n * s_kn + i_g * s_kg + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_v = tl.load(v + i_n * s_vn + i_h * s_vh + o_v, mask=m_v, other=0.0).to(tl.float32)
-    b_decay = tl.exp(tl.load(g + i_n * s_gn + i_h).to(tl.float32))
+    b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
+                                           s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
     p_lam = lam + i_n * s_ln + i_h * s_lh
     p_s = levels + i_s * s_sp + i_h * s_sh + o_k[:, None] * V + o_v[None, :]  # level 0 of this head
 
@@ -89,10 +96,8 @@ def _fused_recurrent_step_tile_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    b_q = tl.load(q + i_n * s_qn + i_g * s_qg + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(k + i_n * s_kn + i_g * s_kg + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_v = tl.load(v + i_n * s_vn + i_h * s_vh + o_v, mask=m_v, other=0.0).to(tl.float32)
-    b_decay = tl.exp(tl.load(g + i_n * s_gn + i_h).to(tl.float32))
+    b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
+                                           s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
     b_lam = tl.load(lam + i_n * s_ln + i_h * s_lh + o_l, mask=o_l < L, other=0.0).to(tl.float32)
 
     # per level: fold (0..z into the carry), new (z + 1), keep (live above z + 1, decays in place)

@@ -17,6 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # test ids of dtypes
+
+
 def run_interpreted(script: str, timeout: float = 600) -> dict:
     """Run ``script`` with the interpreter on; its last stdout line, parsed as JSON."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}

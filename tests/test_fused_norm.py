@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.norm import add_rmsnorm, gated_rmsnorm, silu_mul
-from tests.interpreted import round_bf16_to_nearest_even, run_interpreted, ulps
+from tests.interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
 
 ROOT = Path(__file__).resolve().parents[1]
-DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = list(DT_ID)
 
 

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import gemv
-from tests.interpreted import round_bf16_to_nearest_even, run_interpreted, ulps
+from tests.interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
 
 ROOT = Path(__file__).resolve().parents[1]
-DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = list(DT_ID)
 
 

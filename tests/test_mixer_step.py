@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.interpreted import run_interpreted
+from tests.interpreted import DT_ID, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMBDA_MODES = ("linear", "mlp", "none")
-DT_ID = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.interpreted import run_interpreted
+from tests.interpreted import DT_ID, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,6 @@ def test_prefill_then_steps_interpreted(interpret_results):
 # GPU: realistic shapes
 
 GPU_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
-DT_ID = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _poison_cuda(nbytes: int = 8 << 30) -> None:
