@@ -173,14 +173,15 @@ class LogLinearMamba2Mixer(nn.Module):
         return self._output(o, x, z), new_conv, final
 
     def prefill_fused(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
-                      slots: torch.Tensor, initial: FenwickState | None) -> tuple[torch.Tensor, FenwickState]:
+                      levels_pool: torch.Tensor, slots: torch.Tensor, initial: FenwickState | None
+                      ) -> torch.Tensor:
         """``prefill`` between in_proj and out_proj in the fused kernels: conv + Δ + g + λ of the packed
         rows in one call (kernels.mixer_step, which also writes each slot's new conv window), the chunked
         attention, and D skip + gated norm in one kernel (kernels.norm).
 
         proj: [T_total, in_proj_size] = in_proj(normed input); initial: the sequences' states, or None
-        when every sequence starts empty. Returns (y [T_total, I] in the model dtype, the input of
-        out_proj; the final FenwickState, levels float32).
+        when every sequence starts empty. The final levels go straight into levels_pool[slots] (in its
+        dtype). Returns y [T_total, I] in the model dtype, the input of out_proj.
         """
         c = self.config
         I, GK, H = c.intermediate_size, c.n_groups * c.state_size, c.num_heads
@@ -192,13 +193,13 @@ class LogLinearMamba2Mixer(nn.Module):
         x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (T, H, V)
         k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (T, G, K)
         q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
-        o, final = kernels.chunk_log_linear_attn(q[None], k[None], v[None], g[None], lam[None], scale=1.0,
-                                                 initial_state=initial, output_final_state=True,
-                                                 cu_seqlens=cu_seqlens)
+        o, _ = kernels.chunk_log_linear_attn(q[None], k[None], v[None], g[None], lam[None], scale=1.0,
+                                             initial_state=initial, cu_seqlens=cu_seqlens,
+                                             final_into=(levels_pool, slots))
         weight = self.norm.weight if c.rmsnorm else None
         y = norm.gated_rmsnorm(o[0], x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
                                c.norm_before_gate, self.out_proj.weight.dtype)
-        return y, final
+        return y
 
     # ---- one token per sequence, state pools updated in place -------------------------------------
     def decode(self, h: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor, slots: torch.Tensor,

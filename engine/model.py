@@ -185,8 +185,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
             mixer = layer.mixer
             initial = None if start is None else FenwickState(state.levels[i][slots].float(), start)
-            y, final = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], slots, initial)
-            state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
+            y = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, initial)
             delta = mixer.out_proj(y)
             x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
             delta = layer.mlp.forward_fused(x)

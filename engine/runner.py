@@ -57,6 +57,18 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
+    def _reset(self, slots: list[int], rewritten: set[int]) -> None:
+        """Zero new requests' slots before the step. A prefill whose sequences all start empty writes
+        every level of its slots (``model.prefill``'s fresh path), so slots in ``rewritten`` only get
+        their conv windows and positions zeroed: a fresh 512-token batch of 16 would otherwise also
+        write 16 x 11 MiB of zeros per layer just before overwriting them."""
+        keep = [s for s in slots if s in rewritten]
+        zero = [s for s in slots if s not in rewritten]
+        if keep:
+            self.state.reset(self._tensor(keep), levels=False)
+        if zero:
+            self.state.reset(self._tensor(zero))
+
     def decode(self, input_ids: list[int], slots: list[int], eager: bool = False) -> torch.Tensor:
         """One token for each of N slots -> logits [N, vocab]; a CUDA graph unless eager or none fits N."""
         self.num_decode_calls += 1
@@ -98,18 +110,18 @@ class ModelRunner:
                 ready = ready.clone()
             parts.append(ready)
             row_of.update((i, r) for r, i in enumerate(decodes))
-        if out.reset_slots:
-            self.state.reset(self._tensor(out.reset_slots))
         multi = [i for i in todo if len(out.chunks[i].token_ids) > 1]
         single = [i for i in todo if len(out.chunks[i].token_ids) == 1]
+        lens = [len(out.chunks[i].token_ids) for i in multi]
+        # a prompt chunk's tokens are counted as computed when scheduled: it starts before them
+        starts = [out.chunks[i].seq.request.num_computed_tokens - n for i, n in zip(multi, lens, strict=True)]
+        if out.reset_slots:
+            fresh = not any(starts)  # then model.prefill writes every level of its slots
+            self._reset(out.reset_slots, {out.chunks[i].seq.slot for i in multi} if fresh else set())
         if multi:
-            lens = [len(out.chunks[i].token_ids) for i in multi]
             ids = self._tensor([t for i in multi for t in out.chunks[i].token_ids])  # (T_total,)
             cu = torch.tensor([0, *itertools.accumulate(lens)])  # (N + 1,) on the host: no round trip
             slots = self._tensor([out.chunks[i].seq.slot for i in multi])  # (N,)
-            # a prompt chunk's tokens are counted as computed when scheduled: it starts before them
-            starts = [out.chunks[i].seq.request.num_computed_tokens - n
-                      for i, n in zip(multi, lens, strict=True)]
             self.num_prefill_calls += 1
             base = sum(p.shape[0] for p in parts)
             parts.append(self.model.prefill(ids, cu, self.state, slots, starts))  # (N, vocab)

@@ -49,10 +49,11 @@ class ModelState:
     def _index(self, slots: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
         return torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
 
-    def reset(self, slots: torch.Tensor | Sequence[int] | int) -> None:
-        """Zero the slots: a new sequence starts there."""
+    def reset(self, slots: torch.Tensor | Sequence[int] | int, levels: bool = True) -> None:
+        """Zero the slots: a new sequence starts there. levels=False leaves the levels as they are, for
+        slots whose levels the next call overwrites whole (a prefill from position 0)."""
         idx = self._index(slots)
-        for t in (*self.levels, *self.conv):
+        for t in (*(self.levels if levels else ()), *self.conv):
             t[idx] = 0
         self.positions[idx] = 0
 

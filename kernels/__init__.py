@@ -59,12 +59,14 @@ def chunk_plan_cache(device: torch.device) -> contextlib.AbstractContextManager:
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
                           initial_state: FenwickState | None = None, output_final_state: bool = False,
-                          cu_seqlens: torch.Tensor | None = None
+                          cu_seqlens: torch.Tensor | None = None,
+                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
-    """Prefill. See ``kernels.naive.recurrent_log_linear_attn`` for shapes."""
+    """Prefill. See ``kernels.naive.recurrent_log_linear_attn`` for shapes; ``final_into`` (pool, slots)
+    writes the final levels into pool[slots] instead of returning them (``kernels.chunk``)."""
     impl = (_triton_chunk() if q.is_cuda else None) or chunk_log_linear_attn_torch
     return impl(q, k, v, g, level_scales, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, final_into=final_into)
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

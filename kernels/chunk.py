@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.naive import check_shapes
-from kernels.state import FenwickState, max_positions
+from kernels.state import FenwickState, check_final_into, max_positions
 
 CHUNK_SIZE = 64  # BT: levels <= log2(BT) are intra-chunk
 DIRECT_LEVELS = 3  # Z0: nodes of up to 2^Z0 chunks are summed straight from k and v
@@ -186,7 +186,7 @@ def _level_state(nodes, node_decay, m_lv, cm_lv, l, c, cf, lc, p0, node0, i_n, i
 
 @triton.jit
 def _chunk_output_kernel(
-    q, k, v, g, lam, o, nodes, node_decay, m_lv, cm_lv, final_lv,
+    q, k, v, g, lam, o, nodes, node_decay, m_lv, cm_lv, final_lv, final_rows,
     chunk_seq, seq_bos, seq_start, seq_len, seq_node0,
     s_qt, s_qg, s_kt, s_kg, s_vt, s_vh, s_gt, s_lt, s_lh, s_ot, s_oh,
     scale,
@@ -212,6 +212,9 @@ def _chunk_output_kernel(
     node0 = tl.load(seq_node0 + i_n).to(tl.int64)
     cf, ce = p0 // BT, (pe - 1) // BT
     c = cf + i_c - node0
+    i_f = i_n  # the sequence's row of final_lv
+    if STORE_FINAL:
+        i_f = tl.load(final_rows + i_n).to(tl.int64)
 
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -268,8 +271,8 @@ def _chunk_output_kernel(
                     b_o += _dot(b_q.to(tl.float32) * (b_eg * b_lam)[:, None], b_h, ST_DT, PREC)
                 if STORE_FINAL:
                     if c == ce:
-                        p_f = final_lv + ((i_n * L + l) * H + i_h) * (K * V) + o_kv
-                        tl.store(p_f, b_h * tl.exp(b_glast), mask=m_kv)
+                        p_f = final_lv + ((i_f * L + l) * H + i_h) * (K * V) + o_kv
+                        tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
         else:
             # q (input dtype) meets each state tile as stored; exp(g) * decay * lambda scale the rows after
             b_qd = b_q.to(ST_DT)
@@ -320,8 +323,8 @@ def _chunk_output_kernel(
                         b_h, b_fa, live_f = _level_state(nodes, node_decay, m_lv, cm_lv, l, c, cf, lc, p0,
                                                          node0, i_n, i_h, b_fa, o_kv, m_kv, H, K, V, L, BTLOG,
                                                          BK, BV, HAS_INIT)
-                        p_f = final_lv + ((i_n * L + l) * H + i_h) * (K * V) + o_kv
-                        tl.store(p_f, b_h * tl.exp(b_glast), mask=m_kv)
+                        p_f = final_lv + ((i_f * L + l) * H + i_h) * (K * V) + o_kv
+                        tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
 
         if HAS_INIT:
             if c == cf:
@@ -361,8 +364,8 @@ def _chunk_output_kernel(
                                     if (lf > le) & (((p0 >> (lf - 1)) & 1) == 1):
                                         b_f += tl.load(m_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
                                                        mask=m_kv, other=0.0) * tl.exp(b_glast)
-                        p_f = final_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv
-                        tl.store(p_f, b_f, mask=m_kv)
+                        p_f = final_lv + ((i_f * L + lf) * H + i_h) * (K * V) + o_kv
+                        tl.store(p_f, b_f.to(p_f.dtype.element_ty), mask=m_kv)
 
 
 def _merged_levels(state: FenwickState) -> torch.Tensor:
@@ -408,7 +411,8 @@ def _block(n: int) -> int:
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
                           initial_state: FenwickState | None = None, output_final_state: bool = False,
-                          cu_seqlens: torch.Tensor | None = None
+                          cu_seqlens: torch.Tensor | None = None,
+                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
     """Prefill: log-linear attention over whole chunks, continuing each sequence from its state.
 
@@ -419,16 +423,20 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
             N = len(cu_seqlens) - 1; any positions.
         output_final_state: also return the state after each sequence (levels fp32).
         cu_seqlens: [N + 1] cumulative lengths of sequences packed along T (B must be 1).
+        final_into: (pool [P, L, H, K, V] contiguous, slots [N] int64 on the device): the kernel writes
+            each sequence's final levels straight into pool[slots] in the pool's dtype (no float32
+            copy); a sequence with no new token keeps its row. The call then returns no state.
     Returns:
         o: [B, T, H, V] in v's dtype; FenwickState(levels [N, L, H, K, V] fp32, positions [N] int64)
-        if output_final_state else None.
+        if output_final_state (and no final_into) else None.
     """
     return chunk_log_linear_attn_impl(q, k, v, g, level_scales, scale=scale, initial_state=initial_state,
-                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                      final_into=final_into)
 
 
 def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_state=None,
-                               output_final_state=False, cu_seqlens=None,
+                               output_final_state=False, cu_seqlens=None, final_into=None,
                                chunk_size: int = CHUNK_SIZE, direct_levels: int = DIRECT_LEVELS,
                                num_warps: int = 4, heads_first: bool = True,
                                node_dtype: torch.dtype | None = None, stage_ms: list | None = None,
@@ -478,7 +486,14 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     BK, BV = _block(K), min(64, _block(V))
     NV = triton.cdiv(V, BV)
     in_dt, st_dt, prec = _dot_types(v.dtype)
-    final = torch.empty(N, L, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    if final_into is not None:
+        final, final_rows = final_into
+        check_final_into(final, final_rows, N, (L, H, K, V), dev)
+    elif output_final_state:
+        final = torch.empty(N, L, H, K, V, dtype=torch.float32, device=dev)
+        final_rows = torch.arange(N, device=dev)
+    else:
+        final = final_rows = None
     has_init = initial_state is not None
     if has_init:
         m_lv = _merged_levels(initial_state).contiguous()
@@ -526,6 +541,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
         _chunk_output_kernel[grid if heads_first else grid[::-1]](
             qr, kr, vr, gr, lr, o, nodes, node_decay,
             m_lv if has_init else dummy, cm_lv if has_init else dummy, final if final is not None else dummy,
+            final_rows if final is not None else dummy,
             t_seq, t_bos, t_start, t_len, t_node0,
             qr.stride(0), qr.stride(1), kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), gr.stride(0),
             lr.stride(0), lr.stride(1),
@@ -540,7 +556,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
             torch.cuda.synchronize()
             stage_ms.extend(a.elapsed_time(b) for a, b in zip(marks[:-1], marks[1:], strict=True))
     o = o.view(B, T, H, V)
-    if final is None:
+    if final is None or final_into is not None:
         return o, None
     if plan.empty is not None:
         final[plan.empty] = initial_state.levels[plan.empty].float() if has_init else 0.0

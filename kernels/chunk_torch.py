@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.naive import check_shapes
-from kernels.state import FenwickState, ctz, level_matrix, max_positions
+from kernels.state import FenwickState, check_final_into, ctz, level_matrix, max_positions
 
 CHUNK_SIZE = 64
 _MIN_AUTO_CHUNK = 16  # batches of short sequences (decode-like continuations) use chunks this small
@@ -31,7 +31,8 @@ _BLOCK_ELEMS = 1 << 22  # elements of one [chunks, H, C, C] temporary; bounds me
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
                           initial_state: FenwickState | None = None, output_final_state: bool = False,
-                          cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None
+                          cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None,
+                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
     """Prefill: log-linear attention over T tokens per sequence, continuing from any position.
 
@@ -47,6 +48,9 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
         cu_seqlens: [N + 1] cumulative lengths of the sequences packed along T (B must be 1).
         chunk_size: a power of two; positions are chunked at its multiples. None: CHUNK_SIZE, or the
             smallest power of two >= 16 that holds the longest sequence when that is shorter.
+        final_into: (pool [P, L, H, K, V], slots [N] int64): write each sequence's final levels into
+            pool[slots] in the pool's dtype instead of returning them (rows of sequences with no new
+            token are left as they are); the second result is then None.
     Returns:
         o: [B, T, H, V] in v's dtype; final state (levels [N, L, H, K, V] in float32, float64 for float64
         inputs; positions [N] int64) or None.
@@ -93,8 +97,14 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     init = None if initial_state is None else initial_state.levels
     o, levels = _chunked(q.reshape(B * T, G, K), k.reshape(B * T, G, K), v.reshape(B * T, H, V),
                          g.reshape(B * T, H), level_scales.reshape(B * T, H, L), bounds, starts, init,
-                         scale, chunk_size, dt, output_final_state)
+                         scale, chunk_size, dt, output_final_state or final_into is not None)
     o = o.view(B, T, H, V).to(v.dtype)
+    if final_into is not None:
+        pool, slots = final_into
+        check_final_into(pool, slots, N, (L, H, K, V), q.device)
+        moved = torch.tensor([n for n in range(N) if lengths[n]], dtype=torch.int64, device=q.device)
+        pool.index_copy_(0, slots[moved], levels[moved].to(pool.dtype))
+        return o, None
     if not output_final_state:
         return o, None
     return o, FenwickState(levels, torch.tensor(ends, dtype=torch.int64, device=q.device))

@@ -38,6 +38,18 @@ class FenwickState:
         return FenwickState(self.levels.clone(), self.positions.clone())
 
 
+def check_final_into(pool: torch.Tensor, slots: torch.Tensor, n: int, level_shape: tuple[int, ...],
+                     device: torch.device) -> None:
+    """Validate a prefill's ``final_into=(pool, slots)``: pool [P, *level_shape] contiguous on ``device``,
+    slots [n] int64 on it (distinct rows: not checked, that would synchronise)."""
+    if pool.shape[1:] != tuple(level_shape) or not pool.is_contiguous() or pool.device != device:
+        raise ValueError(f"final_into pool must be a contiguous [P, {', '.join(map(str, level_shape))}] "
+                         f"tensor on {device}, got {tuple(pool.shape)} on {pool.device}")
+    if slots.shape != (n,) or slots.dtype != torch.int64 or slots.device != device:
+        raise ValueError(f"final_into slots must be [{n}] int64 on {device}, got {tuple(slots.shape)} "
+                         f"{slots.dtype} on {slots.device}")
+
+
 def num_levels_for(length: int) -> int:
     """Levels needed by positions 0..length-1: bitlen(length - 1) + 1."""
     return max(int(length - 1).bit_length(), 0) + 1

@@ -84,6 +84,40 @@ def test_alone_equals_batched_with_staggered_arrivals(llm: LLM) -> None:
     assert finished["target"] == alone
 
 
+def _arrivals(llm: LLM, poison: bool) -> dict[str, RequestOutput]:
+    """One-token prompts, long prompts in chunks, and fresh prompts beside continuing chunks, arriving at
+    steps 0, 1 and 3; poison: every level of the pool set to NaN first."""
+    core, params = llm.engine, SamplingParams(max_tokens=5, **GREEDY)
+    if poison:
+        for t in core.pool.state.levels:
+            t.fill_(float("nan"))
+    arrivals = {0: [[4], list(range(40, 70))], 1: [[5, 6, 7], [8]], 3: [list(range(10, 31)), [9, 9]]}
+    outs: dict[str, RequestOutput] = {}
+    step = 0
+    while step <= max(arrivals) or core.has_unfinished():
+        for j, prompt in enumerate(arrivals.get(step, [])):
+            core.add_request(core.make_request(f"r{step}.{j}", prompt, params))
+        outs.update((o.request_id, o) for o in core.step() if o.finished)
+        step += 1
+    return outs
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_new_requests_start_clean_whatever_their_slots_hold(tiny_model_dir: Path, device: str) -> None:
+    """Slots are zeroed lazily (levels only where no fresh prefill rewrites them all): with the pool's
+    levels poisoned, every request decodes as on a clean pool (and, on the CPU, as a full forward)."""
+    kw = dict(device=device, dtype="float32", max_num_seqs=6, max_model_len=96, max_num_batched_tokens=24,
+              long_prefill_chunk=8)
+    llm = LLM(str(tiny_model_dir), **kw)
+    poisoned = _arrivals(llm, poison=True)
+    clean = _arrivals(LLM(str(tiny_model_dir), **kw), poison=False)
+    assert len(poisoned) == 6
+    for rid, out in poisoned.items():
+        assert out.outputs[0].token_ids == clean[rid].outputs[0].token_ids
+        if device == "cpu":
+            assert_greedy(llm, out)
+
+
 def test_chunked_prefill_equals_one_shot(llm: LLM, tiny_model_dir: Path) -> None:
     prompt = list(range(30, 63))  # 33 tokens
     params = SamplingParams(max_tokens=5, logprobs=2, **GREEDY)

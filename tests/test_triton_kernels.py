@@ -162,8 +162,35 @@ def _case_layers_share_plan(name, *, lens=(5, 70, 37), starts=(3, 17, 64), G=1, 
     return {name: worst}
 
 
+def _case_final_into(name, *, lens=(5, 0, 70, 37), starts=(0, 3, 17, 64), G=1, H=2, K=16, V=16, L=9):
+    """final_into=(pool, slots): the final levels land in pool[slots] in the pool's dtype, a sequence
+    with no new token and the other rows keep what they held (NaN here)."""
+    from kernels import naive
+    from kernels.chunk import chunk_log_linear_attn_impl
+    from kernels.state import FenwickState
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    q, k, v, g, lam = _inputs(1, sum(lens), G, H, K, V, L, seed=3)
+    levels = _states(list(starts), G, H, K, V, L, seed=70)
+    init = FenwickState(levels.float(), torch.tensor(starts))
+    _, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
+                                             initial_state=FenwickState(levels, init.positions),
+                                             output_final_state=True, cu_seqlens=cu)
+    slots = torch.randperm(len(lens) + 3, generator=torch.Generator().manual_seed(4))[:len(lens)]
+    moved = [n for n, m in enumerate(lens) if m]
+    res = {}
+    for dt in (torch.float32, torch.bfloat16):
+        pool = torch.full((len(lens) + 3, L, H, K, V), float("nan"), dtype=dt)
+        o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, cu_seqlens=cu, chunk_size=16,
+                                           direct_levels=1, final_into=(pool, slots))
+        kept = [i for i in range(pool.shape[0]) if i not in slots[moved].tolist()]
+        res[f"{name}/{DT_ID[dt]}"] = {"state": _rel(pool[slots[moved]].double(), rst.levels[moved]),
+                                      "kept": bool(torch.isnan(pool[kept]).all()), "none": st is None}
+    return res
+
+
 def _interpret_cases() -> dict:
     res = {}
+    res.update(_case_final_into("final_into"))
     res.update(_case_layers_share_plan("layers_share_plan"))
     for name, shapes in CHUNK_CASES.items():
         res.update(_case_chunk(name, **shapes))
@@ -201,6 +228,12 @@ def test_chunk_variant_interpreted_matches_recurrence(interpret_results, variant
 def test_step_interpreted_matches_reference(interpret_results, case):
     r = interpret_results[case]
     assert r["o"] < 1e-5 and r["state"] < 1e-5 and r["others_untouched"], r
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_chunk_final_into_pool_interpreted(interpret_results, dt):
+    r = interpret_results[f"final_into/{dt}"]
+    assert r["state"] < {"fp32": 1e-5, "bf16": 1e-2}[dt] and r["kept"] and r["none"], r
 
 
 def test_layers_sharing_one_plan_interpreted(interpret_results):

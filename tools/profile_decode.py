@@ -74,6 +74,34 @@ def profile_prefill(llm: LLM, bs: int, prompt_len: int, vocab: int, device: torc
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
+def find_syncs(llm: LLM, bs: int, prompt_len: int, vocab: int, log) -> None:
+    """Run a prompt-only batch with torch's sync debug mode on and list where the host waited for the
+    device (each distinct stack once, with its count)."""
+    import traceback
+    import warnings
+    seen: collections.Counter = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-2] if "/torch/" not in f.filename
+                  and "/warnings.py" not in f.filename][-6:]
+        where = "\n".join(f"      {Path(f.filename).name}:{f.lineno} {f.line}" for f in frames)
+        seen[(str(message)[:70], where)] += 1
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    batch = prompts(bs, prompt_len, vocab, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            llm.generate(batch, params)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    log(f"[syncs] batch {bs} x {prompt_len}, max_tokens=1: {sum(seen.values())} synchronising calls")
+    for (msg, stack), n in seen.most_common(12):
+        log(f"    {n:4d}x {msg}\n{stack}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -81,6 +109,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--mode", default="mlp")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sync-debug", action="store_true", help="also list the host syncs of a prompt step")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -101,6 +130,9 @@ def main() -> None:
     core = llm.engine
     runner, model, state = core.runner, core.model, core.pool.state
     log(f"device {device}, dtype {dtype}, mode {a.mode}, levels {state.levels[0].shape}")
+    if a.sync_debug and device.type == "cuda":
+        for bs in a.batches:
+            find_syncs(llm, bs, prompt_len, shape["vocab_size"], log)
     for bs in a.batches:
         profile_prefill(llm, bs, prompt_len, shape["vocab_size"], device, log)
     for bs in a.batches:
