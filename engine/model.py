@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import kernels
 from engine.mixer import LogLinearMamba2Mixer, RMSNorm
 from engine.model_config import ModelConfig
-from engine.state import ModelState
+from engine.state import ModelState, device_ints
 from kernels import FenwickState, gemv, norm
 from kernels.ops import mul_to
 
@@ -154,11 +154,12 @@ class LogLinearMamba2ForCausalLM(nn.Module):
                                            for s, n in zip(starts, lens, strict=True)):
             raise ValueError(f"prefill: sequence lengths {lens} from positions {starts} must be >= 1 token "
                              f"and end within max_model_len={self.config.max_model_len}")
-        cu = cu_seqlens.to(device=device, dtype=torch.int64, non_blocking=True)
+        cu = device_ints(bounds, device)
         start = state.positions[slots]
         h = self.backbone.embeddings(input_ids.to(device))  # (T_total, hidden)
         fresh = not any(starts)  # every sequence starts empty: no initial state to read or merge
-        with kernels.chunk_plan_cache(device):  # cu and start are the same, unchanged, in every layer
+        # cu and start are the same, unchanged, in every layer; their values are known here
+        with kernels.chunk_plan_cache(device, known=[(cu, bounds), (start, starts)]):
             if self.fused_decode:
                 h = self._prefill_fused(h, cu, state, slots, None if fresh else start)
             else:
@@ -171,7 +172,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
                     state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
                     h = layer.add_mlp(h + out)
                 h = self.backbone.norm_f(h[0, cu[1:] - 1], h.dtype)
-        state.positions[slots] = start + torch.as_tensor(lens, device=device)
+        state.positions[slots] = start + device_ints(lens, device)
         return self.lm_head(h).float()
 
     def _prefill_fused(self, h: torch.Tensor, cu: torch.Tensor, state: ModelState, slots: torch.Tensor,

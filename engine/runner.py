@@ -16,6 +16,7 @@ import torch
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.scheduler import SchedulerOutput
+from engine.state import device_ints
 from engine.state_pool import StatePool
 
 Speculated = tuple[list[int], torch.Tensor]  # (seq ids in row order, logits [N, vocab]) of a decode_next
@@ -52,10 +53,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        t = torch.tensor(values, dtype=torch.long)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return device_ints(values, self.device)
 
     def _reset(self, slots: list[int], rewritten: set[int]) -> None:
         """Zero new requests' slots before the step. A prefill whose sequences all start empty writes

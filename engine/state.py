@@ -10,6 +10,15 @@ import torch
 from engine.model_config import ModelConfig
 
 
+def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor of host values on ``device``; on CUDA through pinned memory, queued without making
+    the host wait for the device."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class ModelState:
     """Slot p of every tensor belongs to one sequence; the engine hands out slots.
@@ -47,15 +56,16 @@ class ModelState:
         return self.positions.device
 
     def _index(self, slots: torch.Tensor | Sequence[int] | int) -> torch.Tensor:
-        return torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
+        if isinstance(slots, torch.Tensor):
+            return slots.to(self.device, torch.int64).reshape(-1)
+        return device_ints([slots] if isinstance(slots, int) else list(slots), self.device)
 
     def reset(self, slots: torch.Tensor | Sequence[int] | int, levels: bool = True) -> None:
         """Zero the slots: a new sequence starts there. levels=False leaves the levels as they are, for
         slots whose levels the next call overwrites whole (a prefill from position 0)."""
         idx = self._index(slots)
-        for t in (*(self.levels if levels else ()), *self.conv):
-            t[idx] = 0
-        self.positions[idx] = 0
+        for t in (*(self.levels if levels else ()), *self.conv, self.positions):
+            t.index_fill_(0, idx, 0)  # not t[idx] = 0: that copies the 0 from the host and waits
 
     def copy_(self, src: int, dst: torch.Tensor | Sequence[int] | int) -> None:
         """Fork: copy slot ``src`` into every slot of ``dst`` (for n > 1 samples of one prompt)."""

@@ -7,7 +7,7 @@ a GPU; where they cannot be imported, CUDA tensors take the PyTorch path too.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 
 import torch
@@ -46,14 +46,16 @@ def _triton_step() -> Callable | None:
     return impl
 
 
-def chunk_plan_cache(device: torch.device) -> contextlib.AbstractContextManager:
+def chunk_plan_cache(device: torch.device, known: Sequence[tuple[torch.Tensor, list[int]]] = ()
+                     ) -> contextlib.AbstractContextManager:
     """A block in which Triton prefill calls with the very same cu_seqlens / positions tensors (the
-    layers of one model pass) share one host plan: one read-back instead of one per layer. A no-op
+    layers of one model pass) share one host plan: built once, not once per layer. known: (device
+    tensor, its values) pairs the caller already has on the host, so the plan reads none back. A no-op
     off CUDA or where the Triton prefill is not importable."""
     if device.type != "cuda" or _triton_chunk() is None:
         return contextlib.nullcontext()
     from kernels.chunk import plan_cache
-    return plan_cache()
+    return plan_cache(known)
 
 
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -94,3 +94,8 @@ def test_prefill_plan_is_shared_only_inside_plan_cache():
         assert other is not first and other.ends.tolist() == first.ends.tolist() == [5, 195, 8]
     with plan_cache():
         assert _plan(*args) is not first  # the cache ends with its block
+    # values the caller already knows are taken instead of reading the tensors back (here they differ
+    # from the tensors' contents on purpose, to show which one was read)
+    with plan_cache(known=[(cu, [0, 2, 70, 71]), (pos, [1, 2, 3])]):
+        assert _plan(*args).ends.tolist() == [3, 70, 4]
+    assert _plan(*args).ends.tolist() == [5, 195, 8]  # known values end with their block
