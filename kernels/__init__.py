@@ -74,13 +74,16 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
                          positions: torch.Tensor, scale: float | None = None, *,
-                         partials: bool = False) -> torch.Tensor:
-    """One decode token for N sequences. See ``kernels.naive.fused_recurrent_step_ref`` for shapes.
+                         partials: bool = False, level_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode token for N sequences. See ``kernels.naive.fused_recurrent_step_ref`` for shapes and
+    ``level_decay`` (a pool that defers the decay: the step stores two blocks instead of every live one).
 
     partials=True lets the Triton kernel return its float32 read-outs per block of K, [NK, N, H, V],
     unsummed (``kernels.norm.gated_rmsnorm`` sums them); the PyTorch path returns [N, H, V] either way.
     """
     impl = _triton_step() if q.is_cuda else None
     if impl is not None:
-        return impl(q, k, v, g, level_scales, levels, slots, positions, scale, partials=partials)
-    return fused_recurrent_step_torch(q, k, v, g, level_scales, levels, slots, positions, scale)
+        return impl(q, k, v, g, level_scales, levels, slots, positions, scale, partials=partials,
+                    level_decay=level_decay)
+    return fused_recurrent_step_torch(q, k, v, g, level_scales, levels, slots, positions, scale,
+                                      level_decay=level_decay)

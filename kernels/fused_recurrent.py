@@ -17,6 +17,7 @@ import triton.language as tl
 from kernels.chunk import log2_pow2
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
+from kernels.state import check_level_decay
 
 
 @triton.jit
@@ -30,11 +31,11 @@ def _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v, s_qn, s_qg, s_k
 
 @triton.jit
 def _fused_recurrent_step_kernel(
-    q, k, v, g, lam, levels, slots, positions, o,
+    q, k, v, g, lam, levels, decay, slots, positions, o,
     s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_sp, s_sl, s_sh,
     scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, DEFER: tl.constexpr,
 ):
     i_hv, i_n = tl.program_id(0), tl.program_id(1)
     i_h, i_v = i_hv // NV, i_hv % NV
@@ -51,35 +52,76 @@ def _fused_recurrent_step_kernel(
     p_lam = lam + i_n * s_ln + i_h * s_lh
     p_s = levels + i_s * s_sp + i_h * s_sh + o_k[:, None] * V + o_v[None, :]  # level 0 of this head
 
+    if DEFER:
+        _deferred_loop(b_q, b_k, b_v, tl.load(g + i_n * s_gn + i_h).to(tl.float32), p_lam, p_s, m_kv,
+                       decay + (i_s * 2 * L) * H + i_h, t, o + i_n * s_on + i_h * s_oh + o_v, m_v, scale,
+                       s_sl, H, L, BK, BV)
+    else:
+        b_o = tl.zeros([BV], dtype=tl.float32)
+        b_carry = tl.zeros([BK, BV], dtype=tl.float32)
+        if t > 0:
+            b_carry += tl.load(p_s, mask=m_kv, other=0.0).to(tl.float32)
+        for l in range(1, L):
+            below = t & ((1 << l) - 1)
+            if (t > 0) & (below == 0):
+                # l <= z: folded into level z + 1
+                b_carry += tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32)
+                b_zero = tl.zeros([BK, BV], dtype=tl.float32)
+                tl.store(p_s + l * s_sl, b_zero.to(p_s.dtype.element_ty), mask=m_kv)
+            elif ((t >> (l - 1)) & 1) == 1:
+                if below == (1 << (l - 1)):
+                    b_s = b_carry * b_decay  # l == z + 1: the new block
+                else:
+                    b_s = tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32) * b_decay
+                tl.store(p_s + l * s_sl, b_s.to(p_s.dtype.element_ty), mask=m_kv)
+                b_o += tl.load(p_lam + l).to(tl.float32) * tl.sum(b_q[:, None] * b_s, axis=0)
+        tl.store(p_s, (b_k[:, None] * b_v[None, :]).to(p_s.dtype.element_ty), mask=m_kv)
+        b_o += tl.load(p_lam).to(tl.float32) * tl.sum(b_q * b_k, axis=0) * b_v
+        tl.store(o + i_n * s_on + i_h * s_oh + o_v, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _deferred_loop(b_q, b_k, b_v, b_g, p_lam, p_s, m_kv, p_a, t, p_o, m_v, scale, s_sl,
+                   H: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The level loop on a pool with deferred decay: S[l] = stored[l] * exp(a[l]), a read from buffer
+    t % 2 of the slot's [2, L, H] log-decays (p_a: buffer 0, level 0, this head) and written to the
+    other. Live levels above z + 1 are read for the output only; the step stores level 0 (k vᵀ, a = 0)
+    and level z + 1 (the carry as summed, a = g); levels 1..z and empty ones get a = -inf."""
+    p_old = p_a + (t % 2) * (L * H)
+    p_new = p_a + (1 - t % 2) * (L * H)
     b_o = tl.zeros([BV], dtype=tl.float32)
     b_carry = tl.zeros([BK, BV], dtype=tl.float32)
     if t > 0:
-        b_carry += tl.load(p_s, mask=m_kv, other=0.0).to(tl.float32)
+        b_carry += tl.load(p_s, mask=m_kv, other=0.0).to(tl.float32) * tl.exp(tl.load(p_old))
     for l in range(1, L):
         below = t & ((1 << l) - 1)
-        if (t > 0) & (below == 0):
-            # l <= z: folded into level z + 1
-            b_carry += tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32)
-            tl.store(p_s + l * s_sl, tl.zeros([BK, BV], dtype=tl.float32).to(p_s.dtype.element_ty), mask=m_kv)
+        b_a = tl.full((), float("-inf"), tl.float32)
+        if (t > 0) & (below == 0):  # l <= z: folded into level z + 1
+            b_w = tl.exp(tl.load(p_old + l * H))
+            b_carry += tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32) * b_w
         elif ((t >> (l - 1)) & 1) == 1:
-            if below == (1 << (l - 1)):
-                b_s = b_carry * b_decay  # l == z + 1: the new block
+            if below == (1 << (l - 1)):  # l == z + 1: the new block
+                tl.store(p_s + l * s_sl, b_carry.to(p_s.dtype.element_ty), mask=m_kv)
+                b_a = b_g
+                b_s = b_carry
             else:
-                b_s = tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32) * b_decay
-            tl.store(p_s + l * s_sl, b_s.to(p_s.dtype.element_ty), mask=m_kv)
-            b_o += tl.load(p_lam + l).to(tl.float32) * tl.sum(b_q[:, None] * b_s, axis=0)
+                b_a = tl.load(p_old + l * H) + b_g
+                b_s = tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32)
+            b_o += tl.load(p_lam + l).to(tl.float32) * tl.exp(b_a) * tl.sum(b_q[:, None] * b_s, axis=0)
+        tl.store(p_new + l * H, b_a)
     tl.store(p_s, (b_k[:, None] * b_v[None, :]).to(p_s.dtype.element_ty), mask=m_kv)
+    tl.store(p_new, 0.0)
     b_o += tl.load(p_lam).to(tl.float32) * tl.sum(b_q * b_k, axis=0) * b_v
-    tl.store(o + i_n * s_on + i_h * s_oh + o_v, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
+    tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
 def _fused_recurrent_step_tile_kernel(
-    q, k, v, g, lam, levels, slots, positions, o,
+    q, k, v, g, lam, levels, decay, slots, positions, o,
     s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_ok, s_sp, s_sl, s_sh,
     scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DEFER: tl.constexpr,
 ):
     """The same step with every level of one [BK, BV] tile loaded at once ([LP, BK, BV], dead levels
     masked off): the loads of all live levels are in flight together instead of one level after the
@@ -110,14 +152,30 @@ def _fused_recurrent_step_tile_kernel(
     p_s = levels + i_s * s_sp + i_h * s_sh + l3 * s_sl + (o_k[:, None] * V + o_v[None, :])[None, :, :]
     m_read = (fold | keep)[:, None, None] & m_kv[None, :, :]
     b_s = tl.load(p_s, mask=m_read, other=0.0).to(tl.float32)  # (LP, BK, BV)
-    b_carry = tl.sum(tl.where(fold[:, None, None], b_s, 0.0), axis=0)  # (BK, BV)
     b_kv = b_k[:, None] * b_v[None, :]
-    b_s = tl.where(new[:, None, None], b_carry[None, :, :], b_s) * b_decay
-    b_s = tl.where(fold[:, None, None], 0.0, b_s)
-    b_s = tl.where((o_l == 0)[:, None, None], b_kv[None, :, :], b_s)
-    m_write = ((o_l == 0) | fold | new | keep)[:, None, None] & m_kv[None, :, :]
-    tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_write)
-    b_w = tl.where((o_l == 0) | new | keep, b_lam, 0.0)
+    if DEFER:
+        # S[l] = stored * exp(a[l]); a from buffer t % 2, the new a to the other one (every program of
+        # this slot and head writes the same values); only levels 0 and z + 1 are stored
+        p_a = decay + (i_s * 2 * L) * H + i_h + o_l * H
+        b_ao = tl.load(p_a + (t % 2) * (L * H), mask=fold | keep, other=float("-inf"))
+        b_g = tl.load(g + i_n * s_gn + i_h).to(tl.float32)
+        b_carry = tl.sum(tl.where(fold[:, None, None], b_s * tl.exp(b_ao)[:, None, None], 0.0), axis=0)
+        b_an = tl.where(new, b_g, tl.where(keep, b_ao + b_g, float("-inf")))
+        b_an = tl.where(o_l == 0, 0.0, b_an)
+        tl.store(p_a + (1 - t % 2) * (L * H), b_an, mask=o_l < L)
+        b_s = tl.where(new[:, None, None], b_carry[None, :, :], b_s)
+        b_s = tl.where((o_l == 0)[:, None, None], b_kv[None, :, :], b_s)
+        m_write = ((o_l == 0) | new)[:, None, None] & m_kv[None, :, :]
+        tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_write)
+        b_w = tl.where((o_l == 0) | new | keep, b_lam * tl.exp(b_an), 0.0)
+    else:
+        b_carry = tl.sum(tl.where(fold[:, None, None], b_s, 0.0), axis=0)  # (BK, BV)
+        b_s = tl.where(new[:, None, None], b_carry[None, :, :], b_s) * b_decay
+        b_s = tl.where(fold[:, None, None], 0.0, b_s)
+        b_s = tl.where((o_l == 0)[:, None, None], b_kv[None, :, :], b_s)
+        m_write = ((o_l == 0) | fold | new | keep)[:, None, None] & m_kv[None, :, :]
+        tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_write)
+        b_w = tl.where((o_l == 0) | new | keep, b_lam, 0.0)
     b_t = tl.sum(b_w[:, None, None] * b_s, axis=0)  # (BK, BV) λ-weighted sum of the live levels
     b_o = tl.sum(b_q[:, None] * b_t, axis=0) * scale
     tl.store(o + i_k * s_ok + i_n * s_on + i_h * s_oh + o_v, b_o, mask=m_v)
@@ -126,7 +184,8 @@ def _fused_recurrent_step_tile_kernel(
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
                          positions: torch.Tensor, scale: float | None = None, *, partials: bool = False,
-                         tile: bool | None = None, block_k: int | None = None, block_v: int | None = None,
+                         level_decay: torch.Tensor | None = None, tile: bool | None = None,
+                         block_k: int | None = None, block_v: int | None = None,
                          num_warps: int | None = None) -> torch.Tensor:
     """One decode token for N sequences held in a pool; updates ``levels[slots]`` in place.
 
@@ -135,6 +194,8 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
         levels: [P, L, H, K, V] state pool (fp32 or bf16, the last two dims contiguous);
         slots: [N] int, distinct pool rows; positions: [N] int, index of this token in each
         sequence (must be < 2^(L-1); not checked, to stay free of host synchronisation).
+        level_decay: [P, 2, L, H] float32 or None: the pool defers the decay
+            (``kernels.naive.fused_recurrent_step_ref``); the step then stores levels 0 and z + 1 only.
         partials: when the tiled kernel runs, return its read-outs before their sum over blocks of K,
         [NK, N, H, V] float32 (scale applied), for a consumer that fuses the sum
         (kernels.norm.gated_rmsnorm); the level loop returns o as usual.
@@ -152,12 +213,14 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     if levels.shape[1:] != (L, H, K, V) or levels.stride(-1) != 1 or levels.stride(-2) != V:
         raise ValueError(f"levels must be [P, {L}, {H}, {K}, {V}] with contiguous [K, V] blocks, "
                          f"got {tuple(levels.shape)} strides {levels.stride()}")
+    if level_decay is not None:
+        check_level_decay(level_decay, levels)
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, level_scales = (unit_last(x) for x in (q, k, v, g, level_scales))
     if tile is None:
         tile = N * H >= 512 and levels.dtype == torch.float32
     if not tile:
-        return _step_loop(q, k, v, g, level_scales, levels, slots, positions, scale, block_v)
+        return _step_loop(q, k, v, g, level_scales, levels, level_decay, slots, positions, scale, block_v)
     LP = triton.next_power_of_2(L)
     BV = block_v or min(64, max(16, triton.next_power_of_2(V)))
     BK = block_k or max(1, min(triton.next_power_of_2(K), 4096 // (LP * BV)))
@@ -165,11 +228,11 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     o = torch.empty(NK, N, H, V, dtype=torch.float32, device=v.device)
     if N > 0:
         _fused_recurrent_step_tile_kernel[(H * NK * NV, N)](
-            q, k, v, g, level_scales, levels, slots, positions, o,
+            q, k, v, g, level_scales, levels, _or(level_decay, levels), slots, positions, o,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
             level_scales.stride(0), level_scales.stride(1), o.stride(1), o.stride(2), o.stride(0),
             levels.stride(0), levels.stride(1), levels.stride(2),
-            scale, H=H, G=G, K=K, V=V, L=L, LP=LP, BK=BK, BV=BV, NK=NK, NV=NV,
+            scale, H=H, G=G, K=K, V=V, L=L, LP=LP, BK=BK, BV=BV, NK=NK, NV=NV, DEFER=level_decay is not None,
             num_warps=num_warps or max(2, LP * BK * BV // 2048),
         )
     if partials:
@@ -177,7 +240,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     return (o[0] if NK == 1 else o.sum(0)).to(v.dtype)
 
 
-def _step_loop(q, k, v, g, level_scales, levels, slots, positions, scale, block_v):
+def _step_loop(q, k, v, g, level_scales, levels, level_decay, slots, positions, scale, block_v):
     N, G, K = q.shape
     H, V = v.shape[-2:]
     L = level_scales.shape[-1]
@@ -190,11 +253,16 @@ def _step_loop(q, k, v, g, level_scales, levels, slots, positions, scale, block_
     BV = min(max(16, triton.next_power_of_2(V)), block_v)
     NV = triton.cdiv(V, BV)
     _fused_recurrent_step_kernel[(H * NV, N)](
-        q, k, v, g, level_scales, levels, slots, positions, o,
+        q, k, v, g, level_scales, levels, _or(level_decay, levels), slots, positions, o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
         level_scales.stride(0), level_scales.stride(1), o.stride(0), o.stride(1),
         levels.stride(0), levels.stride(1), levels.stride(2),
-        scale, H=H, G=G, K=K, V=V, L=L, BK=BK, BV=BV, NV=NV,
+        scale, H=H, G=G, K=K, V=V, L=L, BK=BK, BV=BV, NV=NV, DEFER=level_decay is not None,
         num_warps=4 if BK * BV >= 4096 else 2,
     )
     return o
+
+
+def _or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """A pointer argument that the kernel reads only when t is given (a constexpr flag says so)."""
+    return dummy if t is None else t

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.state import FenwickState, ctz, level_matrix, max_positions
+from kernels.state import FenwickState, check_level_decay, ctz, level_matrix, max_positions, true_levels
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -164,13 +164,19 @@ def recurrent_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def fused_recurrent_step_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                              level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
-                             positions: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                             positions: torch.Tensor, scale: float | None = None, *,
+                             level_decay: torch.Tensor | None = None) -> torch.Tensor:
     """One decode token for N sequences held in a pool; updates ``levels[slots]`` in place.
 
     Args:
         q, k: [N, G, K]; v: [N, H, V]; g: [N, H]; level_scales: [N, H, L];
         levels: [P, L, H, K, V] state pool; slots: [N] int, distinct pool rows;
         positions: [N] int, index of this token in each sequence (tokens absorbed before it).
+        level_decay: [P, 2, L, H] float32, or None. With it the pool defers the decay (DESIGN §3): at
+            position t, S[l] = levels[slot, l] * exp(level_decay[slot, t % 2, l]) (-inf: empty), and a
+            step reads buffer t % 2 and writes buffer (t + 1) % 2 (``kernels.state.true_levels``). Fast
+            paths may store any levels and log-decays that mean the same S; this reference writes S
+            itself with log-decay 0.
     Returns:
         o: [N, H, V] in v's dtype.
     """
@@ -180,6 +186,13 @@ def fused_recurrent_step_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     positions = positions.long()
     _check_positions(positions + 1, levels.shape[1])
     dt = _compute_dtype(q) if levels.dtype != torch.float64 else torch.float64
-    o, new = recurrent_step(levels[slots].to(dt), q, k, v, g, level_scales, positions, scale)
+    if level_decay is None:
+        cur = levels[slots].to(dt)
+    else:
+        check_level_decay(level_decay, levels)
+        cur = true_levels(levels, level_decay, slots, positions, dt)
+    o, new = recurrent_step(cur, q, k, v, g, level_scales, positions, scale)
     levels[slots] = new.to(levels.dtype)
+    if level_decay is not None:
+        level_decay[slots, (positions + 1) % 2] = 0.0
     return o.to(v.dtype)

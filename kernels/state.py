@@ -84,3 +84,26 @@ def level_matrix(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def ctz(t: torch.Tensor) -> torch.Tensor:
     """Index of the lowest set bit of each positive int64 in t (-1 where t == 0)."""
     return bitlen(torch.bitwise_and(t, -t)) - 1
+
+
+def check_level_decay(level_decay: torch.Tensor, levels: torch.Tensor) -> None:
+    """Validate a decode pool's ``level_decay``: [P, 2, L, H] float32 (float64 in checks), contiguous,
+    beside ``levels`` [P, L, H, K, V]."""
+    P, L, H = levels.shape[:3]
+    if (level_decay.shape != (P, 2, L, H) or level_decay.dtype not in (torch.float32, torch.float64)
+            or not level_decay.is_contiguous() or level_decay.device != levels.device):
+        raise ValueError(f"level_decay must be a contiguous float32 [{P}, 2, {L}, {H}] tensor on "
+                         f"{levels.device}, got {tuple(level_decay.shape)} {level_decay.dtype} "
+                         f"on {level_decay.device}")
+
+
+def true_levels(levels: torch.Tensor, level_decay: torch.Tensor, slots: torch.Tensor,
+                positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The levels S[l] of ``slots`` at ``positions`` from a pool with deferred decay:
+    S[l] = levels[slot, l] * exp(level_decay[slot, position % 2, l]) per head, zero where the log-decay
+    is -inf (an empty level, whatever its block holds). -> [N, L, H, K, V] in ``dtype``."""
+    slots, positions = slots.long(), positions.to(slots.device).long()
+    a = level_decay[slots, positions % 2].to(dtype)  # (N, L, H)
+    w = torch.where(torch.isneginf(a), 0.0, a.exp())
+    stored = levels[slots].to(dtype)
+    return torch.where(w[..., None, None] > 0, stored * w[..., None, None], 0.0)

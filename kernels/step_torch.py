@@ -11,16 +11,18 @@ from __future__ import annotations
 import torch
 
 from kernels.naive import check_shapes
-from kernels.state import ctz, max_positions
+from kernels.state import check_level_decay, ctz, max_positions
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          level_scales: torch.Tensor, levels: torch.Tensor, slots: torch.Tensor,
-                         positions: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                         positions: torch.Tensor, scale: float | None = None, *,
+                         level_decay: torch.Tensor | None = None) -> torch.Tensor:
     """One decode token for N sequences held in a pool; updates ``levels[slots]`` in place.
 
     Same contract as ``kernels.naive.fused_recurrent_step_ref``. A sequence at position 0 starts from an
-    empty state whatever its slot holds.
+    empty state whatever its slot holds. With ``level_decay`` the live levels above z + 1 are not
+    rewritten: their log-decay grows by g instead, and the step writes two blocks (level 0 and z + 1).
 
     Args:
         q, k: [N, G, K]; v: [N, H, V]; g: [N, H] log-decay; level_scales: [N, H, L];
@@ -55,6 +57,9 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     if torch.unique(slots).numel() != N:
         raise ValueError("slots must be distinct")
 
+    if level_decay is not None:
+        check_level_decay(level_decay, levels)
+        return _step_deferred(q, k, v, g, level_scales, levels, level_decay, slots, t, scale, rep, dt)
     z = ctz(t)  # (N,), -1 at position 0
     lv = torch.arange(L, device=dev)
     bit = (t[:, None] >> (lv - 1).clamp(min=0)) & 1  # (N, L): bit l-1 of t
@@ -84,6 +89,47 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     _write(levels, row[keep], kept)
     _write(levels, slots * L + z + 1, top)  # level 0 at position 0: overwritten next
     _write(levels, slots * L, kh[..., :, None] * vd[..., None, :])
+    return o.to(v.dtype)
+
+
+def _step_deferred(q, k, v, g, level_scales, levels, level_decay, slots, t, scale, rep, dt):
+    """``fused_recurrent_step`` on a pool with deferred decay (S[l] = levels[l] * exp(a[l]))."""
+    N, L, H, K, V = t.numel(), *levels.shape[1:]
+    dev = levels.device
+    z = ctz(t)  # (N,), -1 at position 0
+    lv = torch.arange(L, device=dev)
+    bit = (t[:, None] >> (lv - 1).clamp(min=0)) & 1  # (N, L): bit l-1 of t
+    fold = lv <= z[:, None]  # (N, L): folded into z + 1 (none at position 0)
+    keep = (lv > (z + 1)[:, None]) & (bit == 1) & (lv > 0)  # (N, L): live above z + 1, a += g only
+    row = slots[:, None] * L + lv  # (N, L): rows of the pool viewed as [P * L, H * K * V]
+    par = t % 2
+    a_old = level_decay[slots, par].to(dt)  # (N, L, H)
+    gd = g.to(dt)  # (N, H)
+    n_fold = fold.nonzero()[:, 0]
+    w_fold = a_old[fold].exp()  # (F, H): each folded level's true scale
+    old = _read(levels, row[fold]).to(dt).view(-1, H, K, V) * w_fold[..., None, None]
+    top = torch.zeros(N, H, K, V, dtype=dt, device=dev).index_add_(0, n_fold, old)  # true, before g
+
+    a_new = torch.full_like(a_old, float("-inf"))
+    a_new[keep] = a_old[keep] + gd[keep.nonzero()[:, 0]]
+    rows = torch.arange(N, device=dev)
+    a_new[rows[t > 0], (z + 1)[t > 0]] = gd[t > 0]  # the new level holds the carry as summed, owes g
+    a_new[:, 0] = 0.0
+
+    qh = q.to(dt).repeat_interleave(rep, dim=1) * scale  # (N, H, K)
+    kh = k.to(dt).repeat_interleave(rep, dim=1)
+    vd = v.to(dt)
+    lam = level_scales.to(dt)  # (N, H, L)
+    o = (lam[..., 0] * (qh * kh).sum(-1))[..., None] * vd  # level 0: q . (k v^T) = (q . k) v
+    o += (lam[rows, :, z + 1] * gd.exp())[..., None] * torch.einsum("nhk,nhkv->nhv", qh, top)
+    n_keep = keep.nonzero()[:, 0]
+    kept = _read(levels, row[keep]).to(dt).view(-1, H, K, V)  # (R, H, K, V) as stored
+    w_keep = lam[n_keep, :, lv.expand(N, L)[keep]] * a_new[keep].exp()  # (R, H)
+    o.index_add_(0, n_keep, w_keep[..., None] * torch.einsum("rhk,rhkv->rhv", qh[n_keep], kept))
+
+    _write(levels, slots * L + z + 1, top)  # at position 0 level 0, overwritten next
+    _write(levels, slots * L, kh[..., :, None] * vd[..., None, :])
+    level_decay[slots, 1 - par] = a_new.to(level_decay.dtype)
     return o.to(v.dtype)
 
 

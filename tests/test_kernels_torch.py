@@ -180,6 +180,33 @@ def test_step_matches_reference_and_leaves_other_slots(state_dtype, in_dtype, to
         assert torch.equal(pool_new[others], pool[others])
 
 
+@pytest.mark.parametrize("state_dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)],
+                         ids=["f64", "f32", "bf16"])
+def test_step_with_deferred_decay_matches_reference(state_dtype, tol):
+    """Pools with deferred decay (level_decay): twelve steps from positions around powers of two, the
+    read-outs and the levels they mean against the reference on plain levels; other slots untouched."""
+    from kernels.state import true_levels
+    from tests.pools import deferred_pool
+    G, H, K, V, L = 2, 4, 8, 4, 12
+    positions = [0, 1, 6, 7, 63, 255, 1000]
+    N, P = len(positions), len(positions) + 3
+    slots = torch.randperm(P, generator=torch.Generator().manual_seed(1))[:N]
+    start = _state_after(positions, G, H, K, V, L, seed=40)
+    pos = torch.tensor(positions)
+    pool, decay = deferred_pool(start.levels, pos, slots, P, state_dtype, seed=2)
+    ref = start.levels.clone()
+    xs = _inputs(N, 12, G, H, K, V, L, seed=3)
+    for i in range(12):
+        q, k, v, g, lam = (x[:, i] for x in xs)
+        o_ref = naive.fused_recurrent_step_ref(q, k, v, g, lam, ref, torch.arange(N), pos + i)
+        o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos + i, level_decay=decay)
+        assert _rel(o, o_ref) < tol, i
+    assert _rel(true_levels(pool, decay, slots, pos + 12, F64), ref) < tol
+    others = torch.ones(P, dtype=torch.bool)
+    others[slots] = False
+    assert pool[others].isnan().all() and decay[others].isnan().all()
+
+
 def test_step_on_a_strided_pool():
     step, pool, slots, positions = _pool_case(torch.float32, torch.float32, "random")
     wide = torch.zeros(*pool.shape[:-1], 2 * pool.shape[-1])

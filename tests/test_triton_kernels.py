@@ -123,6 +123,33 @@ def _case_step(name, *, positions, G=2, H=2, K=16, V=16, L=12, block_v=16, seed=
                    "others_untouched": bool(torch.isnan(pool[untouched]).all())}}
 
 
+def _case_step_deferred(name, *, positions, tile, dtype=torch.float32, steps=3, G=2, H=2, K=16, V=16, L=12,
+                        seed=5):
+    """Steps on a pool with deferred decay (tests/pools.py) against the reference on plain levels."""
+    from kernels import naive
+    from kernels.fused_recurrent import fused_recurrent_step
+    from kernels.state import true_levels
+    from tests.pools import deferred_pool
+    N, P = len(positions), len(positions) + 3
+    pos = torch.tensor(positions)
+    slots = torch.randperm(P, generator=torch.Generator().manual_seed(seed))[:N]
+    ref = _states(positions, G, H, K, V, L, seed=seed * 1000)
+    pool, decay = deferred_pool(ref, pos, slots, P, dtype, seed=seed)
+    xs = [x[0] for x in _inputs(1, N * steps, G, H, K, V, L, seed=seed, gmax=1.0)]
+    worst = 0.0
+    for i in range(steps):
+        q, k, v, g, lam = (x[i * N:(i + 1) * N] for x in xs)
+        o_ref = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
+                                               ref, torch.arange(N), pos + i)
+        o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos + i, level_decay=decay, tile=tile,
+                                 block_k=4 if tile else None)
+        worst = max(worst, _rel(o, o_ref))
+    others = [i for i in range(P) if i not in slots.tolist()]
+    state = true_levels(pool, decay, slots, pos + steps, torch.float64)
+    untouched = torch.isnan(pool[others]).all() and torch.isnan(decay[others]).all()
+    return {name: {"o": worst, "state": _rel(state, ref), "others_untouched": bool(untouched)}}
+
+
 def _case_prefill_then_steps(name, *, T=45, steps=6, G=1, H=2, K=16, V=16, L=8):
     from kernels.chunk import chunk_log_linear_attn_impl
     from kernels.fused_recurrent import fused_recurrent_step
@@ -197,6 +224,11 @@ def _interpret_cases() -> dict:
     res.update(_case_step("step_edges", positions=[0, 1, 7, 8, 15, 16, 255, 1000]))
     res.update(_case_step("step_wide_block", positions=[3, 64, 127], block_v=32, V=24, seed=2))
     res.update(_case_prefill_then_steps("prefill_then_steps"))
+    edges = [0, 1, 6, 7, 8, 255, 1000]
+    res.update(_case_step_deferred("step_deferred_loop", positions=edges, tile=False))
+    res.update(_case_step_deferred("step_deferred_tiles", positions=edges, tile=True))
+    res.update(_case_step_deferred("step_deferred_loop_bf16", positions=edges, tile=False,
+                                   dtype=torch.bfloat16))
     return res
 
 
@@ -234,6 +266,13 @@ def test_step_interpreted_matches_reference(interpret_results, case):
 def test_chunk_final_into_pool_interpreted(interpret_results, dt):
     r = interpret_results[f"final_into/{dt}"]
     assert r["state"] < {"fp32": 1e-5, "bf16": 1e-2}[dt] and r["kept"] and r["none"], r
+
+
+@pytest.mark.parametrize("case,tol", [("step_deferred_loop", 1e-5), ("step_deferred_tiles", 1e-5),
+                                      ("step_deferred_loop_bf16", 1e-2)])
+def test_step_with_deferred_decay_interpreted(interpret_results, case, tol):
+    r = interpret_results[case]
+    assert r["o"] < tol and r["state"] < tol and r["others_untouched"], r
 
 
 def test_layers_sharing_one_plan_interpreted(interpret_results):
