@@ -203,8 +203,9 @@ class LogLinearMamba2Mixer(nn.Module):
 
     # ---- one token per sequence, state pools updated in place -------------------------------------
     def decode(self, h: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor, slots: torch.Tensor,
-               positions: torch.Tensor) -> torch.Tensor:
-        """h: [N, hidden]; conv_pool: [P, conv_dim, W-1]; levels_pool: [P, L, H, K, V]; slots, positions: [N].
+               positions: torch.Tensor, decay_pool: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [N, hidden]; conv_pool: [P, conv_dim, W-1]; levels_pool: [P, L, H, K, V]; slots, positions: [N];
+        decay_pool: [P, 2, L, H] when the pool defers the decay (``kernels.fused_recurrent_step``).
 
         Returns [N, hidden]. Writes conv_pool[slots] and levels_pool[slots]; no host synchronisation.
         """
@@ -217,11 +218,13 @@ class LogLinearMamba2Mixer(nn.Module):
             acc = acc + self.conv1d.bias
         xBC = F.silu(acc).to(h.dtype)  # (N, conv_dim)
         q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
-        o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0)
+        o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
+                                         level_decay=decay_pool)
         return self._output(o, x, z)
 
     def decode_fused(self, proj: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor,
-                     slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                     slots: torch.Tensor, positions: torch.Tensor, decay_pool: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """``decode`` between in_proj and out_proj in three launches: conv step + Δ + g + λ
         (kernels.mixer_step), the Fenwick step (its per-block read-outs left unsummed), and their sum +
         D skip + gated norm (kernels.norm). On the CPU the same calls run their PyTorch references.
@@ -240,7 +243,7 @@ class LogLinearMamba2Mixer(nn.Module):
         k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (N, G, K)
         q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
         o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
-                                         partials=True)  # (NK, N, H, V) float32 on CUDA
+                                         partials=True, level_decay=decay_pool)  # (NK, N, H, V) fp32 on CUDA
         weight = self.norm.weight if c.rmsnorm else None
         return norm.gated_rmsnorm(o, x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
                                   c.norm_before_gate, self.out_proj.weight.dtype)

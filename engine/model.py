@@ -165,14 +165,16 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             else:
                 h = h[None]
                 for i, layer in enumerate(self.backbone.layers):
-                    fenwick = None if fresh else FenwickState(state.levels[i][slots].float(), start)
+                    fenwick = None if fresh else FenwickState(state.fenwick(i, slots, start), start)
                     out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
                                                            fenwick)
                     state.conv[i][slots] = conv.to(state.conv[i].dtype)
                     state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
                     h = layer.add_mlp(h + out)
                 h = self.backbone.norm_f(h[0, cu[1:] - 1], h.dtype)
-        state.positions[slots] = start + device_ints(lens, device)
+        end = start + device_ints(lens, device)
+        state.settle(slots, end)
+        state.positions[slots] = end
         return self.lm_head(h).float()
 
     def _prefill_fused(self, h: torch.Tensor, cu: torch.Tensor, state: ModelState, slots: torch.Tensor,
@@ -185,7 +187,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
             mixer = layer.mixer
-            initial = None if start is None else FenwickState(state.levels[i][slots].float(), start)
+            initial = None if start is None else FenwickState(state.fenwick(i, slots, start), start)
             y = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, initial)
             delta = mixer.out_proj(y)
             x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
@@ -208,7 +210,8 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         if self.fused_decode:
             return self._decode_fused(h, state, slots, positions)
         for i, layer in enumerate(self.backbone.layers):
-            h = h + layer.mixer.decode(layer.mixer_input(h), state.conv[i], state.levels[i], slots, positions)
+            h = h + layer.mixer.decode(layer.mixer_input(h), state.conv[i], state.levels[i], slots, positions,
+                                       state.decay[i])
             h = layer.add_mlp(h)
         state.positions[slots] = positions + 1
         return self._logits(h).float()
@@ -225,7 +228,8 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
             mixer = layer.mixer
-            y = mixer.decode_fused(mixer.in_proj(x), state.conv[i], state.levels[i], slots, positions)
+            y = mixer.decode_fused(mixer.in_proj(x), state.conv[i], state.levels[i], slots, positions,
+                                   state.decay[i])
             delta = mixer.out_proj(y)
             x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
             delta = layer.mlp.forward_fused(x)
@@ -245,7 +249,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             mixer = layer.mixer
             proj = gemv.rmsnorm_linear(h, layer.mixer_norm.weight, eps, mixer.in_proj.weight)
-            y = mixer.decode_fused(proj, state.conv[i], state.levels[i], slots, positions)
+            y = mixer.decode_fused(proj, state.conv[i], state.levels[i], slots, positions, state.decay[i])
             h = gemv.linear_residual(y, mixer.out_proj.weight, h)
             a = gemv.rmsnorm_linear_silu_mul(h, layer.mlp_norm.weight, eps, layer.mlp.gate_up_weight)
             h = gemv.linear_residual(a, layer.mlp.down_proj.weight, h)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.model_config import ModelConfig
+from kernels.state import true_levels
 
 
 def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -23,7 +24,11 @@ def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
 class ModelState:
     """Slot p of every tensor belongs to one sequence; the engine hands out slots.
 
-    levels: per layer [P, L, H, K, V] in state_dtype (float32 default, bfloat16 allowed), the Fenwick levels;
+    levels: per layer [P, L, H, K, V] in state_dtype (float32 default, bfloat16 allowed), the Fenwick levels
+        as stored: level l of slot p at position t is levels[p, l] * exp(decay[p, t % 2, l]) per head;
+    decay: per layer [P, 2, L, H] float32, the log-decay each stored level still owes (-inf: empty), in
+        two buffers by position parity (a decode step reads one and writes the other; see
+        ``kernels.naive.fused_recurrent_step_ref``); so a step rewrites two blocks, not every live one;
     conv: per layer [P, conv_dim, conv_kernel - 1] in the model dtype, the last conv1d inputs (oldest first);
     positions: [P] int64, tokens absorbed per slot.
     """
@@ -31,6 +36,7 @@ class ModelState:
     levels: list[torch.Tensor]
     conv: list[torch.Tensor]
     positions: torch.Tensor
+    decay: list[torch.Tensor]
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_slots: int, device: torch.device | str = "cpu",
@@ -45,7 +51,9 @@ class ModelState:
                               dtype=state_dtype) for _ in range(c.num_hidden_layers)]
         conv = [torch.zeros(P, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
                 for _ in range(c.num_hidden_layers)]
-        return cls(levels, conv, torch.zeros(P, device=device, dtype=torch.int64))
+        decay = [torch.zeros(P, 2, c.lambda_levels, c.num_heads, device=device, dtype=torch.float32)
+                 for _ in range(c.num_hidden_layers)]
+        return cls(levels, conv, torch.zeros(P, device=device, dtype=torch.int64), decay)
 
     @property
     def num_slots(self) -> int:
@@ -64,21 +72,33 @@ class ModelState:
         """Zero the slots: a new sequence starts there. levels=False leaves the levels as they are, for
         slots whose levels the next call overwrites whole (a prefill from position 0)."""
         idx = self._index(slots)
-        for t in (*(self.levels if levels else ()), *self.conv, self.positions):
+        for t in (*(self.levels if levels else ()), *self.conv, *self.decay, self.positions):
             t.index_fill_(0, idx, 0)  # not t[idx] = 0: that copies the 0 from the host and waits
 
     def copy_(self, src: int, dst: torch.Tensor | Sequence[int] | int) -> None:
         """Fork: copy slot ``src`` into every slot of ``dst`` (for n > 1 samples of one prompt)."""
         idx = self._index(dst)
-        for t in (*self.levels, *self.conv):
+        for t in (*self.levels, *self.conv, *self.decay):
             t[idx] = t[src].clone()
         self.positions[idx] = self.positions[src].clone()
 
     @property
     def bytes_per_slot(self) -> int:
-        per = sum(t[0].numel() * t.element_size() for t in (*self.levels, *self.conv))
+        per = sum(t[0].numel() * t.element_size() for t in (*self.levels, *self.conv, *self.decay))
         return per + self.positions.element_size()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.levels, *self.conv, self.positions))
+        tensors = (*self.levels, *self.conv, *self.decay, self.positions)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def fenwick(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The levels of ``slots`` at ``positions`` in one layer, decay applied: [N, L, H, K, V] float32."""
+        return true_levels(self.levels[layer], self.decay[layer], slots, positions)
+
+    def settle(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """After a prefill wrote the slots' levels whole (as S): no decay owed at ``positions`` (device
+        tensors; no host synchronisation)."""
+        idx = slots * 2 + positions % 2
+        for d in self.decay:
+            d.view(-1, *d.shape[2:]).index_fill_(0, idx, 0.0)

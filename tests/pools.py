@@ -11,6 +11,8 @@ def deferred_pool(levels: torch.Tensor, positions: torch.Tensor, slots: torch.Te
     [N, L, H, K, V] (each sequence's S at its position) in ``slots``, stored unevenly on purpose: a live
     level's block is S * exp(-a) with a random a in [-2, 0], an empty level's block is random junk with
     a = -inf, the other buffer of level_decay and every other slot are NaN."""
+    device = levels.device
+    levels, positions, slots = levels.cpu(), positions.cpu(), slots.cpu()
     gen = torch.Generator().manual_seed(seed)
     N, L, H = levels.shape[:3]
     live = levels.abs().flatten(3).sum(-1) > 0  # (N, L, H): S is zero only where the level is empty
@@ -22,4 +24,4 @@ def deferred_pool(levels: torch.Tensor, positions: torch.Tensor, slots: torch.Te
     decay = torch.full((num_slots, 2, L, H), float("nan"), dtype=torch.float32 if dtype != torch.float64
                        else torch.float64)
     decay[slots, positions % 2] = a.to(decay.dtype)
-    return pool, decay
+    return pool.to(device), decay.to(device)

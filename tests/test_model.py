@@ -129,16 +129,22 @@ def test_state_reset_and_sizes() -> None:
     c = config
     level_bytes = c.lambda_levels * c.num_heads * c.state_size * c.head_dim * 2
     conv_bytes = c.conv_dim * (c.conv_kernel - 1) * 4
-    assert state.bytes_per_slot == c.num_hidden_layers * (level_bytes + conv_bytes) + 8
+    decay_bytes = 2 * c.lambda_levels * c.num_heads * 4
+    assert state.bytes_per_slot == c.num_hidden_layers * (level_bytes + conv_bytes + decay_bytes) + 8
     assert state.nbytes == 4 * state.bytes_per_slot
     assert state.levels[0].shape == (4, c.lambda_levels, c.num_heads, c.state_size, c.head_dim)
     assert state.conv[1].shape == (4, c.conv_dim, c.conv_kernel - 1)
-    for t in (*state.levels, *state.conv):
+    assert state.decay[1].shape == (4, 2, c.lambda_levels, c.num_heads)
+    for t in (*state.levels, *state.conv, *state.decay):
         t.fill_(1.0)
     state.positions.fill_(7)
     state.reset([0, 2])
     assert state.levels[0][[0, 2]].abs().sum() == 0 and state.conv[1][[0, 2]].abs().sum() == 0
+    assert state.decay[1][[0, 2]].abs().sum() == 0 and state.decay[1][[1, 3]].min() == 1
     assert state.levels[0][[1, 3]].min() == 1 and state.positions.tolist() == [0, 7, 0, 7]
+    state.reset([1], levels=False)  # for a prefill that rewrites the levels: the rest is zeroed
+    assert state.levels[0][1].min() == 1
+    assert state.conv[0][1].abs().sum() == state.decay[0][1].abs().sum() == 0
     meta = ModelState.allocate(config, 3, device="meta")
     assert meta.bytes_per_slot == ModelState.allocate(config, 1).bytes_per_slot
 
@@ -200,7 +206,7 @@ def test_decode_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import kernels
 
-    def step_stub(q, k, v, g, level_scales, levels, slots, positions, scale=None):
+    def step_stub(q, k, v, g, level_scales, levels, slots, positions, scale=None, level_decay=None):
         levels[slots] = levels[slots] * torch.exp(g)[:, None, :, None, None]
         return v * level_scales.sum(-1, keepdim=True)
 

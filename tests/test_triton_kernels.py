@@ -387,6 +387,38 @@ def test_chunk_gpu_long_rows_and_split(T, H, L):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("tile", [False, True], ids=["loop", "tiles"])
+def test_step_gpu_with_deferred_decay_matches_reference(tile, dtype):
+    """The engine's pool layout (level_decay) at the engine's shapes: three steps from edge positions."""
+    from kernels import naive
+    from kernels.fused_recurrent import fused_recurrent_step
+    from kernels.state import true_levels
+    from tests.pools import deferred_pool
+    H, K, V, L = 24, 128, 64, 15
+    positions = [0, 1, 2, 3, 62, 63, 64, 1023, 1024, 4094, 8191, 16381, 5000, 9999, 777]
+    N, P = len(positions), 40
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    slots = torch.randperm(P, device="cuda", generator=gen)[:N]
+    ref = 0.1 * torch.randn(N, L, H, K, V, device="cuda", generator=gen, dtype=torch.float64)
+    for i, s in enumerate(positions):
+        for lv in range(L):
+            if not ((lv == 0 and s > 0) or (lv > 0 and ((s - 1) >> (lv - 1)) & 1 and s > 0)):
+                ref[i, lv] = 0
+    pos = torch.tensor(positions, device="cuda")
+    pool, decay = deferred_pool(ref, pos, slots, P, dtype, seed=3)
+    xs = [x[0] for x in _inputs(1, 3 * N, 1, H, K, V, L, device="cuda", gmax=1.0)]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for i in range(3):
+        q, k, v, g, lam = (x[i * N:(i + 1) * N] for x in xs)
+        ro = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
+                                            ref, torch.arange(N, device="cuda"), pos + i)
+        o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos + i, tile=tile, level_decay=decay)
+        assert _rel(o, ro) < tol, i
+    assert _rel(true_levels(pool, decay, slots, pos + 3, torch.float64), ref) < tol
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tile", [False, True], ids=["loop", "tiles"])
 def test_step_gpu_matches_reference_at_edge_positions(tile):
     from kernels import naive
