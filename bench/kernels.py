@@ -98,16 +98,17 @@ def prefill_row(T: int, variants: dict) -> dict:
     return row
 
 
-def decode_bytes(positions: list[int], L: int, level_bytes: int) -> int:
-    """Bytes the in-place step must move: live levels read, changed levels written, inputs, output."""
+def decode_bytes(positions: list[int], L: int, level_bytes: int, deferred: bool = False) -> int:
+    """Bytes the in-place step must move: live levels read, changed levels written, inputs, output.
+    deferred (a level_decay pool): only levels 0 and z + 1 are written, plus the [2, L, H] log-decays."""
     total = 0
     for t in positions:
         z = (t & -t).bit_length() - 1
         reads = z + bin(t).count("1")  # levels 0..z, and the live levels above z + 1
-        writes = bin(t).count("1") + 1 + z  # level 0, level z + 1, live above, zeros at 1..z
+        writes = 2 if deferred else bin(t).count("1") + 1 + z  # level 0, z + 1 (, live above, zeros at 1..z)
         total += (reads + writes) * level_bytes * H
     n = len(positions)
-    total += n * (2 * G * K * 2 + H * V * 2 * 2 + H * 4 + H * L * 2)
+    total += n * (2 * G * K * 2 + H * V * 2 * 2 + H * 4 + H * L * 2 + (2 * L * H * 4 if deferred else 0))
     return total
 
 
@@ -115,7 +116,7 @@ STEP_TILES = [(8, 64, 4), (16, 64, 8), (16, 32, 4), (32, 32, 8), (4, 64, 2), (12
 
 
 def bench_decode(rows: list, copy_gbs: float, block_vs: list,
-                 state_dtype: torch.dtype = torch.float32) -> None:
+                 state_dtype: torch.dtype = torch.float32, deferred: bool = False) -> None:
     from kernels.fused_recurrent import fused_recurrent_step
     L = 15
     for N in NS:
@@ -129,14 +130,16 @@ def bench_decode(rows: list, copy_gbs: float, block_vs: list,
         v = torch.randn(N, H, V, device="cuda").bfloat16()
         g = -torch.rand(N, H, device="cuda")
         lam = (torch.rand(N, H, L, device="cuda") + 0.5).bfloat16()
-        nbytes = decode_bytes(pos.tolist(), L, K * V * pool.element_size())
-        row = {"N": N, "state_dtype": str(state_dtype), "bytes": nbytes, "copy_GBps": copy_gbs}
+        nbytes = decode_bytes(pos.tolist(), L, K * V * pool.element_size(), deferred)
+        row = {"N": N, "state_dtype": str(state_dtype), "deferred": deferred, "bytes": nbytes,
+               "copy_GBps": copy_gbs}
+        decay = torch.zeros(P, 2, L, H, device="cuda") if deferred else None
         variants = {f"loop_bv{bv}": dict(tile=False, block_v=bv) for bv in block_vs}
         variants.update({f"tile_k{bk}v{bv}w{w}": dict(block_k=bk, block_v=bv, num_warps=w)
                          for bk, bv, w in STEP_TILES})
         variants["tile_default"] = {}
         for name, kw in variants.items():
-            step = partial(fused_recurrent_step, q, k, v, g, lam, pool, slots, pos, **kw)
+            step = partial(fused_recurrent_step, q, k, v, g, lam, pool, slots, pos, level_decay=decay, **kw)
             ms = _bench(step, graph=True)
             row[f"{name}_us"] = ms * 1e3
             row[f"{name}_GBps"] = nbytes / ms / 1e6
@@ -210,7 +213,8 @@ def explore(out: Path, names: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
 
 
-def main_gpu(out: Path, quick: bool, decode: bool = True, state_dtype: torch.dtype = torch.float32) -> None:
+def main_gpu(out: Path, quick: bool, decode: bool = True, state_dtype: torch.dtype = torch.float32,
+             deferred: bool = False) -> None:
     props = torch.cuda.get_device_properties(0)
     meta = {"device": props.name, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M")}
     import triton
@@ -223,7 +227,7 @@ def main_gpu(out: Path, quick: bool, decode: bool = True, state_dtype: torch.dty
         TS[:] = TS[:1] + TS[-1:]
     prefill, dec = [], []
     if decode:
-        bench_decode(dec, copy_gbs, [32, 64], state_dtype)
+        bench_decode(dec, copy_gbs, [32, 64], state_dtype, deferred)
         out.write_text(json.dumps({"meta": meta, "prefill": prefill, "decode": dec}, indent=1))
     for T in TS:  # the file is rewritten after every row, so a run cut short keeps what it measured
         prefill.append(prefill_row(T, variants))
@@ -311,6 +315,7 @@ if __name__ == "__main__":
     ap.add_argument("--ts", type=str, help="comma-separated T values (default: all; none: decode only)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"], help="decode pool")
+    ap.add_argument("--deferred", action="store_true", help="decode pool with deferred decay (level_decay)")
     a = ap.parse_args()
     if a.explore:
         explore(a.explore, a.variants.split(",") if a.variants else None)
@@ -320,5 +325,6 @@ if __name__ == "__main__":
     else:
         if a.ts:
             TS[:] = [] if a.ts == "none" else [int(x) for x in a.ts.split(",")]
-        main_gpu(a.out or Path("kernels-bench.json"), a.quick, not a.no_decode, getattr(torch, a.state_dtype))
+        main_gpu(a.out or Path("kernels-bench.json"), a.quick, not a.no_decode, getattr(torch, a.state_dtype),
+                 a.deferred)
         print(table(a.out or Path("kernels-bench.json")))
