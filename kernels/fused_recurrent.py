@@ -200,9 +200,11 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
         [NK, N, H, V] float32 (scale applied), for a consumer that fuses the sum
         (kernels.norm.gated_rmsnorm); the level loop returns o as usual.
         tile: all levels of a [block_k, block_v] tile loaded at once, or one level after the other
-        (the level loop); default by size and pool dtype, from H200 timings (docs/kernels-notes.md):
+        (the level loop); default by size and pool, from H200 timings (docs/kernels-notes.md):
         the loop up to N * H < 512 (latency bound, no partial sums to add), tiles of [4, 64] beyond for
-        fp32 pools; bf16 pools keep the loop (the tiles reached 1.4 TB/s there, the loop 1.7-1.9).
+        fp32 pools; bf16 pools keep the loop (the tiles reached 1.4 TB/s there, the loop 1.7-1.9), and
+        so do pools with deferred decay (loop [128, 32]: 91 us at N = 32, 95% of copy bandwidth;
+        the best tile 192 us).
     Returns:
         o: [N, H, V] in v's dtype (or the float32 partials).
     """
@@ -218,7 +220,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, level_scales = (unit_last(x) for x in (q, k, v, g, level_scales))
     if tile is None:
-        tile = N * H >= 512 and levels.dtype == torch.float32
+        tile = N * H >= 512 and levels.dtype == torch.float32 and level_decay is None
     if not tile:
         return _step_loop(q, k, v, g, level_scales, levels, level_decay, slots, positions, scale, block_v)
     LP = triton.next_power_of_2(L)
@@ -248,8 +250,8 @@ def _step_loop(q, k, v, g, level_scales, levels, level_decay, slots, positions, 
     if N == 0:
         return o
     BK = max(16, triton.next_power_of_2(K))
-    if block_v is None:
-        block_v = 32 if N * H < 128 else 64  # H200 (docs/kernels-notes.md): one program per head from N = 8
+    if block_v is None:  # H200 (docs/kernels-notes.md): one program per head from N = 8; [*, 32] tiles
+        block_v = 32 if N * H < 128 or level_decay is not None else 64  # with deferred decay
     BV = min(max(16, triton.next_power_of_2(V)), block_v)
     NV = triton.cdiv(V, BV)
     _fused_recurrent_step_kernel[(H * NV, N)](

@@ -102,6 +102,24 @@ def find_syncs(llm: LLM, bs: int, prompt_len: int, vocab: int, log) -> None:
         log(f"    {n:4d}x {msg}\n{stack}")
 
 
+def python_profile(llm: LLM, bs: int, prompt_len: int, vocab: int, log) -> None:
+    """cProfile of one prompt-only batch: where the host's time goes in Python (top functions by own
+    time), for a prompt step that is host bound."""
+    import cProfile
+    import io
+    import pstats
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    batch = prompts(bs, prompt_len, vocab, 5)
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(batch, params)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    log(f"[python] batch {bs} x {prompt_len}, max_tokens=1, top functions by own time:")
+    log("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:6000])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -110,6 +128,7 @@ def main() -> None:
     ap.add_argument("--mode", default="mlp")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--sync-debug", action="store_true", help="also list the host syncs of a prompt step")
+    ap.add_argument("--python-profile", action="store_true", help="also cProfile a prompt step's host time")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -130,6 +149,9 @@ def main() -> None:
     core = llm.engine
     runner, model, state = core.runner, core.model, core.pool.state
     log(f"device {device}, dtype {dtype}, mode {a.mode}, levels {state.levels[0].shape}")
+    if a.python_profile:
+        for bs in a.batches:
+            python_profile(llm, bs, prompt_len, shape["vocab_size"], log)
     if a.sync_debug and device.type == "cuda":
         for bs in a.batches:
             find_syncs(llm, bs, prompt_len, shape["vocab_size"], log)
