@@ -652,10 +652,14 @@ def _plan(B: int, T: int, cu_seqlens: torch.Tensor | None, positions: torch.Tens
 
 def _upload(arrays: list[np.ndarray], dev: torch.device) -> list[torch.Tensor]:
     """int64 host arrays -> device tensors through one buffer: pinned and copied without a wait on
-    CUDA (the host runs on while the copy is queued), one copy anyway."""
-    flat = torch.from_numpy(np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays]))
-    if dev.type == "cuda":
-        flat = flat.pin_memory().to(dev, non_blocking=True)
-    else:
-        flat = flat.to(dev)
-    return list(torch.split(flat, [int(np.size(a)) for a in arrays]))
+    CUDA (the host runs on while the copy is queued), one copy anyway. Each array starts on a 16-byte
+    boundary: Triton specialises pointer arguments on that alignment, so views at odd offsets would
+    compile new kernels for batches of other sizes in the middle of serving."""
+    sizes = [int(np.size(a)) for a in arrays]
+    padded = [n + n % 2 for n in sizes]
+    flat = np.zeros(sum(padded), np.int64)
+    for a, at in zip(arrays, np.cumsum([0, *padded[:-1]]), strict=True):
+        flat[at:at + np.size(a)] = np.asarray(a, np.int64).ravel()
+    buf = torch.from_numpy(flat)
+    buf = buf.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else buf.to(dev)
+    return [t[:n] for t, n in zip(torch.split(buf, padded), sizes, strict=True)]

@@ -92,6 +92,8 @@ def test_prefill_plan_is_shared_only_inside_plan_cache():
         assert _plan(*args) is first  # the same tensors: the same plan, no second read-back
         other = _plan(1, 71, cu, pos.clone(), 12, 16, 1, torch.device("cpu"))
         assert other is not first and other.ends.tolist() == first.ends.tolist() == [5, 195, 8]
+    # every plan tensor starts 16-byte aligned (Triton compiles per pointer alignment), for odd counts too
+    assert all(t.data_ptr() % 16 == 0 for t in (*first.device_rows, *first.fold_idx, first.ends))
     with plan_cache():
         assert _plan(*args) is not first  # the cache ends with its block
     # values the caller already knows are taken instead of reading the tensors back (here they differ
