@@ -5,7 +5,7 @@ expand 2, vocab 32000). FLA runs only the linear λ mode, so the model directory
 the same seed: ``mlp`` (adaptive decay, Fenwick's headline) and ``linear`` (what FLA loads; Fenwick also
 runs it, for a like-for-like row). Each batch: B random prompts of --prompt-len tokens, --new-tokens
 greedy tokens with EOS ignored; output tokens/s = B * new_tokens / wall time (prefill included, as for
-FLA's generate). The steps that carry prompt tokens are summed ("prompt steps ms": prefill and the first
+FLA's generate), after one untimed run of the same batch for each engine. The steps that carry prompt tokens are summed ("prompt steps ms": prefill and the first
 sample). Fenwick's pure-decode steps (no prompt tokens) also give a per-step time, set against
 two floors at the measured device-to-device copy bandwidth: reading the weights once per step, and
 reading + writing every slot's full Fenwick state (all L levels) once per step.
@@ -80,7 +80,8 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def bench_fenwick(llm: LLM, batch: int, a: argparse.Namespace, vocab: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=a.new_tokens, ignore_eos=True)
-    llm.generate(prompts(min(batch, 4), a.prompt_len, vocab, 1), params)  # warm-up (kernels, graphs)
+    # warm-up at the timed shape: kernels, graphs, cuBLAS heuristics and allocator blocks of this batch
+    llm.generate(prompts(batch, a.prompt_len, vocab, 1), params)
     steps: list[tuple[float, EngineStats]] = []
     listener = lambda s: steps.append((time.perf_counter(), s))  # noqa: E731
     llm.engine.add_stats_listener(listener)
@@ -112,7 +113,8 @@ def bench_fla(model_dir: Path, batch: int, a: argparse.Namespace, vocab: int, de
     kw = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, use_cache=True,
               pad_token_id=0)
     with torch.inference_mode():
-        model.generate(torch.tensor(prompts(1, a.prompt_len, vocab, 1), device=device), **kw)  # warm-up
+        # warm-up at the timed shape, as for Fenwick (Triton autotuning of FLA's kernels included)
+        model.generate(torch.tensor(prompts(batch, a.prompt_len, vocab, 1), device=device), **kw)
         ids = torch.tensor(prompts(batch, a.prompt_len, vocab, 2), device=device)
         sync(device)
         t0 = time.perf_counter()
