@@ -5,8 +5,9 @@ expand 2, vocab 32000). FLA runs only the linear λ mode, so the model directory
 the same seed: ``mlp`` (adaptive decay, Fenwick's headline) and ``linear`` (what FLA loads; Fenwick also
 runs it, for a like-for-like row). Each batch: B random prompts of --prompt-len tokens, --new-tokens
 greedy tokens with EOS ignored; output tokens/s = B * new_tokens / wall time (prefill included, as for
-FLA's generate), after one untimed run of the same batch for each engine. The steps that carry prompt tokens are summed ("prompt steps ms": prefill and the first
-sample). Fenwick's pure-decode steps (no prompt tokens) also give a per-step time, set against
+FLA's generate), after one untimed run of the same batch for each engine. The steps that carry prompt
+tokens are summed ("prompt steps ms": prefill and the first sample). Fenwick's pure-decode steps (no
+prompt tokens) also give a per-step time, set against
 two floors at the measured device-to-device copy bandwidth: reading the weights once per step, and
 reading + writing every slot's full Fenwick state (all L levels) once per step.
 
