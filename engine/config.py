@@ -51,6 +51,10 @@ class EngineConfig:
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name
     memory_fraction: float = 0.9  # of free GPU memory / available RAM for the state pool
+    # after start-up, collect once and move every object alive then out of the garbage collector's
+    # sight (gc.freeze): a full collection otherwise walks the whole heap (~0.2 s with torch and the
+    # model loaded) and stalls whatever step it lands in
+    gc_freeze: bool = True
     model_config: ModelConfig = field(init=False, repr=False)  # config.json, parsed
 
     def __post_init__(self) -> None:

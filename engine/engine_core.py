@@ -6,6 +6,7 @@ conditions -> free finished slots -> emit EngineStats to listeners -> return Req
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,9 @@ class EngineCore:
         # the next decode step, queued on the device while the host handled this one (overlap_decode)
         self._speculated: Speculated | None = None
         self.num_steps = 0
+        if config.gc_freeze:
+            gc.collect()
+            gc.freeze()
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:

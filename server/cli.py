@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait for each step's tokens before queueing the next decode step (default: queue it "
              "ahead with CUDA graphs)",
     )
+    serve.add_argument(
+        "--no-gc-freeze", action="store_true",
+        help="leave the objects alive after start-up to Python's garbage collector (default: gc.freeze)",
+    )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
@@ -126,6 +130,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
     engine_kwargs["fused_decode"] = not args.no_fused_decode
     if args.no_overlap_decode:
         engine_kwargs["overlap_decode"] = False
+    if args.no_gc_freeze:
+        engine_kwargs["gc_freeze"] = False
     name = args.served_model_name or model_dir.name
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(

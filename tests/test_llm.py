@@ -285,6 +285,20 @@ def test_overlap_decode_queues_steps_and_matches_serial(tiny_model_dir: Path,
     assert overlap.engine.pool.allocator.num_used == 0
 
 
+def test_engine_freezes_the_heap_it_starts_with_unless_told_not_to(tiny_model_dir: Path) -> None:
+    """gc_freeze: objects alive after start-up leave the collector's sight (a full collection would walk
+    them all and stall a step), unless gc_freeze=False."""
+    import gc
+    gc.unfreeze()
+    try:
+        LLM(str(tiny_model_dir), max_num_seqs=2, gc_freeze=False)
+        assert gc.get_freeze_count() == 0
+        LLM(str(tiny_model_dir), max_num_seqs=2)
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+
+
 def test_bf16_state_runs(tiny_model_dir: Path) -> None:
     llm = LLM(str(tiny_model_dir), max_num_seqs=2, state_dtype="bf16")
     assert llm.engine.pool.state.levels[0].dtype == torch.bfloat16
