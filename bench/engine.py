@@ -7,9 +7,10 @@ runs it, for a like-for-like row). Each batch: B random prompts of --prompt-len 
 greedy tokens with EOS ignored; output tokens/s = B * new_tokens / wall time (prefill included, as for
 FLA's generate), after one untimed run of the same batch for each engine. The steps that carry prompt
 tokens are summed ("prompt steps ms": prefill and the first sample). Fenwick's pure-decode steps (no
-prompt tokens) also give a per-step time, set against
-two floors at the measured device-to-device copy bandwidth: reading the weights once per step, and
-reading + writing every slot's full Fenwick state (all L levels) once per step.
+prompt tokens) also give a per-step time, set against floors at the measured device-to-device copy
+bandwidth: reading the weights once per step; the level blocks the Fenwick step must move at the run's
+positions (live levels read, two written: "live state floor"); and reading + writing every slot's full
+Fenwick state (all L levels) once per step.
 
     python bench/engine.py --out docs/bench_engine.json            # H200: batches 1, 32, 256
     python bench/engine.py --tiny --out /tmp/bench_engine.json     # CPU smoke test of the script
@@ -37,6 +38,7 @@ from engine.model import LogLinearMamba2ForCausalLM  # noqa: E402
 from engine.model_config import ModelConfig  # noqa: E402
 from engine.stats import EngineStats  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
+from kernels.state import step_level_blocks  # noqa: E402
 from tools.make_random_model import ascii_bpe, randomize_  # noqa: E402
 
 BIG = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000)
@@ -103,6 +105,17 @@ def bench_fenwick(llm: LLM, batch: int, a: argparse.Namespace, vocab: int) -> di
     return dict(tokens_per_s=tokens / wall, wall_s=wall, output_tokens=tokens, prompt_steps_ms=prompt_s * 1e3,
                 decode_step_ms=step_s * 1e3,
                 decode_tokens_per_s=batch / step_s if decode else float("nan"), decode_steps=len(decode))
+
+
+def live_state_bytes(llm: LLM, a: argparse.Namespace) -> float:
+    """Level bytes one request's decode step moves, averaged over the run's decode positions: the blocks
+    the Fenwick step reads and writes (``kernels.state.step_level_blocks``, deferred decay) in every
+    layer and head."""
+    mc = llm.engine.model_config
+    block = mc.state_size * mc.head_dim * llm.engine.pool.state.levels[0].element_size()
+    positions = range(a.prompt_len, a.prompt_len + a.new_tokens - 1)
+    blocks = sum(sum(step_level_blocks(t)) for t in positions) / max(len(positions), 1)
+    return blocks * block * mc.num_heads * mc.num_hidden_layers
 
 
 def bench_fla(model_dir: Path, batch: int, a: argparse.Namespace, vocab: int, device: torch.device,
@@ -182,6 +195,7 @@ def main() -> None:
                            **attempt(bench_fenwick, llm, batch, a, shape["vocab_size"]))
                 row["weights_floor_ms"] = weights / bw * 1e3
                 row["state_floor_ms"] = 2 * batch * state / bw * 1e3
+                row["live_state_floor_ms"] = batch * live_state_bytes(llm, a) / bw * 1e3
                 result["rows"].append(row)
                 print(row, flush=True)
             result["params_M"] = sum(p.numel() for p in llm.engine.model.parameters()) / 1e6
@@ -211,14 +225,14 @@ def markdown(r: dict[str, Any], a: argparse.Namespace) -> str:
             f"prompt {r['prompt_len']}, {r['new_tokens']} new tokens, greedy; "
             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s. {r['note']}")
     cols = ["engine", "λ", "batch", "output tok/s", "prompt steps ms", "decode step ms", "decode tok/s",
-            "weights floor ms",
-            "state r+w floor ms", "error"]
+            "weights floor ms", "live state floor ms", "state r+w floor ms", "error"]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for x in r["rows"]:
         lines.append(f"| {x['engine']} | {x['lambda_mode']} | {x['batch']} | {f(x.get('tokens_per_s'))} | "
                      f"{f(x.get('prompt_steps_ms'))} | {f(x.get('decode_step_ms'), 2)} | "
                      f"{f(x.get('decode_tokens_per_s'))} | "
-                     f"{f(x.get('weights_floor_ms'), 3)} | {f(x.get('state_floor_ms'), 3)} | "
+                     f"{f(x.get('weights_floor_ms'), 3)} | {f(x.get('live_state_floor_ms'), 3)} | "
+                     f"{f(x.get('state_floor_ms'), 3)} | "
                      f"{x.get('error', '')} |")
     lines.append(f"\nCommand: python {' '.join(sys.argv)}")
     return "\n".join(lines) + "\n"

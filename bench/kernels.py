@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.state import step_level_blocks  # noqa: E402
+
 TOKENS = 65536
 H, G, K, V = 32, 1, 128, 64
 TS = [2048, 4096, 8192, 16384, 32768, 65536]
@@ -103,10 +105,7 @@ def decode_bytes(positions: list[int], L: int, level_bytes: int, deferred: bool 
     deferred (a level_decay pool): only levels 0 and z + 1 are written, plus the [2, L, H] log-decays."""
     total = 0
     for t in positions:
-        z = (t & -t).bit_length() - 1
-        reads = z + bin(t).count("1")  # levels 0..z, and the live levels above z + 1
-        writes = 2 if deferred else bin(t).count("1") + 1 + z  # level 0, z + 1 (, live above, zeros at 1..z)
-        total += (reads + writes) * level_bytes * H
+        total += sum(step_level_blocks(t, deferred)) * level_bytes * H
     n = len(positions)
     total += n * (2 * G * K * 2 + H * V * 2 * 2 + H * 4 + H * L * 2 + (2 * L * H * 4 if deferred else 0))
     return total

@@ -107,3 +107,15 @@ def true_levels(levels: torch.Tensor, level_decay: torch.Tensor, slots: torch.Te
     w = torch.where(torch.isneginf(a), 0.0, a.exp())
     stored = levels[slots].to(dtype)
     return torch.where(w[..., None, None] > 0, stored * w[..., None, None], 0.0)
+
+
+def step_level_blocks(t: int, deferred: bool = True) -> tuple[int, int]:
+    """(blocks read, blocks written) per head by the decode step at position t (one block = one level's
+    K x V): it reads levels 0..z (z = ctz(t), folded) and the live levels above z + 1, and writes level 0
+    and level z + 1; in place (deferred=False) it also rewrites the live levels above and zeroes 1..z."""
+    if t == 0:
+        return 0, 1
+    z = (t & -t).bit_length() - 1
+    above = bin(t).count("1") - 1  # live levels above z + 1
+    reads = z + 1 + above
+    return reads, 2 if deferred else 2 + above + z

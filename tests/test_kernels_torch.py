@@ -207,6 +207,30 @@ def test_step_with_deferred_decay_matches_reference(state_dtype, tol):
     assert pool[others].isnan().all() and decay[others].isnan().all()
 
 
+@pytest.mark.parametrize("t", [1, 2, 3, 6, 8, 96, 255, 256, 511, 600])
+def test_step_level_blocks_counts_what_the_step_touches(t):
+    """kernels.state.step_level_blocks (the benches' byte counts) against the deferred-decay step: poison
+    every block it does not count as read (the output stays finite), count the blocks that change."""
+    from kernels.state import step_level_blocks
+    G, H, K, V, L = 1, 2, 4, 4, 11
+    start = _state_after([t], G, H, K, V, L, seed=t)
+    live = start.levels[0].abs().flatten(1).sum(-1) > 0  # (L,): levels S holds at position t
+    pool = start.levels.clone()
+    decay = torch.where(live, 0.0, float("-inf"))[None, None, :, None].expand(1, 2, L, H).contiguous()
+    pool[0, ~live] = float("nan")  # an empty level is never read
+    before = pool.clone()
+    q, k, v, g, lam = (x[:, 0] for x in _inputs(1, 1, G, H, K, V, L, seed=1000))
+    o = fused_recurrent_step(q, k, v, g, lam, pool, torch.tensor([0]), torch.tensor([t]), level_decay=decay)
+    reads, writes = step_level_blocks(t)
+    after, before = pool[0].nan_to_num(7.0), before[0].nan_to_num(7.0)
+    changed = [lv for lv in range(L) if not torch.equal(after[lv], before[lv])]
+    assert torch.isfinite(o).all() and int(live.sum()) == reads and len(changed) == writes
+    in_place = start.levels.clone()  # the in-place step also rewrites the live levels and zeroes 1..z
+    fused_recurrent_step(q, k, v, g, lam, in_place, torch.tensor([0]), torch.tensor([t]))
+    changed = [lv for lv in range(L) if not torch.equal(in_place[0, lv], start.levels[0, lv])]
+    assert len(changed) == sum(step_level_blocks(t, deferred=False)) - reads
+
+
 def test_step_on_a_strided_pool():
     step, pool, slots, positions = _pool_case(torch.float32, torch.float32, "random")
     wide = torch.zeros(*pool.shape[:-1], 2 * pool.shape[-1])
