@@ -6,6 +6,8 @@ conditions -> free finished slots -> emit EngineStats to listeners -> return Req
 
 from __future__ import annotations
 
+import atexit
+import functools
 import gc
 import logging
 import time
@@ -32,6 +34,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 StatsListener = Callable[[EngineStats], None]
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)  # the final collection at exit sees them again (once per process)
+
+
+def _freeze_heap() -> None:
+    """Collect once, then keep every object alive now out of later collections (gc.freeze)."""
+    gc.collect()
+    gc.freeze()
+    _unfreeze_at_exit()
 
 
 class EngineCore:
@@ -68,8 +82,7 @@ class EngineCore:
         self._speculated: Speculated | None = None
         self.num_steps = 0
         if config.gc_freeze:
-            gc.collect()
-            gc.freeze()
+            _freeze_heap()
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
