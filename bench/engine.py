@@ -101,8 +101,12 @@ def bench_fenwick(llm: LLM, batch: int, a: argparse.Namespace, vocab: int) -> di
     decode = [times[i + 1] - times[i] for i, (_, s) in enumerate(steps)
               if s.num_prompt_tokens == 0 and s.num_generation_tokens == batch]
     step_s = sorted(decode)[len(decode) // 2] if decode else float("nan")
-    prompt_s = sum(times[i + 1] - times[i] for i, (_, s) in enumerate(steps) if s.num_prompt_tokens)
+    prompt = [(s.num_prompt_tokens, s.num_generation_tokens, (times[i + 1] - times[i]) * 1e3)
+              for i, (_, s) in enumerate(steps) if s.num_prompt_tokens]
+    prompt_s = sum(ms for *_, ms in prompt) / 1e3
     return dict(tokens_per_s=tokens / wall, wall_s=wall, output_tokens=tokens, prompt_steps_ms=prompt_s * 1e3,
+                # each step that carried prompt tokens: (prompt tokens, tokens sampled, wall ms)
+                prompt_steps=[(p, g, round(ms, 2)) for p, g, ms in prompt],
                 decode_step_ms=step_s * 1e3,
                 decode_tokens_per_s=batch / step_s if decode else float("nan"), decode_steps=len(decode))
 
