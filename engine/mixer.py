@@ -146,13 +146,16 @@ class LogLinearMamba2Mixer(nn.Module):
 
     # ---- packed sequences continuing from saved state ---------------------------------------------
     def prefill(self, h: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
-                fenwick: FenwickState | None) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
+                fenwick: FenwickState | None, num_levels: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
         """Continue N packed sequences from their state.
 
         Args:
             h: [1, T_total, hidden]; cu_seqlens: [N + 1] int64 (every sequence non-empty);
             conv_state: [N, conv_dim, W - 1], the last conv inputs of each sequence (oldest first);
             fenwick: FenwickState of the N sequences (levels float32), or None: every sequence starts empty.
+            num_levels: Fenwick levels of the state (a pool sized for shorter sequences holds fewer than
+                lambda_levels; the λ of the levels it never reaches are dropped); None: lambda_levels.
         Returns:
             (out [1, T_total, hidden], new conv_state [N, conv_dim, W - 1], final FenwickState).
         """
@@ -168,6 +171,7 @@ class LogLinearMamba2Mixer(nn.Module):
         xBC = F.silu(acc).to(h.dtype)[None]  # (1, T_total, conv_dim)
         new_conv = ext[idx[T:, -1]].view(-1, W - 1, ext.shape[-1]).transpose(1, 2)  # (N, conv_dim, W-1)
         q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
+        lam = lam[..., :num_levels]
         o, final = kernels.chunk_log_linear_attn(q, k, v, g, lam, scale=1.0, initial_state=fenwick,
                                                  output_final_state=True, cu_seqlens=cu_seqlens)
         return self._output(o, x, z), new_conv, final
@@ -193,6 +197,7 @@ class LogLinearMamba2Mixer(nn.Module):
         x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (T, H, V)
         k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (T, G, K)
         q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
+        lam = lam[..., :levels_pool.shape[1]]  # the pool's levels (fewer for a shorter max_model_len)
         o, _ = kernels.chunk_log_linear_attn(q[None], k[None], v[None], g[None], lam[None], scale=1.0,
                                              initial_state=initial, cu_seqlens=cu_seqlens,
                                              final_into=(levels_pool, slots))
@@ -218,6 +223,7 @@ class LogLinearMamba2Mixer(nn.Module):
             acc = acc + self.conv1d.bias
         xBC = F.silu(acc).to(h.dtype)  # (N, conv_dim)
         q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
+        lam = lam[..., :levels_pool.shape[1]]
         o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
                                          level_decay=decay_pool)
         return self._output(o, x, z)
@@ -242,6 +248,7 @@ class LogLinearMamba2Mixer(nn.Module):
         x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (N, H, V)
         k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (N, G, K)
         q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
+        lam = lam[..., :levels_pool.shape[1]]
         o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
                                          partials=True, level_decay=decay_pool)  # (NK, N, H, V) fp32 on CUDA
         weight = self.norm.weight if c.rmsnorm else None

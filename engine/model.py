@@ -167,7 +167,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
                 for i, layer in enumerate(self.backbone.layers):
                     fenwick = None if fresh else FenwickState(state.fenwick(i, slots, start), start)
                     out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
-                                                           fenwick)
+                                                           fenwick, state.num_levels)
                     state.conv[i][slots] = conv.to(state.conv[i].dtype)
                     state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
                     h = layer.add_mlp(h + out)

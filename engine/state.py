@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.model_config import ModelConfig
-from kernels.state import true_levels
+from kernels.state import num_levels_for, true_levels
 
 
 def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -40,20 +40,35 @@ class ModelState:
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_slots: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32) -> ModelState:
+                 dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32,
+                 num_levels: int | None = None) -> ModelState:
+        """num_levels: Fenwick levels per slot; None: the model's lambda_levels. Sequences of at most
+        n tokens use num_levels_for(n) of them (``levels_for``), so a shorter max_model_len needs fewer."""
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        L = config.lambda_levels if num_levels is None else num_levels
+        if not 1 <= L <= config.lambda_levels:
+            raise ValueError(f"num_levels must be in [1, {config.lambda_levels}], got {num_levels}")
         if state_dtype not in (torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype}")
         c = config
         P = num_slots
-        levels = [torch.zeros(P, c.lambda_levels, c.num_heads, c.state_size, c.head_dim, device=device,
+        levels = [torch.zeros(P, L, c.num_heads, c.state_size, c.head_dim, device=device,
                               dtype=state_dtype) for _ in range(c.num_hidden_layers)]
         conv = [torch.zeros(P, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
                 for _ in range(c.num_hidden_layers)]
-        decay = [torch.zeros(P, 2, c.lambda_levels, c.num_heads, device=device, dtype=torch.float32)
+        decay = [torch.zeros(P, 2, L, c.num_heads, device=device, dtype=torch.float32)
                  for _ in range(c.num_hidden_layers)]
         return cls(levels, conv, torch.zeros(P, device=device, dtype=torch.int64), decay)
+
+    @staticmethod
+    def levels_for(config: ModelConfig, max_model_len: int) -> int:
+        """Levels that sequences of up to max_model_len tokens can reach (at most lambda_levels)."""
+        return min(config.lambda_levels, num_levels_for(max_model_len))
+
+    @property
+    def num_levels(self) -> int:
+        return self.levels[0].shape[1]
 
     @property
     def num_slots(self) -> int:

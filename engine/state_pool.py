@@ -51,14 +51,16 @@ class SlotAllocator:
         return len(self._used)
 
 
-def state_bytes_per_slot(model_config: Any, dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+def state_bytes_per_slot(model_config: Any, dtype: torch.dtype, state_dtype: torch.dtype,
+                         num_levels: int | None = None) -> int:
     """Bytes one slot of ModelState takes, measured on the meta device (no memory touched)."""
     from engine.state import ModelState
 
+    kw = dict(state_dtype=state_dtype, num_levels=num_levels)
     try:
-        probe = ModelState.allocate(model_config, 1, torch.device("meta"), dtype, state_dtype=state_dtype)
+        probe = ModelState.allocate(model_config, 1, torch.device("meta"), dtype, **kw)
     except (NotImplementedError, RuntimeError):
-        probe = ModelState.allocate(model_config, 1, torch.device("cpu"), dtype, state_dtype=state_dtype)
+        probe = ModelState.allocate(model_config, 1, torch.device("cpu"), dtype, **kw)
     return int(probe.bytes_per_slot)
 
 
@@ -88,10 +90,14 @@ class StatePool:
     """Owns the ModelState of every running request (slots) plus the CUDA-graph dummy slot."""
 
     def __init__(self, model_config: Any, *, max_num_seqs: int, device: torch.device, dtype: torch.dtype,
-                 state_dtype: torch.dtype, memory_fraction: float, headroom_bytes: int = 0) -> None:
+                 state_dtype: torch.dtype, memory_fraction: float, headroom_bytes: int = 0,
+                 max_model_len: int | None = None) -> None:
+        """max_model_len: the longest sequence the engine admits; slots then hold only the Fenwick levels
+        such sequences reach (num_levels_for(max_model_len), at most the model's lambda_levels)."""
         from engine.state import ModelState
 
-        self.bytes_per_slot = state_bytes_per_slot(model_config, dtype, state_dtype)
+        levels = None if max_model_len is None else ModelState.levels_for(model_config, max_model_len)
+        self.bytes_per_slot = state_bytes_per_slot(model_config, dtype, state_dtype, levels)
         budget = memory_budget(device, memory_fraction, headroom_bytes)
         fit = budget // self.bytes_per_slot - 1  # minus the dummy slot
         if fit < 1:
@@ -102,12 +108,14 @@ class StatePool:
         if num_slots < max_num_seqs:
             logger.warning("state pool: memory fits %d slots, fewer than max_num_seqs=%d", num_slots,
                            max_num_seqs)
-        self.state = ModelState.allocate(model_config, num_slots + 1, device, dtype, state_dtype=state_dtype)
+        self.state = ModelState.allocate(model_config, num_slots + 1, device, dtype, state_dtype=state_dtype,
+                                         num_levels=levels)
         self.allocator = SlotAllocator(num_slots)
         self.dummy_slot = num_slots  # CUDA-graph padding rows write here
         self.state.reset(torch.arange(num_slots + 1, device=device))
-        logger.info("state pool: %d slots (+1 dummy) x %.2f MiB per request (levels %s) = %.1f MiB on %s",
-                    num_slots, self.bytes_per_slot / 2**20, state_dtype, self.nbytes / 2**20, device)
+        logger.info("state pool: %d slots (+1 dummy) x %.2f MiB per request (%d levels, %s) = %.1f MiB on %s",
+                    num_slots, self.bytes_per_slot / 2**20, self.state.num_levels, state_dtype,
+                    self.nbytes / 2**20, device)
 
     @property
     def num_slots(self) -> int:

@@ -285,6 +285,20 @@ def test_overlap_decode_queues_steps_and_matches_serial(tiny_model_dir: Path,
     assert overlap.engine.pool.allocator.num_used == 0
 
 
+def test_state_pool_holds_the_levels_max_model_len_reaches(tiny_model_dir: Path) -> None:
+    """max_model_len=96 needs 8 Fenwick levels of the model's 15: slots are that much smaller, and a
+    request filling the whole length still decodes as the full forward says."""
+    llm = LLM(str(tiny_model_dir), max_num_seqs=2, max_model_len=96)
+    full = LLM(str(tiny_model_dir), max_num_seqs=2, max_model_len=llm.engine.model_config.max_model_len)
+    state, c = llm.engine.pool.state, llm.engine.model_config
+    assert state.num_levels == 8 < c.lambda_levels == full.engine.pool.state.num_levels
+    per_level = c.num_hidden_layers * c.num_heads * (c.state_size * c.head_dim + 2) * 4
+    assert full.engine.pool.bytes_per_slot - llm.engine.pool.bytes_per_slot == 7 * per_level
+    out = llm.generate([list(range(3, 93))], SamplingParams(max_tokens=6, **GREEDY))[0]
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 96
+    assert_greedy(llm, out)
+
+
 def test_engine_freezes_the_heap_it_starts_with_unless_told_not_to(tiny_model_dir: Path) -> None:
     """gc_freeze: objects alive after start-up leave the collector's sight (a full collection would walk
     them all and stall a step), unless gc_freeze=False."""

@@ -145,6 +145,10 @@ def test_state_reset_and_sizes() -> None:
     state.reset([1], levels=False)  # for a prefill that rewrites the levels: the rest is zeroed
     assert state.levels[0][1].min() == 1
     assert state.conv[0][1].abs().sum() == state.decay[0][1].abs().sum() == 0
+    short = ModelState.allocate(config, 2, num_levels=ModelState.levels_for(config, 100))
+    assert short.num_levels == 8 and short.levels[0].shape[1] == short.decay[0].shape[2] == 8
+    with pytest.raises(ValueError, match="num_levels"):
+        ModelState.allocate(config, 2, num_levels=c.lambda_levels + 1)
     meta = ModelState.allocate(config, 3, device="meta")
     assert meta.bytes_per_slot == ModelState.allocate(config, 1).bytes_per_slot
 
