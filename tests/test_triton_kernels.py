@@ -125,7 +125,8 @@ def _case_step(name, *, positions, G=2, H=2, K=16, V=16, L=12, block_v=16, seed=
 
 def _case_step_deferred(name, *, positions, tile, dtype=torch.float32, steps=3, G=2, H=2, K=16, V=16, L=12,
                         seed=5):
-    """Steps on a pool with deferred decay (tests/pools.py) against the reference on plain levels."""
+    """Steps on a pool with deferred decay (tests/pools.py) against the reference on plain levels; λ is
+    a view of a wider tensor (the engine drops the λ of levels its pool cannot reach)."""
     from kernels import naive
     from kernels.fused_recurrent import fused_recurrent_step
     from kernels.state import true_levels
@@ -141,8 +142,9 @@ def _case_step_deferred(name, *, positions, tile, dtype=torch.float32, steps=3, 
         q, k, v, g, lam = (x[i * N:(i + 1) * N] for x in xs)
         o_ref = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
                                                ref, torch.arange(N), pos + i)
-        o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos + i, level_decay=decay, tile=tile,
-                                 block_k=4 if tile else None)
+        wide = torch.cat([lam, torch.full_like(lam[..., :3], float("nan"))], -1)  # λ of levels past L
+        o = fused_recurrent_step(q, k, v, g, wide[..., :L], pool, slots, pos + i, level_decay=decay,
+                                 tile=tile, block_k=4 if tile else None)
         worst = max(worst, _rel(o, o_ref))
     others = [i for i in range(P) if i not in slots.tolist()]
     state = true_levels(pool, decay, slots, pos + steps, torch.float64)
