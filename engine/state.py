@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,12 +31,22 @@ class ModelState:
         ``kernels.naive.fused_recurrent_step_ref``); so a step rewrites two blocks, not every live one;
     conv: per layer [P, conv_dim, conv_kernel - 1] in the model dtype, the last conv1d inputs (oldest first);
     positions: [P] int64, tokens absorbed per slot.
+    The per-layer tensors are slices of one [layers, P, ...] tensor per kind (``all_levels``,
+    ``all_conv``, ``all_decay``): a reset, fork or settle is one launch per kind, not one per layer.
     """
 
-    levels: list[torch.Tensor]
-    conv: list[torch.Tensor]
+    all_levels: torch.Tensor
+    all_conv: torch.Tensor
+    all_decay: torch.Tensor
     positions: torch.Tensor
-    decay: list[torch.Tensor]
+    levels: list[torch.Tensor] = field(init=False, repr=False)
+    conv: list[torch.Tensor] = field(init=False, repr=False)
+    decay: list[torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.levels = list(self.all_levels.unbind(0))
+        self.conv = list(self.all_conv.unbind(0))
+        self.decay = list(self.all_decay.unbind(0))
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_slots: int, device: torch.device | str = "cpu",
@@ -52,14 +62,11 @@ class ModelState:
         if state_dtype not in (torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype}")
         c = config
-        P = num_slots
-        levels = [torch.zeros(P, L, c.num_heads, c.state_size, c.head_dim, device=device,
-                              dtype=state_dtype) for _ in range(c.num_hidden_layers)]
-        conv = [torch.zeros(P, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype)
-                for _ in range(c.num_hidden_layers)]
-        decay = [torch.zeros(P, 2, L, c.num_heads, device=device, dtype=torch.float32)
-                 for _ in range(c.num_hidden_layers)]
-        return cls(levels, conv, torch.zeros(P, device=device, dtype=torch.int64), decay)
+        P, n, H = num_slots, c.num_hidden_layers, c.num_heads
+        return cls(torch.zeros(n, P, L, H, c.state_size, c.head_dim, device=device, dtype=state_dtype),
+                   torch.zeros(n, P, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype),
+                   torch.zeros(n, P, 2, L, H, device=device, dtype=torch.float32),
+                   torch.zeros(P, device=device, dtype=torch.int64))
 
     @staticmethod
     def levels_for(config: ModelConfig, max_model_len: int) -> int:
@@ -87,24 +94,26 @@ class ModelState:
         """Zero the slots: a new sequence starts there. levels=False leaves the levels as they are, for
         slots whose levels the next call overwrites whole (a prefill from position 0)."""
         idx = self._index(slots)
-        for t in (*(self.levels if levels else ()), *self.conv, *self.decay, self.positions):
-            t.index_fill_(0, idx, 0)  # not t[idx] = 0: that copies the 0 from the host and waits
+        # index_fill_, not t[idx] = 0: that copies the 0 from the host and waits
+        for t in (*((self.all_levels,) if levels else ()), self.all_conv, self.all_decay):
+            t.index_fill_(1, idx, 0)
+        self.positions.index_fill_(0, idx, 0)
 
     def copy_(self, src: int, dst: torch.Tensor | Sequence[int] | int) -> None:
         """Fork: copy slot ``src`` into every slot of ``dst`` (for n > 1 samples of one prompt)."""
         idx = self._index(dst)
-        for t in (*self.levels, *self.conv, *self.decay):
-            t[idx] = t[src].clone()
+        for t in (self.all_levels, self.all_conv, self.all_decay):
+            t[:, idx] = t[:, src:src + 1].clone()
         self.positions[idx] = self.positions[src].clone()
 
     @property
     def bytes_per_slot(self) -> int:
-        per = sum(t[0].numel() * t.element_size() for t in (*self.levels, *self.conv, *self.decay))
-        return per + self.positions.element_size()
+        stacks = (self.all_levels, self.all_conv, self.all_decay)
+        return sum(t[:, 0].numel() * t.element_size() for t in stacks) + self.positions.element_size()
 
     @property
     def nbytes(self) -> int:
-        tensors = (*self.levels, *self.conv, *self.decay, self.positions)
+        tensors = (self.all_levels, self.all_conv, self.all_decay, self.positions)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def fenwick(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -114,6 +123,4 @@ class ModelState:
     def settle(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """After a prefill wrote the slots' levels whole (as S): no decay owed at ``positions`` (device
         tensors; no host synchronisation)."""
-        idx = slots * 2 + positions % 2
-        for d in self.decay:
-            d.view(-1, *d.shape[2:]).index_fill_(0, idx, 0.0)
+        self.all_decay.flatten(1, 2).index_fill_(1, slots * 2 + positions % 2, 0.0)  # [layers, P * 2, L, H]
