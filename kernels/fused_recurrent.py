@@ -4,7 +4,9 @@ Each program owns one (request, head, V-block). With t the token's position and 
 sums levels 0..z into the carry, zeroes levels 1..z, writes the carry decayed as level z+1, decays
 the other live levels in place, writes k vᵀ as level 0 and reads out o = scale * Σ λ_l qᵀ S[l].
 Levels that are empty at position t (bit l-1 of t clear, l > z+1) are neither read nor written, so
-a step moves about popcount(t) + 1 levels. Positions and slots are read on the device: no host
+a step moves about popcount(t) + 1 levels. With a ``level_decay`` pool (the engine's) the decay is
+deferred: the live levels above z + 1 are only read, their owed log-decay grows by g, and the step
+stores two blocks (level 0 and z + 1). Positions and slots are read on the device: no host
 synchronisation and no allocation besides the output, so the step can be captured in a CUDA graph.
 """
 
