@@ -100,3 +100,38 @@ def test_window_levels_ignore_rows_past_the_last_token():
     window[0][0, 1, 5:] = 1e3
     window[1][0, 1, 5:] = 1e3
     assert (windowed_levels(levels, decay, window, slots, torch.tensor([37]), F64) - S).abs().max() < 1e-12
+
+
+def _triton_case() -> dict:
+    """Interpreter run (TRITON_INTERPRET=1, in a subprocess): the Triton windowed step against the
+    reference on S, over the same steps as above, fp32 pool and bf16 window rows."""
+    from kernels.window_triton import window_step
+    G, H, K, V, L, steps = 1, 2, 8, 4, 10, 36
+    N, P = len(STARTS), len(STARTS) + 2
+    xs = _tokens(N, max(STARTS) + steps, G, H, K, V, L, seed=1)
+    slots = torch.randperm(P, generator=torch.Generator().manual_seed(2))[:N]
+    levels, decay, window, S = _windowed_pool(STARTS, xs, P, slots, L, torch.float32)
+    pos = torch.tensor(STARTS)
+    worst = 0.0
+    for i in range(steps):
+        q, k, v, g, lam = (x[torch.arange(N), pos + i] for x in xs)
+        o_ref = naive.fused_recurrent_step_ref(q, k, v, g, lam, S, torch.arange(N), pos + i)
+        o = window_step(q.float(), k.float(), v.float(), g.float(), lam.float(), levels, decay, window, slots,
+                        pos + i)
+        worst = max(worst, ((o.double() - o_ref).abs().max() / o_ref.abs().max()).item())
+    got = windowed_levels(levels, decay, window, slots, pos + steps, F64)
+    others = torch.ones(P, dtype=torch.bool)
+    others[slots] = False
+    return {"o": worst, "state": ((got - S).abs().max() / S.abs().max()).item(),
+            "untouched": bool(levels[others].isnan().all() and window[0][others].isnan().all())}
+
+
+def test_triton_windowed_step_interpreted():
+    from tests.interpreted import run_interpreted
+    r = run_interpreted(__file__, timeout=600)
+    assert r["o"] < 1e-5 and r["state"] < 1e-5 and r["untouched"], r
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(_triton_case()))

@@ -1,0 +1,139 @@
+"""Triton decode step on a windowed pool (kernels/window.py; draft, not in the engine, not timed yet).
+
+One program per (request, head, V block). The query reads its block's earlier rows from the window (a
+[W, K] and a [W, BV] tile), its own token, and the live levels above BW one after the other; it stores
+one row of the window and, at a block's first token, the fold of the finished block (one [K, W] x
+[W, BV] product) and of the levels BW + 1..z as level z + 1. Same contract as
+``kernels.window.fused_recurrent_step_window``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.chunk import _bitlen, log2_pow2
+from kernels.fused_recurrent import _token_inputs
+from kernels.naive import check_shapes
+from kernels.ops import unit_last
+from kernels.window import BW, W
+
+
+@triton.jit
+def _window_step_kernel(
+    q, k, v, g, lam, levels, decay, win_k, win_v, win_g, slots, positions, o,
+    s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_sp, s_sl, s_sh,
+    scale,
+    H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BWL: tl.constexpr, WN: tl.constexpr,
+):
+    i_hv, i_n = tl.program_id(0), tl.program_id(1)
+    i_h, i_v = i_hv // NV, i_hv % NV
+    i_g = i_h // (H // G)
+    i_s = tl.load(slots + i_n).to(tl.int64)
+    t = tl.load(positions + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_w = tl.arange(0, WN)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
+                                           s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
+    b_g = tl.load(g + i_n * s_gn + i_h).to(tl.float32)
+    p_lam = lam + i_n * s_ln + i_h * s_lh
+
+    # the window buffers of this slot: [2, WN, G, K], [2, WN, H, V], [2, WN, H] (contiguous)
+    block, row = t >> BWL, t & (WN - 1)
+    buf = block & 1
+    p_wk = win_k + i_s * (2 * WN * G * K) + i_g * K
+    p_wv = win_v + i_s * (2 * WN * H * V) + i_h * V
+    p_wg = win_g + i_s * (2 * WN * H) + i_h
+
+    # this block's earlier rows, then the token itself (level 0)
+    m_w = o_w < row
+    b_wk = tl.load(p_wk + buf * (WN * G * K) + o_w[:, None] * (G * K) + o_k[None, :],
+                   mask=m_w[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+    b_wv = tl.load(p_wv + buf * (WN * H * V) + o_w[:, None] * (H * V) + o_v[None, :],
+                   mask=m_w[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_wg = tl.load(p_wg + buf * (WN * H) + o_w * H, mask=m_w, other=0.0)
+    g_prev = tl.load(p_wg + buf * (WN * H) + tl.maximum(row - 1, 0) * H)
+    g_t = tl.where(row > 0, g_prev + b_g, 0.0)
+    lev = _bitlen(t ^ ((block << BWL) + o_w), BWL)
+    b_lr = tl.load(p_lam + lev, mask=m_w, other=0.0).to(tl.float32)
+    b_wt = tl.where(m_w, b_lr * tl.exp(g_t - b_wg), 0.0)
+    b_sc = tl.sum(b_wk * b_q[None, :], axis=1) * b_wt  # (WN,)
+    b_o = tl.sum(b_sc[:, None] * b_wv, axis=0)
+    b_o += tl.load(p_lam).to(tl.float32) * tl.sum(b_q * b_k, axis=0) * b_v
+
+    # a block's first token: the finished block (the other buffer, all WN rows, as S at t) and the
+    # levels BWL+1..z fold into level z + 1
+    fold = (row == 0) & (t > 0)
+    z = log2_pow2(tl.maximum(t & -t, 1))
+    p_s = levels + i_s * s_sp + i_h * s_sh + o_k[:, None] * V + o_v[None, :]
+    p_old = decay + (i_s * 2 * L) * H + (t % 2) * (L * H) + i_h
+    p_new = decay + (i_s * 2 * L) * H + (1 - t % 2) * (L * H) + i_h
+    b_carry = tl.zeros([BK, BV], dtype=tl.float32)
+    if fold:
+        ob = 1 - buf
+        b_fk = tl.load(p_wk + ob * (WN * G * K) + o_w[:, None] * (G * K) + o_k[None, :],
+                       mask=m_k[None, :], other=0.0).to(tl.float32)
+        b_fv = tl.load(p_wv + ob * (WN * H * V) + o_w[:, None] * (H * V) + o_v[None, :],
+                       mask=m_v[None, :], other=0.0).to(tl.float32)
+        b_fg = tl.load(p_wg + ob * (WN * H) + o_w * H)
+        b_last = tl.load(p_wg + ob * (WN * H) + (WN - 1) * H)
+        b_fk = b_fk * tl.exp(b_last - b_fg)[:, None]
+        b_carry += tl.dot(tl.trans(b_fk), b_fv, input_precision="ieee")
+    for l in range(BWL + 1, L):
+        b_a = tl.full((), float("-inf"), tl.float32)
+        if fold & (l <= z):
+            b_w = tl.exp(tl.load(p_old + l * H))
+            b_carry += tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32) * b_w
+        elif fold & (l == z + 1):
+            tl.store(p_s + l * s_sl, b_carry.to(p_s.dtype.element_ty), mask=m_kv)
+            b_a = b_g
+            b_o += tl.load(p_lam + l).to(tl.float32) * tl.exp(b_a) * tl.sum(b_q[:, None] * b_carry, axis=0)
+        elif ((t >> (l - 1)) & 1) == 1:
+            b_a = tl.load(p_old + l * H) + b_g
+            b_s = tl.load(p_s + l * s_sl, mask=m_kv, other=0.0).to(tl.float32)
+            b_o += tl.load(p_lam + l).to(tl.float32) * tl.exp(b_a) * tl.sum(b_q[:, None] * b_s, axis=0)
+        tl.store(p_new + l * H, b_a)
+
+    # the token becomes its block's row `row` (k by the group's first head, g by the first V block)
+    if (i_v == 0) & (i_h % (H // G) == 0):
+        tl.store(p_wk + buf * (WN * G * K) + row * (G * K) + o_k, b_k.to(win_k.dtype.element_ty), mask=m_k)
+    tl.store(p_wv + buf * (WN * H * V) + row * (H * V) + o_v, b_v.to(win_v.dtype.element_ty), mask=m_v)
+    if i_v == 0:
+        tl.store(p_wg + buf * (WN * H) + row * H, g_t)
+    tl.store(o + i_n * s_on + i_h * s_oh + o_v, (b_o * scale).to(o.dtype.element_ty), mask=m_v)
+
+
+def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor, window: tuple[torch.Tensor, ...],
+                slots: torch.Tensor, positions: torch.Tensor, scale: float | None = None,
+                block_v: int = 32) -> torch.Tensor:
+    """``kernels.window.fused_recurrent_step_window`` in one launch; window tensors contiguous."""
+    check_shapes(q, k, v, g, level_scales)
+    N, G, K = q.shape
+    H, V = v.shape[-2:]
+    L = level_scales.shape[-1]
+    win_k, win_v, win_g = window
+    for t in (levels, level_decay, win_k, win_v, win_g):
+        if not t.is_contiguous():
+            raise ValueError("window_step needs contiguous levels, level_decay and window tensors")
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g, level_scales = (unit_last(x) for x in (q, k, v, g, level_scales))
+    o = torch.empty(N, H, V, dtype=v.dtype, device=v.device)
+    if N == 0:
+        return o
+    BV = min(max(16, triton.next_power_of_2(V)), block_v)
+    NV = triton.cdiv(V, BV)
+    _window_step_kernel[(H * NV, N)](
+        q, k, v, g, level_scales, levels, level_decay, win_k, win_v, win_g, slots, positions, o,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0),
+        level_scales.stride(0), level_scales.stride(1), o.stride(0), o.stride(1),
+        levels.stride(0), levels.stride(1), levels.stride(2),
+        scale, H=H, G=G, K=K, V=V, L=L, BK=max(16, triton.next_power_of_2(K)), BV=BV, NV=NV, BWL=BW, WN=W,
+        num_warps=4,
+    )
+    return o
