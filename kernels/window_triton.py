@@ -109,9 +109,9 @@ def _window_step_kernel(
 
 
 def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor, window: tuple[torch.Tensor, ...],
-                slots: torch.Tensor, positions: torch.Tensor, scale: float | None = None,
-                block_v: int = 32) -> torch.Tensor:
+                level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor,
+                window: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor,
+                scale: float | None = None, block_v: int = 32) -> torch.Tensor:
     """``kernels.window.fused_recurrent_step_window`` in one launch; window tensors contiguous."""
     check_shapes(q, k, v, g, level_scales)
     N, G, K = q.shape
