@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-overlap-decode", action="store_true", help="host and device in series (A/B)")
+    ap.add_argument("--token-window", action="store_true", help="low levels as raw tokens (kernels/window)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     a.batches = a.batches or ([1, 4] if a.tiny else [1, 32, 256])
@@ -189,11 +190,12 @@ def main() -> None:
                       max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.new_tokens,
                       max_num_batched_tokens=max(a.max_num_batched_tokens, max(a.batches)),
                       long_prefill_chunk=a.prompt_len, enforce_eager=a.enforce_eager,
-                      overlap_decode=False if a.no_overlap_decode else None)
+                      overlap_decode=False if a.no_overlap_decode else None, token_window=a.token_window)
             weights = sum(p.numel() * p.element_size() for n, p in llm.engine.model.named_parameters()
                           if "embeddings" not in n)
             state = llm.engine.pool.bytes_per_slot
             result["overlap_decode"] = llm.engine.config.use_overlap_decode
+            result["token_window"] = a.token_window
             for batch in a.batches:
                 row = dict(engine="fenwick", lambda_mode=mode, batch=batch,
                            **attempt(bench_fenwick, llm, batch, a, shape["vocab_size"]))

@@ -64,7 +64,8 @@ class EngineCore:
         self.pool = StatePool(mc, max_num_seqs=config.max_num_seqs, device=config.torch_device,
                               dtype=config.torch_dtype, state_dtype=config.torch_state_dtype,
                               memory_fraction=config.memory_fraction, headroom_bytes=headroom,
-                              max_model_len=int(config.max_model_len or mc.max_model_len))
+                              max_model_len=int(config.max_model_len or mc.max_model_len),
+                              token_window=config.token_window)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=self.pool.num_slots, max_num_batched_tokens=int(config.max_num_batched_tokens or 0),
             long_prefill_chunk=config.long_prefill_chunk, max_waiting=config.max_waiting),

@@ -17,6 +17,7 @@ import kernels
 from engine.model_config import ModelConfig
 from kernels import FenwickState, mixer_step, norm
 from kernels.ops import mul_to, rms_norm
+from kernels.window import write_window
 
 
 def inv_softplus(y: float) -> float:
@@ -146,7 +147,8 @@ class LogLinearMamba2Mixer(nn.Module):
 
     # ---- packed sequences continuing from saved state ---------------------------------------------
     def prefill(self, h: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
-                fenwick: FenwickState | None, num_levels: int | None = None
+                fenwick: FenwickState | None, num_levels: int | None = None,
+                token_window: tuple | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
         """Continue N packed sequences from their state.
 
@@ -156,6 +158,8 @@ class LogLinearMamba2Mixer(nn.Module):
             fenwick: FenwickState of the N sequences (levels float32), or None: every sequence starts empty.
             num_levels: Fenwick levels of the state (a pool sized for shorter sequences holds fewer than
                 lambda_levels; the λ of the levels it never reaches are dropped); None: lambda_levels.
+            token_window: (the layer's token window, its WindowRows): each sequence's last block is
+                written there (kernels.window).
         Returns:
             (out [1, T_total, hidden], new conv_state [N, conv_dim, W - 1], final FenwickState).
         """
@@ -174,11 +178,13 @@ class LogLinearMamba2Mixer(nn.Module):
         lam = lam[..., :num_levels]
         o, final = kernels.chunk_log_linear_attn(q, k, v, g, lam, scale=1.0, initial_state=fenwick,
                                                  output_final_state=True, cu_seqlens=cu_seqlens)
+        if token_window is not None:
+            write_window(*token_window, k[0], v[0], g[0])
         return self._output(o, x, z), new_conv, final
 
     def prefill_fused(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
-                      levels_pool: torch.Tensor, slots: torch.Tensor, initial: FenwickState | None
-                      ) -> torch.Tensor:
+                      levels_pool: torch.Tensor, slots: torch.Tensor, initial: FenwickState | None,
+                      token_window: tuple | None = None) -> torch.Tensor:
         """``prefill`` between in_proj and out_proj in the fused kernels: conv + Δ + g + λ of the packed
         rows in one call (kernels.mixer_step, which also writes each slot's new conv window), the chunked
         attention, and D skip + gated norm in one kernel (kernels.norm).
@@ -201,6 +207,8 @@ class LogLinearMamba2Mixer(nn.Module):
         o, _ = kernels.chunk_log_linear_attn(q[None], k[None], v[None], g[None], lam[None], scale=1.0,
                                              initial_state=initial, cu_seqlens=cu_seqlens,
                                              final_into=(levels_pool, slots))
+        if token_window is not None:  # (the layer's token window, its WindowRows)
+            write_window(*token_window, k, v, g)
         weight = self.norm.weight if c.rmsnorm else None
         y = norm.gated_rmsnorm(o[0], x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
                                c.norm_before_gate, self.out_proj.weight.dtype)
@@ -208,7 +216,8 @@ class LogLinearMamba2Mixer(nn.Module):
 
     # ---- one token per sequence, state pools updated in place -------------------------------------
     def decode(self, h: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor, slots: torch.Tensor,
-               positions: torch.Tensor, decay_pool: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor, decay_pool: torch.Tensor | None = None,
+               token_window: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """h: [N, hidden]; conv_pool: [P, conv_dim, W-1]; levels_pool: [P, L, H, K, V]; slots, positions: [N];
         decay_pool: [P, 2, L, H] when the pool defers the decay (``kernels.fused_recurrent_step``).
 
@@ -223,14 +232,12 @@ class LogLinearMamba2Mixer(nn.Module):
             acc = acc + self.conv1d.bias
         xBC = F.silu(acc).to(h.dtype)  # (N, conv_dim)
         q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
-        lam = lam[..., :levels_pool.shape[1]]
-        o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
-                                         level_decay=decay_pool)
+        o = self._step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window)
         return self._output(o, x, z)
 
     def decode_fused(self, proj: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor,
-                     slots: torch.Tensor, positions: torch.Tensor, decay_pool: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     slots: torch.Tensor, positions: torch.Tensor, decay_pool: torch.Tensor | None = None,
+                     token_window: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``decode`` between in_proj and out_proj in three launches: conv step + Δ + g + λ
         (kernels.mixer_step), the Fenwick step (its per-block read-outs left unsummed), and their sum +
         D skip + gated norm (kernels.norm). On the CPU the same calls run their PyTorch references.
@@ -248,12 +255,22 @@ class LogLinearMamba2Mixer(nn.Module):
         x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (N, H, V)
         k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (N, G, K)
         q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
-        lam = lam[..., :levels_pool.shape[1]]
-        o = kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
-                                         partials=True, level_decay=decay_pool)  # (NK, N, H, V) fp32 on CUDA
+        o = self._step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window,
+                       partials=True)  # (NK, N, H, V) fp32 from the tiled kernel
         weight = self.norm.weight if c.rmsnorm else None
         return norm.gated_rmsnorm(o, x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
                                   c.norm_before_gate, self.out_proj.weight.dtype)
+
+
+    @staticmethod
+    def _step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window, partials=False):
+        """The Fenwick step on the pool (λ of the levels the pool holds; a token window if it has one)."""
+        lam = lam[..., :levels_pool.shape[1]]  # the pool's levels (fewer for a shorter max_model_len)
+        if token_window is not None:
+            return kernels.window_step(q, k, v, g, lam, levels_pool, decay_pool, token_window, slots,
+                                       positions, scale=1.0)
+        return kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
+                                            partials=partials, level_decay=decay_pool)
 
 
 def _mlp_weights(mlp: LambdaMLP | None) -> dict[str, torch.Tensor | None]:

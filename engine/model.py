@@ -17,6 +17,7 @@ from engine.model_config import ModelConfig
 from engine.state import ModelState, device_ints
 from kernels import FenwickState, gemv, norm
 from kernels.ops import mul_to
+from kernels.window import WindowRows, window_rows
 
 # Rows up to which decode takes kernels.gemv: on the H200 (bench/gemv.py, 768-wide model) the four fused
 # GEMVs of a layer take 15.8 / 17.0 / 17.9 / 27.9 us at 1 / 2 / 4 / 8 rows, against about 20 us for
@@ -158,16 +159,18 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         start = state.positions[slots]
         h = self.backbone.embeddings(input_ids.to(device))  # (T_total, hidden)
         fresh = not any(starts)  # every sequence starts empty: no initial state to read or merge
+        rows = None if state.all_window is None else window_rows(starts, lens, slots)
         # cu and start are the same, unchanged, in every layer; their values are known here
         with kernels.chunk_plan_cache(device, known=[(cu, bounds), (start, starts)]):
             if self.fused_decode:
-                h = self._prefill_fused(h, cu, state, slots, None if fresh else start)
+                h = self._prefill_fused(h, cu, state, slots, None if fresh else start, rows)
             else:
                 h = h[None]
                 for i, layer in enumerate(self.backbone.layers):
                     fenwick = None if fresh else FenwickState(state.fenwick(i, slots, start), start)
+                    window = None if rows is None else (state.window(i), rows)
                     out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
-                                                           fenwick, state.num_levels)
+                                                           fenwick, state.num_levels, window)
                     state.conv[i][slots] = conv.to(state.conv[i].dtype)
                     state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
                     h = layer.add_mlp(h + out)
@@ -178,7 +181,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         return self.lm_head(h).float()
 
     def _prefill_fused(self, h: torch.Tensor, cu: torch.Tensor, state: ModelState, slots: torch.Tensor,
-                       start: torch.Tensor | None) -> torch.Tensor:
+                       start: torch.Tensor | None, rows: WindowRows | None = None) -> torch.Tensor:
         """``prefill``'s layers in the fused kernels of ``_decode_fused`` (residual adds inside the next
         norm, one GEMM for gate and up) and the mixer's ``prefill_fused``; start None: fresh sequences.
         Returns the final-normed hidden rows of each sequence's last token: [N, hidden]."""
@@ -188,7 +191,9 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
             mixer = layer.mixer
             initial = None if start is None else FenwickState(state.fenwick(i, slots, start), start)
-            y = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, initial)
+            window = None if rows is None else (state.window(i), rows)
+            y = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, initial,
+                                    window)
             delta = mixer.out_proj(y)
             x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
             delta = layer.mlp.forward_fused(x)
@@ -211,7 +216,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             return self._decode_fused(h, state, slots, positions)
         for i, layer in enumerate(self.backbone.layers):
             h = h + layer.mixer.decode(layer.mixer_input(h), state.conv[i], state.levels[i], slots, positions,
-                                       state.decay[i])
+                                       state.decay[i], state.window(i))
             h = layer.add_mlp(h)
         state.positions[slots] = positions + 1
         return self._logits(h).float()
@@ -229,7 +234,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
             mixer = layer.mixer
             y = mixer.decode_fused(mixer.in_proj(x), state.conv[i], state.levels[i], slots, positions,
-                                   state.decay[i])
+                                   state.decay[i], state.window(i))
             delta = mixer.out_proj(y)
             x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
             delta = layer.mlp.forward_fused(x)
@@ -249,7 +254,8 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             mixer = layer.mixer
             proj = gemv.rmsnorm_linear(h, layer.mixer_norm.weight, eps, mixer.in_proj.weight)
-            y = mixer.decode_fused(proj, state.conv[i], state.levels[i], slots, positions, state.decay[i])
+            y = mixer.decode_fused(proj, state.conv[i], state.levels[i], slots, positions, state.decay[i],
+                                   state.window(i))
             h = gemv.linear_residual(y, mixer.out_proj.weight, h)
             a = gemv.rmsnorm_linear_silu_mul(h, layer.mlp_norm.weight, eps, layer.mlp.gate_up_weight)
             h = gemv.linear_residual(a, layer.mlp.down_proj.weight, h)

@@ -9,6 +9,7 @@ import torch
 
 from engine.model_config import ModelConfig
 from kernels.state import num_levels_for, true_levels
+from kernels.window import BW, W, windowed_levels
 
 
 def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -39,6 +40,9 @@ class ModelState:
     all_conv: torch.Tensor
     all_decay: torch.Tensor
     positions: torch.Tensor
+    # the low levels as raw tokens (kernels/window.py; a draft, off by default): [layers, P, 2, W, G, K],
+    # [layers, P, 2, W, H, V], [layers, P, 2, W, H]
+    all_window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     levels: list[torch.Tensor] = field(init=False, repr=False)
     conv: list[torch.Tensor] = field(init=False, repr=False)
     decay: list[torch.Tensor] = field(init=False, repr=False)
@@ -48,10 +52,14 @@ class ModelState:
         self.conv = list(self.all_conv.unbind(0))
         self.decay = list(self.all_decay.unbind(0))
 
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Layer ``layer``'s token window (win_k, win_v, win_g), or None for a pool without windows."""
+        return None if self.all_window is None else tuple(t[layer] for t in self.all_window)  # type: ignore
+
     @classmethod
     def allocate(cls, config: ModelConfig, num_slots: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32,
-                 num_levels: int | None = None) -> ModelState:
+                 num_levels: int | None = None, token_window: bool = False) -> ModelState:
         """num_levels: Fenwick levels per slot; None: the model's lambda_levels. Sequences of at most
         n tokens use num_levels_for(n) of them (``levels_for``), so a shorter max_model_len needs fewer."""
         if num_slots < 1:
@@ -63,10 +71,15 @@ class ModelState:
             raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype}")
         c = config
         P, n, H = num_slots, c.num_hidden_layers, c.num_heads
+        window = None
+        if token_window and L > BW + 1:
+            window = (torch.zeros(n, P, 2, W, c.n_groups, c.state_size, device=device, dtype=dtype),
+                      torch.zeros(n, P, 2, W, H, c.head_dim, device=device, dtype=dtype),
+                      torch.zeros(n, P, 2, W, H, device=device, dtype=torch.float32))
         return cls(torch.zeros(n, P, L, H, c.state_size, c.head_dim, device=device, dtype=state_dtype),
                    torch.zeros(n, P, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype),
                    torch.zeros(n, P, 2, L, H, device=device, dtype=torch.float32),
-                   torch.zeros(P, device=device, dtype=torch.int64))
+                   torch.zeros(P, device=device, dtype=torch.int64), window)
 
     @staticmethod
     def levels_for(config: ModelConfig, max_model_len: int) -> int:
@@ -102,22 +115,25 @@ class ModelState:
     def copy_(self, src: int, dst: torch.Tensor | Sequence[int] | int) -> None:
         """Fork: copy slot ``src`` into every slot of ``dst`` (for n > 1 samples of one prompt)."""
         idx = self._index(dst)
-        for t in (self.all_levels, self.all_conv, self.all_decay):
+        for t in (self.all_levels, self.all_conv, self.all_decay, *(self.all_window or ())):
             t[:, idx] = t[:, src:src + 1].clone()
         self.positions[idx] = self.positions[src].clone()
 
     @property
     def bytes_per_slot(self) -> int:
-        stacks = (self.all_levels, self.all_conv, self.all_decay)
+        stacks = (self.all_levels, self.all_conv, self.all_decay, *(self.all_window or ()))
         return sum(t[:, 0].numel() * t.element_size() for t in stacks) + self.positions.element_size()
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.all_levels, self.all_conv, self.all_decay, self.positions)
+        tensors = (self.all_levels, self.all_conv, self.all_decay, *(self.all_window or ()), self.positions)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def fenwick(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The levels of ``slots`` at ``positions`` in one layer, decay applied: [N, L, H, K, V] float32."""
+        window = self.window(layer)
+        if window is not None:
+            return windowed_levels(self.levels[layer], self.decay[layer], window, slots, positions)
         return true_levels(self.levels[layer], self.decay[layer], slots, positions)
 
     def settle(self, slots: torch.Tensor, positions: torch.Tensor) -> None:

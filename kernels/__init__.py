@@ -87,3 +87,23 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
                     level_decay=level_decay)
     return fused_recurrent_step_torch(q, k, v, g, level_scales, levels, slots, positions, scale,
                                       level_decay=level_decay)
+
+
+@cache
+def _triton_window_step() -> Callable | None:
+    try:
+        from kernels.window_triton import window_step as impl
+    except ImportError:
+        return None
+    return impl
+
+
+def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor,
+                window: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor,
+                scale: float | None = None) -> torch.Tensor:
+    """One decode token on a pool whose low levels are a token window (``kernels.window``, a draft)."""
+    impl = _triton_window_step() if q.is_cuda else None
+    if impl is None:
+        from kernels.window import fused_recurrent_step_window as impl
+    return impl(q, k, v, g, level_scales, levels, level_decay, window, slots, positions, scale)

@@ -17,6 +17,8 @@ than the deferred step at positions 512-639 (docs/kernels-notes.md). Not wired i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels.naive import check_shapes, recurrent_step
@@ -162,3 +164,57 @@ def fused_recurrent_step_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     level_decay[slots, 1 - t % 2] = a_new.to(level_decay.dtype)
     append_token(window, slots, t, k, v, g)
     return o.to(v.dtype)
+
+
+@dataclass
+class WindowRows:
+    """Where a prefill's packed rows land in the windows: the rows of each sequence's last block."""
+
+    src: torch.Tensor  # [M] packed row
+    seq: torch.Tensor  # [M] sequence index
+    slot: torch.Tensor  # [M]
+    buf: torch.Tensor  # [M] block parity
+    row: torch.Tensor  # [M] row in the block
+    first: torch.Tensor  # [N] first row written per sequence (> 0: the block began before this call)
+    seq_slot: torch.Tensor  # [N]
+    seq_buf: torch.Tensor  # [N]
+
+
+def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> WindowRows:
+    """The plan of ``write_window`` for sequences continuing from ``starts`` (host values) by ``lens``
+    tokens into ``slots`` (a device tensor): one upload, no read-back."""
+    src, seq, buf, row, first, seq_buf = [], [], [], [], [], []
+    bos = 0
+    for i, (s, n) in enumerate(zip(starts, lens, strict=True)):
+        end = s + n
+        block = (end - 1) >> BW
+        lo = max(s, block << BW)
+        src += [bos + q - s for q in range(lo, end)]
+        row += [q - (block << BW) for q in range(lo, end)]
+        seq += [i] * (end - lo)
+        buf += [block % 2] * (end - lo)
+        first.append(lo - (block << BW))
+        seq_buf.append(block % 2)
+        bos += n
+    dev = slots.device
+    src_t, seq_t, buf_t, row_t = torch.tensor([src, seq, buf, row], dtype=torch.int64).to(dev).unbind(0)
+    first_t, seq_buf_t = torch.tensor([first, seq_buf], dtype=torch.int64).to(dev).unbind(0)
+    slots = slots.long()
+    return WindowRows(src_t, seq_t, slots[seq_t], buf_t, row_t, first_t, slots, seq_buf_t)
+
+
+def write_window(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torch.Tensor, v: torch.Tensor,
+                 g: torch.Tensor) -> None:
+    """After a prefill: each sequence's last block into its window (k [T, G, K], v [T, H, V], g [T, H]
+    of the packed rows); rows already there from earlier calls stay, their gc continues."""
+    win_k, win_v, win_g = window
+    N, H = rows.first.numel(), g.shape[-1]
+    base = win_g[rows.seq_slot, rows.seq_buf, (rows.first - 1).clamp(min=0)]  # (N, H), before the writes
+    base = torch.where((rows.first > 0)[:, None], base, 0.0)
+    inc = torch.where((rows.row > 0)[:, None], g[rows.src].float(), 0.0)  # (M, H)
+    dense = torch.zeros(N, W, H, dtype=torch.float32, device=g.device)
+    dense[rows.seq, rows.row] = inc
+    gc = base[rows.seq] + dense.cumsum(1)[rows.seq, rows.row]
+    win_k[rows.slot, rows.buf, rows.row] = k[rows.src].to(win_k.dtype)
+    win_v[rows.slot, rows.buf, rows.row] = v[rows.src].to(win_v.dtype)
+    win_g[rows.slot, rows.buf, rows.row] = gc.to(win_g.dtype)

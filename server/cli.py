@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
              "ahead with CUDA graphs)",
     )
     serve.add_argument(
+        "--token-window", action="store_true",
+        help="keep each request's low Fenwick levels as its last <= 32 raw tokens (less state traffic "
+             "and memory; new, not yet benchmarked)",
+    )
+    serve.add_argument(
         "--no-gc-freeze", action="store_true",
         help="leave the objects alive after start-up to Python's garbage collector (default: gc.freeze)",
     )
@@ -132,6 +137,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         engine_kwargs["overlap_decode"] = False
     if args.no_gc_freeze:
         engine_kwargs["gc_freeze"] = False
+    if args.token_window:
+        engine_kwargs["token_window"] = True
     name = args.served_model_name or model_dir.name
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(

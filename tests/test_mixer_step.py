@@ -91,7 +91,7 @@ def test_reference_matches_mixer_decode(monkeypatch, lambda_mode, conv_bias, n_g
 
     seen = {}
 
-    def fake_step(q, k, v, g, lam, levels, slots, positions, scale=None, level_decay=None):
+    def fake_step(q, k, v, g, lam, levels, slots, positions, scale=None, **kw):
         seen.update(q=q.clone(), k=k.clone(), v=v.clone(), g=g.clone(), lam=lam.clone())
         return torch.zeros_like(v)
 

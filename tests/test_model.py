@@ -210,7 +210,7 @@ def test_decode_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import kernels
 
-    def step_stub(q, k, v, g, level_scales, levels, slots, positions, scale=None, level_decay=None):
+    def step_stub(q, k, v, g, level_scales, levels, slots, positions, scale=None, **kw):
         levels[slots] = levels[slots] * torch.exp(g)[:, None, :, None, None]
         return v * level_scales.sum(-1, keepdim=True)
 

@@ -102,6 +102,40 @@ def test_window_levels_ignore_rows_past_the_last_token():
     assert (windowed_levels(levels, decay, window, slots, torch.tensor([37]), F64) - S).abs().max() < 1e-12
 
 
+def test_engine_with_token_windows_matches_the_full_forward(tiny_model_dir):
+    """The engine on a windowed pool (token_window=True; on the CPU the PyTorch paths): prompts in
+    16-token chunks that continue mid-block, 40 new tokens across block boundaries, staggered arrivals
+    and n = 2 forks: the same tokens as the default pool, and greedy equals a full forward."""
+    from engine import LLM, SamplingParams
+    from tests.test_llm import GREEDY, assert_greedy
+    kw = dict(max_num_seqs=6, max_model_len=160, max_num_batched_tokens=48, long_prefill_chunk=16)
+    prompts = [[5], list(range(3, 43)), list(range(100, 170)), list(range(7, 40))]
+    outs = {}
+    for window in (False, True):
+        llm = LLM(str(tiny_model_dir), token_window=window, **kw)
+        assert (llm.engine.pool.state.all_window is not None) == window
+        greedy = llm.generate(prompts, SamplingParams(max_tokens=40, **GREEDY))
+        forks = llm.generate(prompts[1], SamplingParams(max_tokens=36, n=2, temperature=0.8, seed=3))[0]
+        outs[window] = ([o.outputs[0].token_ids for o in greedy], [c.token_ids for c in forks.outputs])
+    assert outs[True] == outs[False]
+    for out in greedy:
+        assert_greedy(llm, out)
+
+
+@pytest.mark.gpu
+def test_engine_with_token_windows_on_cuda_matches_the_default_pool(tiny_model_dir):
+    """The same on the GPU (Triton windowed step under CUDA graphs, the fused prefill writing windows),
+    fp32 weights: the same greedy tokens as the default pool."""
+    from engine import LLM, SamplingParams
+    from tests.test_llm import GREEDY
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=160, max_num_batched_tokens=48,
+              long_prefill_chunk=16)
+    prompts = [[5], list(range(3, 43)), list(range(100, 170)), list(range(7, 40))]
+    outs = [[o.outputs[0].token_ids for o in LLM(str(tiny_model_dir), token_window=w, **kw).generate(
+        prompts, SamplingParams(max_tokens=40, **GREEDY))] for w in (False, True)]
+    assert outs[0] == outs[1]
+
+
 def _triton_case() -> dict:
     """Interpreter run (TRITON_INTERPRET=1, in a subprocess): the Triton windowed step against the
     reference on S, over the same steps as above, fp32 pool and bf16 window rows."""
