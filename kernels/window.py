@@ -197,8 +197,13 @@ def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> Wind
         seq_buf.append(block % 2)
         bos += n
     dev = slots.device
-    src_t, seq_t, buf_t, row_t = torch.tensor([src, seq, buf, row], dtype=torch.int64).to(dev).unbind(0)
-    first_t, seq_buf_t = torch.tensor([first, seq_buf], dtype=torch.int64).to(dev).unbind(0)
+
+    def up(rows: list[list[int]]) -> tuple[torch.Tensor, ...]:  # pinned and queued: no wait on CUDA
+        t = torch.tensor(rows, dtype=torch.int64)
+        return (t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)).unbind(0)
+
+    src_t, seq_t, buf_t, row_t = up([src, seq, buf, row])
+    first_t, seq_buf_t = up([first, seq_buf])
     slots = slots.long()
     return WindowRows(src_t, seq_t, slots[seq_t], buf_t, row_t, first_t, slots, seq_buf_t)
 
