@@ -55,8 +55,8 @@ class EngineConfig:
     # sight (gc.freeze): a full collection otherwise walks the whole heap (~0.2 s with torch and the
     # model loaded) and stalls whatever step it lands in
     gc_freeze: bool = True
-    # keep each sequence's low Fenwick levels as its last <= 32 raw tokens (kernels/window.py): a draft,
-    # correct on CPU and in the Triton interpreter, not yet timed on a GPU
+    # keep each sequence's low Fenwick levels as its last <= 32 raw tokens (kernels/window.py): checked
+    # on the CPU and in the Triton interpreter, not yet run or timed on a GPU
     token_window: bool = False
     model_config: ModelConfig = field(init=False, repr=False)  # config.json, parsed
 

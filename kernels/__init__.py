@@ -102,7 +102,7 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
                 level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor,
                 window: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor,
                 scale: float | None = None) -> torch.Tensor:
-    """One decode token on a pool whose low levels are a token window (``kernels.window``, a draft)."""
+    """One decode token on a pool whose low levels are a token window (``kernels.window``)."""
     impl = _triton_window_step() if q.is_cuda else None
     if impl is None:
         from kernels.window import fused_recurrent_step_window as impl

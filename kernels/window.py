@@ -1,4 +1,4 @@
-"""The low Fenwick levels kept as a window of raw tokens: reference and PyTorch decode path (draft).
+"""The low Fenwick levels kept as a window of raw tokens: reference, PyTorch decode path, prefill writer.
 
 At position t (tokens absorbed), levels 0..BW (BW = 5) hold exactly the tokens of the aligned W-token
 block (W = 2^BW = 32) of the last token t - 1: bitlen((t - 1) ^ s) <= BW. A window keeps those tokens
@@ -12,7 +12,8 @@ in two buffers by block parity (block B in buffer B % 2), so a step that starts 
 buffer while it folds the other. Levels above BW stay blocks with deferred decay (``level_decay``,
 kernels.naive.fused_recurrent_step_ref). A step reads the live high levels and the window's rows, stores
 one token, and once every W steps folds the finished block into a level block: about 2.4x fewer bytes
-than the deferred step at positions 512-639 (docs/kernels-notes.md). Not wired into the engine yet.
+than the deferred step at positions 512-639 (docs/kernels-notes.md). The engine uses it with
+``token_window=True`` (off by default until it is timed on a GPU).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton decode step on a windowed pool (kernels/window.py; draft, not in the engine, not timed yet).
+"""Triton decode step on a windowed pool (kernels/window.py; the engine's token_window, not timed yet).
 
 One program per (request, head, V block). The query reads its block's earlier rows from the window (a
 [W, K] and a [W, BV] tile), its own token, and the live levels above BW one after the other; it stores

@@ -1,4 +1,4 @@
-"""The low levels as a token window (kernels/window.py, a draft not yet in the engine): the windowed
+"""The low levels as a token window (kernels/window.py, the engine's token_window): the windowed
 pool means the same levels S as the plain recurrence, and its steps (reference and PyTorch path) match
 the reference on S, across block boundaries and high-level folds."""
 
