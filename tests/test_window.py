@@ -15,18 +15,9 @@ from kernels.window import (
     fused_recurrent_step_window_ref,
     windowed_levels,
 )
+from tests.test_kernels_torch import _inputs
 
 F64 = torch.float64
-
-
-def _tokens(n: int, T: int, G: int, H: int, K: int, V: int, L: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, T, G, K, generator=gen, dtype=F64)
-    k = torch.randn(n, T, G, K, generator=gen, dtype=F64)
-    v = torch.randn(n, T, H, V, generator=gen, dtype=F64)
-    g = -0.3 * torch.rand(n, T, H, generator=gen, dtype=F64)
-    lam = torch.rand(n, T, H, L, generator=gen, dtype=F64) + 0.5
-    return q, k, v, g, lam
 
 
 def _windowed_pool(starts: list[int], xs, P: int, slots: torch.Tensor, L: int, dtype: torch.dtype):
@@ -72,7 +63,7 @@ STARTS = [0, 1, 5, 31, 32, 33, 63, 64, 95, 127, 130]
 def test_windowed_steps_match_the_recurrence(impl, dtype, tol):
     G, H, K, V, L, steps = 1, 2, 8, 4, 10, 40
     N, P = len(STARTS), len(STARTS) + 2
-    xs = _tokens(N, max(STARTS) + steps, G, H, K, V, L, seed=1)
+    xs = _inputs(N, max(STARTS) + steps, G, H, K, V, L, seed=1)
     slots = torch.randperm(P, generator=torch.Generator().manual_seed(2))[:N]
     levels, decay, window, S = _windowed_pool(STARTS, xs, P, slots, L, dtype)
     pos = torch.tensor(STARTS)
@@ -94,7 +85,7 @@ def test_window_levels_ignore_rows_past_the_last_token():
     """Rows of a block not yet reached hold NaN in the pool above; a level read from the window must
     not see them (the test above would fail otherwise): here the same with junk that is finite."""
     G, H, K, V, L = 1, 1, 4, 4, 8
-    xs = _tokens(1, 40, G, H, K, V, L, seed=3)
+    xs = _inputs(1, 40, G, H, K, V, L, seed=3)
     slots = torch.tensor([0])
     levels, decay, window, S = _windowed_pool([37], xs, 1, slots, L, F64)
     window[0][0, 1, 5:] = 1e3
@@ -142,7 +133,7 @@ def _triton_case() -> dict:
     from kernels.window_triton import window_step
     G, H, K, V, L, steps = 1, 2, 8, 4, 10, 36
     N, P = len(STARTS), len(STARTS) + 2
-    xs = _tokens(N, max(STARTS) + steps, G, H, K, V, L, seed=1)
+    xs = _inputs(N, max(STARTS) + steps, G, H, K, V, L, seed=1)
     slots = torch.randperm(P, generator=torch.Generator().manual_seed(2))[:N]
     levels, decay, window, S = _windowed_pool(STARTS, xs, P, slots, L, torch.float32)
     pos = torch.tensor(STARTS)
