@@ -34,18 +34,19 @@ class ModelRunner:
         if self.device.type == "cuda" and config.fused_decode and hasattr(model, "enable_fused_decode"):
             model.enable_fused_decode()
         if self.device.type == "cuda":
-            self._warm_up_prefill()
+            self._warm_up_prefill(int(config.max_model_len or model.config.max_model_len))
         if config.use_cuda_graphs:
             sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
             self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
 
     @torch.inference_mode()
-    def _warm_up_prefill(self) -> None:
+    def _warm_up_prefill(self, max_model_len: int) -> None:
         """Compile the prompt path's kernels at start-up rather than inside the first request: a short
         prompt in the dummy slot from an empty state, then a continuation of it (the initial-state
-        kernels), then the slot is zeroed again."""
+        kernels), then the slot is zeroed again. Both fit the engine's max_model_len, which sized the
+        pool's levels (not the model's, which may be longer)."""
         slot = self.pool.dummy_slot
-        n = max(1, min(70, int(self.model.config.max_model_len) // 2))
+        n = max(1, min(70, max_model_len // 2))
         slots = self._tensor([slot])
         for start in (0, n):
             self.model.prefill(self._tensor([0] * n), torch.tensor([0, n]), self.state, slots, [start])
