@@ -32,6 +32,15 @@ def _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v, s_qn, s_qg, s_k
 
 
 @triton.jit
+def _program_row(slots, positions, H: tl.constexpr, G: tl.constexpr, NV: tl.constexpr):
+    """A step program's (request, head, V block) from its ids, the head's group, its slot and position."""
+    i_hv, i_n = tl.program_id(0), tl.program_id(1)
+    i_h, i_v = i_hv // NV, i_hv % NV
+    i_s = tl.load(slots + i_n).to(tl.int64)
+    return i_n, i_h, i_v, i_h // (H // G), i_s, tl.load(positions + i_n).to(tl.int64)
+
+
+@triton.jit
 def _fused_recurrent_step_kernel(
     q, k, v, g, lam, levels, decay, slots, positions, o,
     s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_sp, s_sl, s_sh,
@@ -39,11 +48,7 @@ def _fused_recurrent_step_kernel(
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, DEFER: tl.constexpr,
 ):
-    i_hv, i_n = tl.program_id(0), tl.program_id(1)
-    i_h, i_v = i_hv // NV, i_hv % NV
-    i_g = i_h // (H // G)
-    i_s = tl.load(slots + i_n).to(tl.int64)
-    t = tl.load(positions + i_n).to(tl.int64)
+    i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV)
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)

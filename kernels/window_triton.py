@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.chunk import _bitlen, log2_pow2
-from kernels.fused_recurrent import _token_inputs
+from kernels.fused_recurrent import _program_row, _token_inputs
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
 from kernels.window import BW, W
@@ -28,11 +28,7 @@ def _window_step_kernel(
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BWL: tl.constexpr, WN: tl.constexpr,
 ):
-    i_hv, i_n = tl.program_id(0), tl.program_id(1)
-    i_h, i_v = i_hv // NV, i_hv % NV
-    i_g = i_h // (H // G)
-    i_s = tl.load(slots + i_n).to(tl.int64)
-    t = tl.load(positions + i_n).to(tl.int64)
+    i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_w = tl.arange(0, WN)
