@@ -190,7 +190,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         for i, layer in enumerate(self.backbone.layers):
             x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
             mixer = layer.mixer
-            initial = None if start is None else FenwickState(state.fenwick(i, slots, start), start)
+            initial = None if start is None else state.pooled(i, slots, start)  # read in the kernel
             window = None if rows is None else (state.window(i), rows)
             y = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, initial,
                                     window)

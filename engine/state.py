@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.model_config import ModelConfig
-from kernels.state import num_levels_for, true_levels
-from kernels.window import BW, W, windowed_levels
+from kernels.pool_state import PooledState
+from kernels.state import num_levels_for
+from kernels.window import BW, W
 
 
 def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -129,12 +130,14 @@ class ModelState:
         tensors = (self.all_levels, self.all_conv, self.all_decay, *(self.all_window or ()), self.positions)
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def pooled(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> PooledState:
+        """The state of ``slots`` at ``positions`` in one layer, where it lies (a prefill's initial state,
+        read by the kernel that needs it)."""
+        return PooledState(self.levels[layer], self.decay[layer], slots, positions, self.window(layer))
+
     def fenwick(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The levels of ``slots`` at ``positions`` in one layer, decay applied: [N, L, H, K, V] float32."""
-        window = self.window(layer)
-        if window is not None:
-            return windowed_levels(self.levels[layer], self.decay[layer], window, slots, positions)
-        return true_levels(self.levels[layer], self.decay[layer], slots, positions)
+        return self.pooled(layer, slots, positions).fenwick()
 
     def settle(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """After a prefill wrote the slots' levels whole (as S): no decay owed at ``positions`` (device

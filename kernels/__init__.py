@@ -14,11 +14,13 @@ import torch
 
 from kernels import naive
 from kernels.chunk_torch import chunk_log_linear_attn as chunk_log_linear_attn_torch
+from kernels.pool_state import PooledState
 from kernels.state import FenwickState, max_positions, num_levels_for
 from kernels.step_torch import fused_recurrent_step as fused_recurrent_step_torch
 
 __all__ = [
     "FenwickState",
+    "PooledState",
     "chunk_log_linear_attn",
     "chunk_plan_cache",
     "fused_recurrent_step",
@@ -60,7 +62,8 @@ def chunk_plan_cache(device: torch.device, known: Sequence[tuple[torch.Tensor, l
 
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
-                          initial_state: FenwickState | None = None, output_final_state: bool = False,
+                          initial_state: FenwickState | PooledState | None = None,
+                          output_final_state: bool = False,
                           cu_seqlens: torch.Tensor | None = None,
                           final_into: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.naive import check_shapes
+from kernels.pool_state import PooledState, check_initial_state, initial_levels, merge_for_query
 from kernels.state import FenwickState, check_final_into, max_positions
 
 CHUNK_SIZE = 64  # BT: levels <= log2(BT) are intra-chunk
@@ -368,20 +369,6 @@ def _chunk_output_kernel(
                         tl.store(p_f, b_f.to(p_f.dtype.element_ty), mask=m_kv)
 
 
-def _merged_levels(state: FenwickState) -> torch.Tensor:
-    """Levels as query ``positions`` sees them: S[z+1] += S[0..z], S[0..z] = 0, z = ctz(positions)."""
-    levels = state.levels.float()
-    N, L = levels.shape[:2]
-    pos = state.positions.to(levels.device, torch.int64)
-    low = pos & -pos
-    z = torch.where(pos > 0, torch.log2(low.clamp(min=1).double()).round().long(), torch.full_like(pos, -1))
-    lidx = torch.arange(L, device=levels.device)
-    merge = (lidx[None, :] <= z[:, None]).float()  # (N, L)
-    carry = torch.einsum("nl,nlhkv->nhkv", merge, levels)
-    target = torch.nn.functional.one_hot((z + 1).clamp(0, L - 1), L).float() * (z[:, None] >= 0)
-    return levels * (1 - merge)[:, :, None, None, None] + target[:, :, None, None, None] * carry[:, None]
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, T, ...] -> [B*T, ...] with a unit stride on the last dimension."""
     x = x.reshape(-1, *x.shape[2:])
@@ -410,7 +397,8 @@ def _block(n: int) -> int:
 
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
-                          initial_state: FenwickState | None = None, output_final_state: bool = False,
+                          initial_state: FenwickState | PooledState | None = None,
+                          output_final_state: bool = False,
                           cu_seqlens: torch.Tensor | None = None,
                           final_into: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
@@ -420,7 +408,8 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
         q, k: [B, T, G, K]; v: [B, T, H, V] (bf16, fp16 or fp32); g: [B, T, H] log-decay (<= 0);
         level_scales: [B, T, H, L] (lambda); scale: defaults to K ** -0.5.
         initial_state: FenwickState(levels [N, L, H, K, V], positions [N]) with N = B, or
-            N = len(cu_seqlens) - 1; any positions.
+            N = len(cu_seqlens) - 1; any positions. Or a PooledState: the sequences' slots in the
+            engine's pool, read there by one kernel (kernels/pool_triton.py).
         output_final_state: also return the state after each sequence (levels fp32).
         cu_seqlens: [N + 1] cumulative lengths of sequences packed along T (B must be 1).
         final_into: (pool [P, L, H, K, V] contiguous, slots [N] int64 on the device): the kernel writes
@@ -474,9 +463,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     plan = _plan(B, T, cu_seqlens, None if initial_state is None else initial_state.positions, L,
                  chunk_size, direct_levels, dev)
     N, NC = plan.N, plan.NC
-    if initial_state is not None and initial_state.levels.shape != (N, L, H, K, V):
-        raise ValueError(f"initial_state.levels must be {(N, L, H, K, V)}, "
-                         f"got {tuple(initial_state.levels.shape)}")
+    check_initial_state(initial_state, N, (L, H, K, V))
     BT = chunk_size
     BTLOG = BT.bit_length() - 1
     t_seq, t_bos, t_start, t_len, t_node0 = plan.device_rows
@@ -495,8 +482,11 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     else:
         final = final_rows = None
     has_init = initial_state is not None
-    if has_init:
-        m_lv = _merged_levels(initial_state).contiguous()
+    if isinstance(initial_state, PooledState):  # read from the engine's pool in one launch
+        from kernels.pool_triton import pooled_merged_levels  # (it imports this module's helpers)
+        m_lv, cm_lv = pooled_merged_levels(initial_state)
+    elif has_init:
+        m_lv = merge_for_query(initial_state.levels, initial_state.positions).contiguous()
         cm_lv = m_lv.cumsum(1).contiguous()
     if node_dtype is None:  # nodes meet q in bf16 anyway for bf16 inputs: store them so, at half the bytes
         node_dtype = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32
@@ -559,7 +549,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     if final is None or final_into is not None:
         return o, None
     if plan.empty is not None:
-        final[plan.empty] = initial_state.levels[plan.empty].float() if has_init else 0.0
+        final[plan.empty] = initial_levels(initial_state)[plan.empty].float() if has_init else 0.0
     return o, FenwickState(final, plan.ends.clone())  # a plan may serve several calls: no shared tensor
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.naive import check_shapes
+from kernels.pool_state import PooledState, check_initial_state, initial_levels
 from kernels.state import FenwickState, check_final_into, ctz, level_matrix, max_positions
 
 CHUNK_SIZE = 64
@@ -30,7 +31,8 @@ _BLOCK_ELEMS = 1 << 22  # elements of one [chunks, H, C, C] temporary; bounds me
 
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, *, scale: float | None = None,
-                          initial_state: FenwickState | None = None, output_final_state: bool = False,
+                          initial_state: FenwickState | PooledState | None = None,
+                          output_final_state: bool = False,
                           cu_seqlens: torch.Tensor | None = None, chunk_size: int | None = None,
                           final_into: tuple[torch.Tensor, torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
@@ -43,7 +45,8 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
         level_scales: [B, T, H, L] (lambda, positive).
         scale: defaults to K ** -0.5.
         initial_state: FenwickState(levels [N, L, H, K, V], positions [N]); N = B, or len(cu_seqlens) - 1
-            with cu_seqlens. A sequence at position 0 starts empty whatever its levels hold.
+            with cu_seqlens. A sequence at position 0 starts empty whatever its levels hold. Or a
+            PooledState (kernels/pool_state.py): the sequences' slots in the engine's pool.
         output_final_state: return the state after the last token of each sequence.
         cu_seqlens: [N + 1] cumulative lengths of the sequences packed along T (B must be 1).
         chunk_size: a power of two; positions are chunked at its multiples. None: CHUNK_SIZE, or the
@@ -77,10 +80,7 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     if initial_state is None:
         starts = [0] * N
     else:
-        if initial_state.levels.shape != (N, L, H, K, V):
-            raise ValueError(
-                f"initial_state.levels must be {(N, L, H, K, V)}, got {tuple(initial_state.levels.shape)}"
-            )
+        check_initial_state(initial_state, N, (L, H, K, V))
         starts = [int(p) for p in initial_state.positions.tolist()]
         if any(p < 0 for p in starts):
             raise ValueError(f"initial_state.positions must be >= 0, got {starts}")
@@ -94,7 +94,7 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     if chunk_size is None:
         longest = max(lengths, default=1)
         chunk_size = min(CHUNK_SIZE, max(_MIN_AUTO_CHUNK, 1 << max(longest - 1, 0).bit_length()))
-    init = None if initial_state is None else initial_state.levels
+    init = None if initial_state is None else initial_levels(initial_state, dt)
     o, levels = _chunked(q.reshape(B * T, G, K), k.reshape(B * T, G, K), v.reshape(B * T, H, V),
                          g.reshape(B * T, H), level_scales.reshape(B * T, H, L), bounds, starts, init,
                          scale, chunk_size, dt, output_final_state or final_into is not None)

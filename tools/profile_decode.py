@@ -30,14 +30,48 @@ from engine import LLM, SamplingParams  # noqa: E402
 
 
 def timed(stats: dict[str, list[float]], name: str, fn, device: torch.device):
+    """fn with a device synchronisation before and after: stats[name] gets the wall time of each call,
+    stats[name + " host"] the time until it returned (before the closing synchronisation)."""
     def wrapper(*args, **kwargs):
         sync(device)
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
+        stats[name + " host"].append(time.perf_counter() - t0)
         sync(device)
         stats[name].append(time.perf_counter() - t0)
         return out
     return wrapper
+
+
+class CompileLog:
+    """Records each Triton JIT compilation (kernel name, seconds) while active: a compile inside a timed
+    run shows up here rather than as an unexplained slow step."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float]] = []
+        self._saved = None
+
+    def __enter__(self) -> CompileLog:
+        try:
+            from triton.runtime.jit import JITFunction
+        except ImportError:
+            return self
+        saved = self._saved = JITFunction._do_compile
+        events = self.events
+
+        def do_compile(fn, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return saved(fn, *args, **kwargs)
+            finally:
+                events.append((fn.__name__, time.perf_counter() - t0))
+        JITFunction._do_compile = do_compile
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            from triton.runtime.jit import JITFunction
+            JITFunction._do_compile = self._saved
 
 
 def kernel_table(prof, log, rows: int = 25) -> None:
@@ -102,22 +136,41 @@ def find_syncs(llm: LLM, bs: int, prompt_len: int, vocab: int, log) -> None:
         log(f"    {n:4d}x {msg}\n{stack}")
 
 
+def profiled(fn, profiles: list):
+    """fn under cProfile; each call's profile is appended to ``profiles``."""
+    import cProfile
+
+    def wrapper(*args, **kwargs):
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            prof.disable()
+            profiles.append(prof)
+    return wrapper
+
+
+def _top_functions(prof, n: int = 25, key: str = "tottime") -> str:
+    import io
+    import pstats
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(n)
+    return "\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:6000]
+
+
 def python_profile(llm: LLM, bs: int, prompt_len: int, vocab: int, log) -> None:
     """cProfile of one prompt-only batch: where the host's time goes in Python (top functions by own
     time), for a prompt step that is host bound."""
     import cProfile
-    import io
-    import pstats
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     batch = prompts(bs, prompt_len, vocab, 5)
     prof = cProfile.Profile()
     prof.enable()
     llm.generate(batch, params)
     prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
     log(f"[python] batch {bs} x {prompt_len}, max_tokens=1, top functions by own time:")
-    log("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[:6000])
+    log(_top_functions(prof))
 
 
 def main() -> None:
@@ -126,7 +179,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--mode", default="mlp")
+    ap.add_argument("--max-num-seqs", type=int, help="state pool slots (default: the largest batch)")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--token-window", action="store_true", help="low levels as raw tokens (kernels/window)")
     ap.add_argument("--sync-debug", action="store_true", help="also list the host syncs of a prompt step")
     ap.add_argument("--python-profile", action="store_true", help="also cProfile a prompt step's host time")
     a = ap.parse_args()
@@ -142,13 +197,15 @@ def main() -> None:
     shape = TINY if a.tiny else BIG
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp) / a.mode, shape, a.mode, dtype, 0)
-        llm = LLM(str(model_dir), device=str(device), dtype=dtype, max_num_seqs=max(a.batches),
+        llm = LLM(str(model_dir), device=str(device), dtype=dtype,
+                  max_num_seqs=a.max_num_seqs or max(a.batches),
                   max_model_len=prompt_len + new, long_prefill_chunk=prompt_len,
                   max_num_batched_tokens=8192, cuda_graph_batch_sizes=tuple(a.batches),
-                  enforce_eager=a.enforce_eager or device.type != "cuda")
+                  enforce_eager=a.enforce_eager or device.type != "cuda", token_window=a.token_window)
     core = llm.engine
     runner, model, state = core.runner, core.model, core.pool.state
-    log(f"device {device}, dtype {dtype}, mode {a.mode}, levels {state.levels[0].shape}")
+    log(f"device {device}, dtype {dtype}, mode {a.mode}, levels {state.levels[0].shape}, "
+        f"token window {a.token_window}")
     if a.python_profile:
         for bs in a.batches:
             python_profile(llm, bs, prompt_len, shape["vocab_size"], log)
@@ -191,7 +248,9 @@ def main() -> None:
         stats: dict[str, list[float]] = collections.defaultdict(list)
         saved = (core.scheduler.schedule, core.runner.execute, core.sampler.sample, core.outputs.process)
         core.scheduler.schedule = timed(stats, "schedule", saved[0], device)
-        core.runner.execute = timed(stats, "model", saved[1], device)
+        profiles: list = []
+        execute = profiled(saved[1], profiles) if a.python_profile else saved[1]
+        core.runner.execute = timed(stats, "model", execute, device)
         core.sampler.sample = timed(stats, "sample", saved[2], device)
         core.outputs.process = timed(stats, "outputs (per seq)", saved[3], device)
         params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
@@ -202,13 +261,18 @@ def main() -> None:
             now = time.perf_counter()
             step_times.append(now - t_last[0])
             t_last[0] = now
+        llm.generate(prompts(bs, prompt_len, shape["vocab_size"], 1), params)  # warm-up, as bench/engine.py
+        stats.clear()
+        prompt_tokens: list[int] = []
+        core.add_stats_listener(lambda s, seen=prompt_tokens: seen.append(s.num_prompt_tokens))
         core.add_stats_listener(listener)
         sync(device)
         t0 = t_last[0] = time.perf_counter()
-        llm.generate(prompts(bs, prompt_len, shape["vocab_size"], 2), params)
+        with CompileLog() as compiles:
+            llm.generate(prompts(bs, prompt_len, shape["vocab_size"], 2), params)
         sync(device)
         wall = time.perf_counter() - t0
-        core.stats_listeners.remove(listener)
+        core.stats_listeners.clear()
         (core.scheduler.schedule, core.runner.execute, core.sampler.sample, core.outputs.process) = saved
         log(f"[generate] batch {bs}: {bs * new / wall:.1f} output tok/s (synchronised stages), "
             f"wall {wall:.3f} s, {len(step_times)} steps, "
@@ -217,6 +281,22 @@ def main() -> None:
             med = sorted(ts)[len(ts) // 2]
             log(f"    {name:20s} n={len(ts):5d} median {med * 1e3:8.3f} ms  total {sum(ts):7.3f} s  "
                 f"max {max(ts) * 1e3:.2f} ms")
+        log("    steps with prompt tokens (ms; 'host': until the call returned, before the device "
+            "caught up):")
+        stages = ("schedule", "model", "sample")
+        for i, n in enumerate(prompt_tokens):
+            if n:
+                cols = "  ".join(f"{k} {stats[k][i] * 1e3:7.2f} (host {stats[k + ' host'][i] * 1e3:7.2f})"
+                                 for k in stages if i < len(stats[k]))
+                log(f"      step {i:3d}: {n:5d} prompt tokens, wall {step_times[i] * 1e3:7.2f}  {cols}")
+        if profiles:  # the warm-up's calls came first
+            steps = profiles[-len(prompt_tokens):]
+            slow = max((i for i, n in enumerate(prompt_tokens) if n), key=lambda i: stats["model"][i])
+            log(f"    [python] step {slow}, the slowest with prompt tokens, top functions by own time:")
+            log(_top_functions(steps[slow]))
+            log(_top_functions(steps[slow], 30, "cumulative"))
+        log(f"    Triton compiles during the timed run: {len(compiles.events)}"
+            + "".join(f"\n      {name} {sec:.2f} s" for name, sec in compiles.events[:10]))
     a.out.write_text("\n".join(lines) + "\n")
 
 
