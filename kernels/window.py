@@ -179,12 +179,14 @@ class WindowRows:
     first: torch.Tensor  # [N] first row written per sequence (> 0: the block began before this call)
     seq_slot: torch.Tensor  # [N]
     seq_buf: torch.Tensor  # [N]
+    seq_count: torch.Tensor  # [N] rows written per sequence
+    seq_src: torch.Tensor  # [N] packed row of the first of them
 
 
 def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> WindowRows:
     """The plan of ``write_window`` for sequences continuing from ``starts`` (host values) by ``lens``
     tokens into ``slots`` (a device tensor): one upload, no read-back."""
-    src, seq, buf, row, first, seq_buf = [], [], [], [], [], []
+    src, seq, buf, row, first, seq_buf, count, seq_src = [], [], [], [], [], [], [], []
     bos = 0
     for i, (s, n) in enumerate(zip(starts, lens, strict=True)):
         end = s + n
@@ -196,6 +198,8 @@ def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> Wind
         buf += [block % 2] * (end - lo)
         first.append(lo - (block << BW))
         seq_buf.append(block % 2)
+        count.append(end - lo)
+        seq_src.append(bos + lo - s)
         bos += n
     dev = slots.device
 
@@ -204,13 +208,26 @@ def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> Wind
         return (t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)).unbind(0)
 
     src_t, seq_t, buf_t, row_t = up([src, seq, buf, row])
-    first_t, seq_buf_t = up([first, seq_buf])
+    first_t, seq_buf_t, count_t, seq_src_t = up([first, seq_buf, count, seq_src])
     slots = slots.long()
-    return WindowRows(src_t, seq_t, slots[seq_t], buf_t, row_t, first_t, slots, seq_buf_t)
+    return WindowRows(src_t, seq_t, slots[seq_t], buf_t, row_t, first_t, slots, seq_buf_t, count_t, seq_src_t)
 
 
 def write_window(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torch.Tensor, v: torch.Tensor,
                  g: torch.Tensor) -> None:
+    """``write_window_ref`` on the CPU, one Triton launch on CUDA (``kernels.pool_triton``)."""
+    if k.is_cuda:
+        try:
+            from kernels.pool_triton import write_window_triton
+        except ImportError:
+            pass
+        else:
+            return write_window_triton(window, rows, k, v, g)
+    return write_window_ref(window, rows, k, v, g)
+
+
+def write_window_ref(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torch.Tensor, v: torch.Tensor,
+                     g: torch.Tensor) -> None:
     """After a prefill: each sequence's last block into its window (k [T, G, K], v [T, H, V], g [T, H]
     of the packed rows); rows already there from earlier calls stay, their gc continues."""
     win_k, win_v, win_g = window
