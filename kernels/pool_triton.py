@@ -127,9 +127,9 @@ def _write_window_kernel(
     dst = (slot * 2 + buf) * WN + o_w  # window row
     if i_c == 0:
         o_gk = tl.arange(0, BGK)
-        m = m_w[:, None] & (o_gk < GK)[None, :]
-        b_k = tl.load(k + src[:, None] * s_k + o_gk[None, :], mask=m, other=0.0)
-        tl.store(win_k + dst[:, None] * GK + o_gk[None, :], b_k.to(win_k.dtype.element_ty), mask=m)
+        m_k = m_w[:, None] & (o_gk < GK)[None, :]
+        b_k = tl.load(k + src[:, None] * s_k + o_gk[None, :], mask=m_k, other=0.0)
+        tl.store(win_k + dst[:, None] * GK + o_gk[None, :], b_k.to(win_k.dtype.element_ty), mask=m_k)
         o_h = tl.arange(0, BH)
         m_h = o_h < H
         # gc[j] = gc[j - 1] + g[j], from the row before the first written one (0 at a block's row 0)
@@ -142,9 +142,9 @@ def _write_window_kernel(
         tl.store(win_g + dst[:, None] * H + o_h[None, :], b_gc, mask=m_w[:, None] & m_h[None, :])
     else:
         o_c = (i_c - 1) * BC + tl.arange(0, BC)
-        m = m_w[:, None] & (o_c < HV)[None, :]
-        b_v = tl.load(v + src[:, None] * s_v + o_c[None, :], mask=m, other=0.0)
-        tl.store(win_v + dst[:, None] * HV + o_c[None, :], b_v.to(win_v.dtype.element_ty), mask=m)
+        m_v = m_w[:, None] & (o_c < HV)[None, :]
+        b_v = tl.load(v + src[:, None] * s_v + o_c[None, :], mask=m_v, other=0.0)
+        tl.store(win_v + dst[:, None] * HV + o_c[None, :], b_v.to(win_v.dtype.element_ty), mask=m_v)
 
 
 def write_window_triton(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torch.Tensor,
