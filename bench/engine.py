@@ -166,7 +166,8 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-overlap-decode", action="store_true", help="host and device in series (A/B)")
-    ap.add_argument("--token-window", action="store_true", help="low levels as raw tokens (kernels/window)")
+    ap.add_argument("--token-window", action=argparse.BooleanOptionalAction, default=True,
+                    help="low levels as raw tokens (kernels/window; default) or every level a block")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     a.batches = a.batches or ([1, 4] if a.tiny else [1, 32, 256])

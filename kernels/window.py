@@ -13,7 +13,7 @@ buffer while it folds the other. Levels above BW stay blocks with deferred decay
 kernels.naive.fused_recurrent_step_ref). A step reads the live high levels and the window's rows, stores
 one token, and once every W steps folds the finished block into a level block: about 2.4x fewer bytes
 than the deferred step at positions 512-639 (docs/kernels-notes.md). The engine uses it with
-``token_window=True`` (off by default until it is timed on a GPU).
+``token_window=True`` (the default; H200 timings in docs/kernels-notes.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton decode step on a windowed pool (kernels/window.py; the engine's token_window, not timed yet).
+"""Triton decode step on a windowed pool (kernels/window.py; the engine's token_window).
 
 One program per (request, head, V block). The query reads its block's earlier rows from the window (a
 [W, K] and a [W, BV] tile), its own token, and the live levels above BW one after the other; it stores
@@ -107,7 +107,7 @@ def _window_step_kernel(
 def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                 level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor,
                 window: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor,
-                scale: float | None = None, block_v: int = 32) -> torch.Tensor:
+                scale: float | None = None, block_v: int = 16) -> torch.Tensor:
     """``kernels.window.fused_recurrent_step_window`` in one launch; window tensors contiguous."""
     check_shapes(q, k, v, g, level_scales)
     N, G, K = q.shape

@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
              "ahead with CUDA graphs)",
     )
     serve.add_argument(
-        "--token-window", action="store_true",
-        help="keep each request's low Fenwick levels as its last <= 32 raw tokens (less state traffic "
-             "and memory; new, not yet benchmarked)",
+        "--no-token-window", action="store_true",
+        help="keep every Fenwick level as a K x V block (default: the low levels as each request's last "
+             "<= 32 raw tokens, less state traffic per decode step)",
     )
     serve.add_argument(
         "--no-gc-freeze", action="store_true",
@@ -137,8 +137,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         engine_kwargs["overlap_decode"] = False
     if args.no_gc_freeze:
         engine_kwargs["gc_freeze"] = False
-    if args.token_window:
-        engine_kwargs["token_window"] = True
+    if args.no_token_window:
+        engine_kwargs["token_window"] = False
     name = args.served_model_name or model_dir.name
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(

@@ -96,7 +96,7 @@ def test_window_levels_ignore_rows_past_the_last_token():
 def test_engine_with_token_windows_matches_the_full_forward(tiny_model_dir):
     """The engine on a windowed pool (token_window=True; on the CPU the PyTorch paths): prompts in
     16-token chunks that continue mid-block, 40 new tokens across block boundaries, staggered arrivals
-    and n = 2 forks: the same tokens as the default pool, and greedy equals a full forward."""
+    and n = 2 forks: the same tokens as a pool of blocks only, and greedy equals a full forward."""
     from engine import LLM, SamplingParams
     from tests.test_llm import GREEDY, assert_greedy
     kw = dict(max_num_seqs=6, max_model_len=160, max_num_batched_tokens=48, long_prefill_chunk=16)
@@ -114,9 +114,9 @@ def test_engine_with_token_windows_matches_the_full_forward(tiny_model_dir):
 
 
 @pytest.mark.gpu
-def test_engine_with_token_windows_on_cuda_matches_the_default_pool(tiny_model_dir):
+def test_engine_with_token_windows_on_cuda_matches_the_block_pool(tiny_model_dir):
     """The same on the GPU (Triton windowed step under CUDA graphs, the fused prefill writing windows),
-    fp32 weights: the same greedy tokens as the default pool."""
+    fp32 weights: the same greedy tokens as a pool of blocks only."""
     from engine import LLM, SamplingParams
     from tests.test_llm import GREEDY
     kw = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=160, max_num_batched_tokens=48,

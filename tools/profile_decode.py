@@ -181,7 +181,8 @@ def main() -> None:
     ap.add_argument("--mode", default="mlp")
     ap.add_argument("--max-num-seqs", type=int, help="state pool slots (default: the largest batch)")
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--token-window", action="store_true", help="low levels as raw tokens (kernels/window)")
+    ap.add_argument("--token-window", action=argparse.BooleanOptionalAction, default=True,
+                    help="low levels as raw tokens (kernels/window; default) or every level a block")
     ap.add_argument("--sync-debug", action="store_true", help="also list the host syncs of a prompt step")
     ap.add_argument("--python-profile", action="store_true", help="also cProfile a prompt step's host time")
     a = ap.parse_args()
