@@ -108,15 +108,16 @@ def test_fuse_gate_up_keeps_names_and_values() -> None:
 
 
 def _prefill_both(model: LogLinearMamba2ForCausalLM, chunks: list[tuple[int, ...]],
-                  state_dtype: torch.dtype = torch.float32, host_starts: bool = True):
+                  state_dtype: torch.dtype = torch.float32, host_starts: bool = True,
+                  token_window: bool = False):
     """Prefill len(chunks[0]) sequences chunk after chunk (the first from empty slots, the rest
     continuing from the state; a 0 length skips that sequence) with the op-by-op and the fused path.
     Returns the logits of each call per path and the two states."""
     dev = model.device
     cfg = model.config
     n = len(chunks[0])
-    states = [ModelState.allocate(cfg, 2 * n + 1, dev, model.dtype, state_dtype=state_dtype)
-              for _ in range(2)]
+    states = [ModelState.allocate(cfg, 2 * n + 1, dev, model.dtype, state_dtype=state_dtype,
+                                  token_window=token_window) for _ in range(2)]
     gen = torch.Generator().manual_seed(2)
     slots = torch.randperm(2 * n + 1, generator=gen)[:n].to(dev)
     done = [0] * n
@@ -146,6 +147,20 @@ def test_fused_prefill_matches_prefill_fp32(mode: str, host_starts: bool) -> Non
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     for a, b in zip([*s0.levels, *s0.conv, s0.positions], [*s1.levels, *s1.conv, s1.positions], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_prefill_matches_prefill_with_token_windows() -> None:
+    """Windowed pools (levels 0..5 as raw tokens): chunks that end mid block, cross block boundaries
+    and continue from the pool (the pooled initial state)."""
+    model = _model("mlp", torch.float32)
+    assert ModelState.allocate(model.config, 1, token_window=True).all_window is not None
+    (ref, fused), (s0, s1) = _prefill_both(model, [(5, 1, 40, 2), (33, 9, 1, 0), (1, 30, 30, 31)],
+                                           token_window=True)
+    for a, b in zip(ref, fused, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip([*s0.levels, *s0.all_window, s0.positions], [*s1.levels, *s1.all_window, s1.positions],
+                    strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 @MIXER_VARIANTS
