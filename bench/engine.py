@@ -39,6 +39,7 @@ from engine.model_config import ModelConfig  # noqa: E402
 from engine.stats import EngineStats  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 from kernels.state import step_level_blocks  # noqa: E402
+from kernels.window import window_step_traffic  # noqa: E402
 from tools.make_random_model import ascii_bpe, randomize_  # noqa: E402
 
 BIG = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000)
@@ -112,14 +113,22 @@ def bench_fenwick(llm: LLM, batch: int, a: argparse.Namespace, vocab: int) -> di
 
 
 def live_state_bytes(llm: LLM, a: argparse.Namespace) -> float:
-    """Level bytes one request's decode step moves, averaged over the run's decode positions: the blocks
-    the Fenwick step reads and writes (``kernels.state.step_level_blocks``, deferred decay) in every
-    layer and head."""
+    """State bytes one request's decode step moves, averaged over the run's decode positions, in every
+    layer: the level blocks the Fenwick step reads and writes (``kernels.state.step_level_blocks``,
+    deferred decay) or, with a token window, those of the windowed step plus the window rows it reads
+    and the one it writes (``kernels.window.window_step_traffic``)."""
     mc = llm.engine.model_config
-    block = mc.state_size * mc.head_dim * llm.engine.pool.state.levels[0].element_size()
+    state = llm.engine.pool.state
+    H, block = mc.num_heads, mc.state_size * mc.head_dim * state.levels[0].element_size()
     positions = range(a.prompt_len, a.prompt_len + a.new_tokens - 1)
-    blocks = sum(sum(step_level_blocks(t)) for t in positions) / max(len(positions), 1)
-    return blocks * block * mc.num_heads * mc.num_hidden_layers
+    if state.all_window is None:
+        per_step = [sum(step_level_blocks(t)) * H * block for t in positions]
+    else:  # a row: k of each group, v and the log-decay of each head
+        win_k, win_v, win_g = (w[0, 0, 0, 0] for w in state.all_window)
+        row = sum(w.numel() * w.element_size() for w in (win_k, win_v, win_g))
+        per_step = [(r + wr) * H * block + (rows + 1) * row
+                    for r, wr, rows in map(window_step_traffic, positions)]
+    return sum(per_step) / max(len(per_step), 1) * mc.num_hidden_layers
 
 
 def bench_fla(model_dir: Path, batch: int, a: argparse.Namespace, vocab: int, device: torch.device,

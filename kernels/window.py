@@ -29,6 +29,22 @@ BW = 5
 W = 1 << BW
 
 
+def window_step_traffic(t: int) -> tuple[int, int, int]:
+    """(level blocks read, level blocks written, window rows read) per head by the windowed step at
+    position t, for the benches' byte counts (``kernels.state.step_level_blocks`` is the block layout's).
+
+    Within a block (t % W > 0): the rows 0..t%W-1 of the token's block and the live levels above BW
+    (bit l - 1 of t set); nothing but the token's row is written. At a block's first token: the W rows
+    of the finished block, the levels BW+1..z (z = ctz(t)) folded with it and the live levels above
+    z + 1; level z + 1 is written.
+    """
+    row = t % W
+    if t == 0 or row:
+        return bin(t >> BW).count("1"), 0, row
+    z = (t & -t).bit_length() - 1
+    return z - BW + bin(t >> (z + 1)).count("1"), 1, W
+
+
 def _rows(win_k, win_v, win_g, slots, block):
     """The window buffer of ``block`` [N] per slot: k (N, W, G, K), v (N, W, H, V), gc (N, W, H)."""
     buf = block % 2

@@ -127,6 +127,35 @@ def test_engine_with_token_windows_on_cuda_matches_the_block_pool(tiny_model_dir
     assert outs[0] == outs[1]
 
 
+@pytest.mark.parametrize("t", [1, 5, 31, 32, 37, 64, 96, 128, 130, 255, 256, 600])
+def test_window_step_traffic_counts_what_the_step_touches(t):
+    """kernels.window.window_step_traffic (the bench's byte count) against the windowed step: its reads
+    are the live high levels and the rows the window holds at t; every other block and row is poisoned
+    (NaN) and the output stays finite; the blocks that change are its writes."""
+    from kernels.window import window_step_traffic
+    G, H, K, V, L = 1, 2, 4, 4, 11
+    xs = _inputs(1, t + 1, G, H, K, V, L, seed=t)
+    slots = torch.tensor([1])
+    levels, decay, (win_k, win_v, win_g), S = _windowed_pool([t], xs, 3, slots, L, F64)
+    live = [lv for lv in range(BW + 1, L) if S[0, lv].abs().sum() > 0]
+    held = t - (((t - 1) >> BW) << BW) if t else 0  # rows of the last token's block
+    reads, writes, rows = window_step_traffic(t)
+    assert reads == len(live) and rows == held
+    for lv in range(L):
+        if lv not in live:
+            levels[1, lv] = float("nan")
+    buf = ((t - 1) >> BW) % 2
+    win_k[1, 1 - buf], win_v[1, 1 - buf], win_g[1, 1 - buf] = (float("nan"),) * 3
+    win_k[1, buf, held:], win_v[1, buf, held:], win_g[1, buf, held:] = (float("nan"),) * 3
+    before = levels.clone()
+    q, k, v, g, lam = (x[:, t] for x in xs)
+    o = fused_recurrent_step_window(q, k, v, g, lam, levels, decay, (win_k, win_v, win_g), slots,
+                                    torch.tensor([t]))
+    after = levels[1].nan_to_num(7.0)
+    changed = [lv for lv in range(L) if not torch.equal(after[lv], before[1, lv].nan_to_num(7.0))]
+    assert torch.isfinite(o).all() and len(changed) == writes, (changed, writes)
+
+
 def _triton_case() -> dict:
     """Interpreter run (TRITON_INTERPRET=1, in a subprocess): the Triton windowed step against the
     reference on S, over the same steps as above, fp32 pool and bf16 window rows."""
