@@ -153,10 +153,9 @@ def write_window_triton(window: tuple[torch.Tensor, ...], rows: WindowRows, k: t
     win_k, win_v, win_g = window
     if not all(t.is_contiguous() for t in window):
         raise ValueError("write_window needs contiguous window tensors")
-    T, G, K = k.shape
+    _, G, K = k.shape
     H, V = v.shape[1:]
-    k, v, g = k.flatten(1), v.flatten(1), g
-    k, v, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v, g))
+    k, v, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (k.flatten(1), v.flatten(1), g))
     N = rows.first.numel()
     if N == 0:
         return
