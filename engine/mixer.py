@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import kernels
 from engine.model_config import ModelConfig
-from kernels import FenwickState, mixer_step, norm
+from kernels import FenwickState, PooledState, mixer_step, norm
 from kernels.ops import mul_to, rms_norm
 from kernels.window import write_window
 
@@ -147,7 +147,7 @@ class LogLinearMamba2Mixer(nn.Module):
 
     # ---- packed sequences continuing from saved state ---------------------------------------------
     def prefill(self, h: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
-                fenwick: FenwickState | None, num_levels: int | None = None,
+                fenwick: FenwickState | PooledState | None, num_levels: int | None = None,
                 token_window: tuple | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
         """Continue N packed sequences from their state.
@@ -155,7 +155,8 @@ class LogLinearMamba2Mixer(nn.Module):
         Args:
             h: [1, T_total, hidden]; cu_seqlens: [N + 1] int64 (every sequence non-empty);
             conv_state: [N, conv_dim, W - 1], the last conv inputs of each sequence (oldest first);
-            fenwick: FenwickState of the N sequences (levels float32), or None: every sequence starts empty.
+            fenwick: the N sequences' state (a FenwickState, or a PooledState: where the pool keeps it), or
+                None: every sequence starts empty.
             num_levels: Fenwick levels of the state (a pool sized for shorter sequences holds fewer than
                 lambda_levels; the λ of the levels it never reaches are dropped); None: lambda_levels.
             token_window: (the layer's token window, its WindowRows): each sequence's last block is
@@ -183,7 +184,7 @@ class LogLinearMamba2Mixer(nn.Module):
         return self._output(o, x, z), new_conv, final
 
     def prefill_fused(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
-                      levels_pool: torch.Tensor, slots: torch.Tensor, initial: FenwickState | None,
+                      levels_pool: torch.Tensor, slots: torch.Tensor, initial: PooledState | None,
                       token_window: tuple | None = None) -> torch.Tensor:
         """``prefill`` between in_proj and out_proj in the fused kernels: conv + Δ + g + λ of the packed
         rows in one call (kernels.mixer_step, which also writes each slot's new conv window), the chunked

@@ -15,7 +15,7 @@ import kernels
 from engine.mixer import LogLinearMamba2Mixer, RMSNorm
 from engine.model_config import ModelConfig
 from engine.state import ModelState, device_ints
-from kernels import FenwickState, gemv, norm
+from kernels import gemv, norm
 from kernels.ops import mul_to
 from kernels.window import WindowRows, window_rows
 
@@ -167,7 +167,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             else:
                 h = h[None]
                 for i, layer in enumerate(self.backbone.layers):
-                    fenwick = None if fresh else FenwickState(state.fenwick(i, slots, start), start)
+                    fenwick = None if fresh else state.pooled(i, slots, start)
                     window = None if rows is None else (state.window(i), rows)
                     out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
                                                            fenwick, state.num_levels, window)

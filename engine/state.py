@@ -135,10 +135,6 @@ class ModelState:
         read by the kernel that needs it)."""
         return PooledState(self.levels[layer], self.decay[layer], slots, positions, self.window(layer))
 
-    def fenwick(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The levels of ``slots`` at ``positions`` in one layer, decay applied: [N, L, H, K, V] float32."""
-        return self.pooled(layer, slots, positions).fenwick()
-
     def settle(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """After a prefill wrote the slots' levels whole (as S): no decay owed at ``positions`` (device
         tensors; no host synchronisation)."""

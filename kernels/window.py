@@ -11,9 +11,9 @@ raw instead of as K x V blocks, per slot:
 in two buffers by block parity (block B in buffer B % 2), so a step that starts a block writes one
 buffer while it folds the other. Levels above BW stay blocks with deferred decay (``level_decay``,
 kernels.naive.fused_recurrent_step_ref). A step reads the live high levels and the window's rows, stores
-one token, and once every W steps folds the finished block into a level block: about 2.4x fewer bytes
-than the deferred step at positions 512-639 (docs/kernels-notes.md). The engine uses it with
-``token_window=True`` (the default; H200 timings in docs/kernels-notes.md).
+one token, and once every W steps folds the finished block into a level block: 3.6x fewer bytes than
+the deferred step at positions 512-638 (``window_step_traffic`` against ``step_level_blocks``). The
+engine uses it with ``token_window=True`` (the default; H200 timings in docs/kernels-notes.md).
 """
 
 from __future__ import annotations

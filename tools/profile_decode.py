@@ -162,15 +162,11 @@ def _top_functions(prof, n: int = 25, key: str = "tottime") -> str:
 def python_profile(llm: LLM, bs: int, prompt_len: int, vocab: int, log) -> None:
     """cProfile of one prompt-only batch: where the host's time goes in Python (top functions by own
     time), for a prompt step that is host bound."""
-    import cProfile
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    batch = prompts(bs, prompt_len, vocab, 5)
-    prof = cProfile.Profile()
-    prof.enable()
-    llm.generate(batch, params)
-    prof.disable()
+    profs: list = []
+    profiled(llm.generate, profs)(prompts(bs, prompt_len, vocab, 5), params)
     log(f"[python] batch {bs} x {prompt_len}, max_tokens=1, top functions by own time:")
-    log(_top_functions(prof))
+    log(_top_functions(profs[0]))
 
 
 def main() -> None:
