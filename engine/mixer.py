@@ -185,14 +185,16 @@ class LogLinearMamba2Mixer(nn.Module):
 
     def prefill_fused(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
                       levels_pool: torch.Tensor, slots: torch.Tensor, initial: PooledState | None,
-                      token_window: tuple | None = None) -> torch.Tensor:
+                      token_window: tuple | None = None, num_levels: int | None = None) -> torch.Tensor:
         """``prefill`` between in_proj and out_proj in the fused kernels: conv + Δ + g + λ of the packed
         rows in one call (kernels.mixer_step, which also writes each slot's new conv window), the chunked
         attention, and D skip + gated norm in one kernel (kernels.norm).
 
         proj: [T_total, in_proj_size] = in_proj(normed input); initial: the sequences' states, or None
         when every sequence starts empty. The final levels go straight into levels_pool[slots] (in its
-        dtype). Returns y [T_total, I] in the model dtype, the input of out_proj.
+        dtype; a windowed pool stores only its top levels). num_levels: the pool's Fenwick levels (None:
+        levels_pool.shape[1], a pool without a window). Returns y [T_total, I] in the model dtype, the
+        input of out_proj.
         """
         c = self.config
         I, GK, H = c.intermediate_size, c.n_groups * c.state_size, c.num_heads
@@ -204,7 +206,7 @@ class LogLinearMamba2Mixer(nn.Module):
         x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (T, H, V)
         k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (T, G, K)
         q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
-        lam = lam[..., :levels_pool.shape[1]]  # the pool's levels (fewer for a shorter max_model_len)
+        lam = lam[..., :num_levels or levels_pool.shape[1]]  # fewer levels for a shorter max_model_len
         o, _ = kernels.chunk_log_linear_attn(q[None], k[None], v[None], g[None], lam[None], scale=1.0,
                                              initial_state=initial, cu_seqlens=cu_seqlens,
                                              final_into=(levels_pool, slots))
@@ -266,7 +268,8 @@ class LogLinearMamba2Mixer(nn.Module):
     @staticmethod
     def _step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window, partials=False):
         """The Fenwick step on the pool (λ of the levels the pool holds; a token window if it has one)."""
-        lam = lam[..., :levels_pool.shape[1]]  # the pool's levels (fewer for a shorter max_model_len)
+        L = levels_pool.shape[1] if decay_pool is None else decay_pool.shape[2]  # (a window: fewer blocks)
+        lam = lam[..., :L]  # the pool's levels (fewer for a shorter max_model_len)
         if token_window is not None:
             return kernels.window_step(q, k, v, g, lam, levels_pool, decay_pool, token_window, slots,
                                        positions, scale=1.0)

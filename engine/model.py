@@ -172,7 +172,8 @@ class LogLinearMamba2ForCausalLM(nn.Module):
                     out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
                                                            fenwick, state.num_levels, window)
                     state.conv[i][slots] = conv.to(state.conv[i].dtype)
-                    state.levels[i].index_copy_(0, slots, final.levels.to(state.levels[i].dtype))
+                    high = final.levels[:, state.low_level:]  # a windowed pool stores only these
+                    state.levels[i].index_copy_(0, slots, high.to(state.levels[i].dtype))
                     h = layer.add_mlp(h + out)
                 h = self.backbone.norm_f(h[0, cu[1:] - 1], h.dtype)
         end = start + device_ints(lens, device)
@@ -193,7 +194,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             initial = None if start is None else state.pooled(i, slots, start)  # read in the kernel
             window = None if rows is None else (state.window(i), rows)
             y = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, initial,
-                                    window)
+                                    window, state.num_levels)
             delta = mixer.out_proj(y)
             x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
             delta = layer.mlp.forward_fused(x)

@@ -72,12 +72,13 @@ class ModelState:
             raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype}")
         c = config
         P, n, H = num_slots, c.num_hidden_layers, c.num_heads
-        window = None
-        if token_window and L > BW + 1:
+        window, low = None, 0
+        if token_window and L > BW + 1:  # levels 0..BW become the window's rows: the pool drops them
             window = (torch.zeros(n, P, 2, W, c.n_groups, c.state_size, device=device, dtype=dtype),
                       torch.zeros(n, P, 2, W, H, c.head_dim, device=device, dtype=dtype),
                       torch.zeros(n, P, 2, W, H, device=device, dtype=torch.float32))
-        return cls(torch.zeros(n, P, L, H, c.state_size, c.head_dim, device=device, dtype=state_dtype),
+            low = BW + 1
+        return cls(torch.zeros(n, P, L - low, H, c.state_size, c.head_dim, device=device, dtype=state_dtype),
                    torch.zeros(n, P, c.conv_dim, c.conv_kernel - 1, device=device, dtype=dtype),
                    torch.zeros(n, P, 2, L, H, device=device, dtype=torch.float32),
                    torch.zeros(P, device=device, dtype=torch.int64), window)
@@ -89,7 +90,13 @@ class ModelState:
 
     @property
     def num_levels(self) -> int:
-        return self.levels[0].shape[1]
+        """Fenwick levels per slot (a windowed pool stores the top num_levels - BW - 1 as blocks)."""
+        return self.all_decay.shape[3]
+
+    @property
+    def low_level(self) -> int:
+        """The first level stored as a block: BW + 1 with a token window, else 0."""
+        return self.num_levels - self.all_levels.shape[2]
 
     @property
     def num_slots(self) -> int:

@@ -196,7 +196,7 @@ def _chunk_output_kernel(
     CBITS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
     LEVEL_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr, FAST_BITLEN: tl.constexpr, HB: tl.constexpr,
-    LAM_GATHER: tl.constexpr, BL: tl.constexpr,
+    LAM_GATHER: tl.constexpr, BL: tl.constexpr, LO: tl.constexpr,
 ):
     # LEVEL_LOOP: 0 scale q per level; 1 scale the product's rows; 2 as 1 over the live levels only,
     # pipelined loads. HB heads share one q/k tile.
@@ -271,8 +271,8 @@ def _chunk_output_kernel(
                     b_lam = tl.load(p_lam + l, mask=m_t, other=0.0).to(tl.float32)
                     b_o += _dot(b_q.to(tl.float32) * (b_eg * b_lam)[:, None], b_h, ST_DT, PREC)
                 if STORE_FINAL:
-                    if c == ce:
-                        p_f = final_lv + ((i_f * L + l) * H + i_h) * (K * V) + o_kv
+                    if (c == ce) & (l >= LO):
+                        p_f = final_lv + ((i_f * (L - LO) + l - LO) * H + i_h) * (K * V) + o_kv
                         tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
         else:
             # q (input dtype) meets each state tile as stored; exp(g) * decay * lambda scale the rows after
@@ -324,8 +324,9 @@ def _chunk_output_kernel(
                         b_h, b_fa, live_f = _level_state(nodes, node_decay, m_lv, cm_lv, l, c, cf, lc, p0,
                                                          node0, i_n, i_h, b_fa, o_kv, m_kv, H, K, V, L, BTLOG,
                                                          BK, BV, HAS_INIT)
-                        p_f = final_lv + ((i_f * L + l) * H + i_h) * (K * V) + o_kv
-                        tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
+                        if l >= LO:
+                            p_f = final_lv + ((i_f * (L - LO) + l - LO) * H + i_h) * (K * V) + o_kv
+                            tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
 
         if HAS_INIT:
             if c == cf:
@@ -353,7 +354,7 @@ def _chunk_output_kernel(
                 b_w = tl.where(m_t & (o_i <= i_te), tl.exp(b_glast - b_gl), 0.0)
                 le = tl.sum(_bitlen(tl.full([1], 0, tl.int64) + ((pe - 1) ^ p0), BTLOG), axis=0)
                 for lf in tl.static_range(0, BTLOG + 1):
-                    if lf < L:
+                    if (lf < L) and (lf >= LO):  # a pool may hold only its top L - LO levels
                         b_vd = b_v.to(tl.float32) * tl.where(b_le == lf, b_w, 0.0)[:, None]
                         b_f = _dot(tl.trans(b_k), b_vd, ST_DT, PREC)
                         if HAS_INIT:
@@ -365,7 +366,7 @@ def _chunk_output_kernel(
                                     if (lf > le) & (((p0 >> (lf - 1)) & 1) == 1):
                                         b_f += tl.load(m_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
                                                        mask=m_kv, other=0.0) * tl.exp(b_glast)
-                        p_f = final_lv + ((i_f * L + lf) * H + i_h) * (K * V) + o_kv
+                        p_f = final_lv + ((i_f * (L - LO) + lf - LO) * H + i_h) * (K * V) + o_kv
                         tl.store(p_f, b_f.to(p_f.dtype.element_ty), mask=m_kv)
 
 
@@ -414,7 +415,8 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
         cu_seqlens: [N + 1] cumulative lengths of sequences packed along T (B must be 1).
         final_into: (pool [P, L, H, K, V] contiguous, slots [N] int64 on the device): the kernel writes
             each sequence's final levels straight into pool[slots] in the pool's dtype (no float32
-            copy); a sequence with no new token keeps its row. The call then returns no state.
+            copy); a sequence with no new token keeps its row. The call then returns no state. A pool
+            of L' < L levels holds the top L' (a windowed pool, kernels/window.py): the rest are dropped.
     Returns:
         o: [B, T, H, V] in v's dtype; FenwickState(levels [N, L, H, K, V] fp32, positions [N] int64)
         if output_final_state (and no final_into) else None.
@@ -473,9 +475,10 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     BK, BV = _block(K), min(64, _block(V))
     NV = triton.cdiv(V, BV)
     in_dt, st_dt, prec = _dot_types(v.dtype)
+    low = 0  # levels below it are not stored (a windowed pool keeps only its top levels)
     if final_into is not None:
         final, final_rows = final_into
-        check_final_into(final, final_rows, N, (L, H, K, V), dev)
+        low = check_final_into(final, final_rows, N, (L, H, K, V), dev)
     elif output_final_state:
         final = torch.empty(N, L, H, K, V, dtype=torch.float32, device=dev)
         final_rows = torch.arange(N, device=dev)
@@ -539,7 +542,8 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
             H=H, G=G, K=K, V=V, L=L, BT=BT, BTLOG=BTLOG, BK=BK, BV=BV, NV=NV, CBITS=cbits,
             HAS_INIT=has_init, STORE_FINAL=final is not None, IN_DT=in_dt, ST_DT=st_dt, PREC=prec,
             HEADS_FIRST=heads_first, LEVEL_LOOP=loop_id, LOOP_STAGES=loop_stages, FAST_BITLEN=fast_bitlen,
-            HB=heads_per_program, LAM_GATHER=lam_gather, BL=triton.next_power_of_2(BTLOG + 1), **out_launch,
+            HB=heads_per_program, LAM_GATHER=lam_gather, BL=triton.next_power_of_2(BTLOG + 1), LO=low,
+            **out_launch,
         )
         mark()
         if stage_ms is not None:

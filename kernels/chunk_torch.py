@@ -101,9 +101,9 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
     o = o.view(B, T, H, V).to(v.dtype)
     if final_into is not None:
         pool, slots = final_into
-        check_final_into(pool, slots, N, (L, H, K, V), q.device)
+        low = check_final_into(pool, slots, N, (L, H, K, V), q.device)
         moved = torch.tensor([n for n in range(N) if lengths[n]], dtype=torch.int64, device=q.device)
-        pool.index_copy_(0, slots[moved], levels[moved].to(pool.dtype))
+        pool.index_copy_(0, slots[moved], levels[moved, low:].to(pool.dtype))
         return o, None
     if not output_final_state:
         return o, None

@@ -23,7 +23,8 @@ from kernels.window import windowed_levels
 class PooledState:
     """The state of N sequences where the engine keeps it.
 
-    levels: [P, L, H, K, V] pool (any float dtype), stored with the decay deferred;
+    levels: [P, L, H, K, V] pool (any float dtype), stored with the decay deferred; with a window only
+        levels BW+1..L-1 are blocks ([P, L - BW - 1, H, K, V], kernels.window.check_pool_levels);
     decay: [P, 2, L, H] float32, the log-decay each stored level owes (-inf: empty);
     slots, positions: [N] int64 on the pool's device; window: (win_k, win_v, win_g) of the pool, or None.
     """

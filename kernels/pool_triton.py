@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels.chunk import _bitlen, log2_pow2
 from kernels.pool_state import PooledState
-from kernels.window import BW, W, WindowRows
+from kernels.window import BW, W, WindowRows, check_pool_levels
 
 
 @triton.jit
@@ -26,8 +26,9 @@ def _pooled_merged_kernel(
     levels, decay, win_k, win_v, win_g, slots, positions, merged, cum,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BWL: tl.constexpr, WN: tl.constexpr,
+    BWL: tl.constexpr, WN: tl.constexpr, LO: tl.constexpr,
 ):
+    """levels [P, L - LO, H, K, V]: the pool holds levels LO..L-1 (LO = BW + 1 with a window, else 0)."""
     i_hv, i_n = tl.program_id(0), tl.program_id(1)
     i_h, i_v = i_hv // NV, i_hv % NV
     i_g = i_h // (H // G)
@@ -37,7 +38,7 @@ def _pooled_merged_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     z = tl.where(t > 0, log2_pow2(tl.maximum(t & -t, 1)), -1)  # ctz(t): levels 0..z merge into z + 1
-    p_blk = levels + ((i_s * L) * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :]
+    p_blk = levels + ((i_s * (L - LO)) * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :]
     p_a = decay + (i_s * 2 + t % 2) * (L * H) + i_h
     p_out = ((i_n * L) * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :]
     if HAS_WINDOW:  # the block of the last token t - 1: rows 0..nrow-1 of buffer block % 2
@@ -65,7 +66,7 @@ def _pooled_merged_kernel(
             b_s = tl.dot(tl.trans(b_kw), b_wv, input_precision="ieee")
         else:
             b_e = tl.exp(tl.load(p_a + l * H))  # 0 for an empty level, whatever its block holds
-            b_blk = tl.load(p_blk + l * (H * K * V), mask=m_kv, other=0.0).to(tl.float32)
+            b_blk = tl.load(p_blk + (l - LO) * (H * K * V), mask=m_kv, other=0.0).to(tl.float32)
             b_s = tl.where(b_e > 0, b_blk * b_e, 0.0)
         if l <= z:
             b_carry += b_s
@@ -85,8 +86,10 @@ def _pooled_merged_kernel(
 def pooled_merged_levels(state: PooledState, block_v: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.pool_state.merged_levels_ref`` in one launch. Pool tensors contiguous."""
     levels, decay = state.levels, state.decay
-    P, L, H, K, V = levels.shape
+    P, _, H, K, V = levels.shape
+    L = decay.shape[2]
     window = state.window
+    low = check_pool_levels(levels, L, window)
     for t in (levels, decay, *(window or ())):
         if not t.is_contiguous():
             raise ValueError("pooled_merged_levels needs contiguous pool tensors")
@@ -103,7 +106,7 @@ def pooled_merged_levels(state: PooledState, block_v: int = 32) -> tuple[torch.T
     _pooled_merged_kernel[(H * NV, N)](
         levels, decay, win_k, win_v, win_g, state.slots, state.positions, merged, cum,
         H=H, G=G, K=K, V=V, L=L, BK=max(16, triton.next_power_of_2(K)), BV=BV, NV=NV,
-        HAS_WINDOW=window is not None, BWL=BW, WN=W, num_warps=4,
+        HAS_WINDOW=window is not None, BWL=BW, WN=W, LO=low, num_warps=4,
     )
     return merged, cum
 

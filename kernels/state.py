@@ -39,15 +39,20 @@ class FenwickState:
 
 
 def check_final_into(pool: torch.Tensor, slots: torch.Tensor, n: int, level_shape: tuple[int, ...],
-                     device: torch.device) -> None:
-    """Validate a prefill's ``final_into=(pool, slots)``: pool [P, *level_shape] contiguous on ``device``,
-    slots [n] int64 on it (distinct rows: not checked, that would synchronise)."""
-    if pool.shape[1:] != tuple(level_shape) or not pool.is_contiguous() or pool.device != device:
-        raise ValueError(f"final_into pool must be a contiguous [P, {', '.join(map(str, level_shape))}] "
+                     device: torch.device) -> int:
+    """Validate a prefill's ``final_into=(pool, slots)``: pool [P, L', H, K, V] contiguous on ``device``
+    for level_shape (L, H, K, V), holding the top L' <= L levels (a windowed pool keeps levels 0..BW as
+    tokens, kernels/window.py); slots [n] int64 on it (distinct rows: not checked, that would
+    synchronise). Returns L - L', the first level the pool holds."""
+    L, *rest = level_shape
+    if (pool.dim() != len(level_shape) + 1 or not 1 <= pool.shape[1] <= L or list(pool.shape[2:]) != rest
+            or not pool.is_contiguous() or pool.device != device):
+        raise ValueError(f"final_into pool must be a contiguous [P, <= {L}, {', '.join(map(str, rest))}] "
                          f"tensor on {device}, got {tuple(pool.shape)} on {pool.device}")
     if slots.shape != (n,) or slots.dtype != torch.int64 or slots.device != device:
         raise ValueError(f"final_into slots must be [{n}] int64 on {device}, got {tuple(slots.shape)} "
                          f"{slots.dtype} on {slots.device}")
+    return L - pool.shape[1]
 
 
 def num_levels_for(length: int) -> int:

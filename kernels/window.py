@@ -45,6 +45,16 @@ def window_step_traffic(t: int) -> tuple[int, int, int]:
     return z - BW + bin(t >> (z + 1)).count("1"), 1, W
 
 
+def check_pool_levels(levels: torch.Tensor, num_levels: int, window: tuple | None) -> int:
+    """The first level a pool stores as blocks: BW + 1 with a token window (levels 0..BW are its tokens;
+    the pool is [P, num_levels - BW - 1, H, K, V]), else 0 (all num_levels)."""
+    low = BW + 1 if window is not None else 0
+    if levels.dim() != 5 or levels.shape[1] != num_levels - low:
+        raise ValueError(f"a pool of {num_levels} levels{' with a token window' if low else ''} stores "
+                         f"{num_levels - low} level blocks per slot, got levels {tuple(levels.shape)}")
+    return low
+
+
 def _rows(win_k, win_v, win_g, slots, block):
     """The window buffer of ``block`` [N] per slot: k (N, W, G, K), v (N, W, H, V), gc (N, W, H)."""
     buf = block % 2
@@ -80,11 +90,13 @@ def window_levels(win_k: torch.Tensor, win_v: torch.Tensor, win_g: torch.Tensor,
 def windowed_levels(levels: torch.Tensor, level_decay: torch.Tensor, window: tuple[torch.Tensor, ...],
                     slots: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype = torch.float32
                     ) -> torch.Tensor:
-    """Every level S of ``slots`` at ``positions``: [N, L, H, K, V], the high ones from the blocks and
-    their deferred decay, levels 0..BW from the window."""
-    S = true_levels(levels, level_decay, slots, positions, dtype)
-    S[:, :BW + 1] = window_levels(*window, slots, positions, dtype)
-    return S
+    """Every level S of ``slots`` at ``positions``: [N, L, H, K, V], the high ones from the blocks
+    (levels [P, L - BW - 1, H, K, V]: a windowed pool stores levels BW+1.. only) and their deferred decay
+    (level_decay [P, 2, L, H]), levels 0..BW from the window."""
+    L = level_decay.shape[2]
+    check_pool_levels(levels, L, window)
+    high = true_levels(levels, level_decay[:, :, BW + 1:], slots, positions, dtype)
+    return torch.cat([window_levels(*window, slots, positions, dtype), high], dim=1)
 
 
 def append_token(window: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor,
@@ -112,7 +124,7 @@ def fused_recurrent_step_window_ref(q: torch.Tensor, k: torch.Tensor, v: torch.T
     dt = torch.float64 if levels.dtype == torch.float64 else torch.float32
     S = windowed_levels(levels, level_decay, window, slots, t, dt)
     o, new = recurrent_step(S, q, k, v, g, level_scales, t, scale)
-    levels[slots, BW + 1:] = new[:, BW + 1:].to(levels.dtype)
+    levels[slots] = new[:, BW + 1:].to(levels.dtype)
     level_decay[slots, (t + 1) % 2] = 0.0
     append_token(window, slots, t, k, v, g)
     return o.to(v.dtype)
@@ -126,6 +138,8 @@ def fused_recurrent_step_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     levels; the high levels are read, never rewritten, except that at a block's first token the finished
     block and the levels BW+1..z fold into level z + 1."""
     rep, L = check_shapes(q, k, v, g, level_scales)
+    LO = check_pool_levels(levels, L, window)  # block b of a slot is level LO + b
+    LS = L - LO
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     slots, t = slots.long(), positions.to(slots.device).long()
     N, G, K = q.shape
@@ -168,14 +182,14 @@ def fused_recurrent_step_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         fl = folded[f]
         n_f, l_f = fl.nonzero(as_tuple=True)
         if n_f.numel():
-            blocks = flat[slots[f][n_f] * L + l_f].to(dt) * a_old[f][n_f, l_f].exp()[..., None, None]
+            blocks = flat[slots[f][n_f] * LS + l_f - LO].to(dt) * a_old[f][n_f, l_f].exp()[..., None, None]
             carry.index_add_(0, n_f, blocks)
-        flat[slots[f] * L + z[f] + 1] = carry.to(levels.dtype)
+        flat[slots[f] * LS + z[f] + 1 - LO] = carry.to(levels.dtype)
         a_new[f, z[f] + 1] = gd[f]
         o[f] += (lam[f, :, z[f] + 1] * gd[f].exp())[..., None] * torch.einsum("nhk,nhkv->nhv", qh[f], carry)
     n_k, l_k = keep.nonzero(as_tuple=True)
     if n_k.numel():
-        blocks = levels.view(-1, H, K, V)[slots[n_k] * L + l_k].to(dt)  # (R, H, K, V)
+        blocks = levels.view(-1, H, K, V)[slots[n_k] * LS + l_k - LO].to(dt)  # (R, H, K, V)
         wk_ = lam[n_k, :, l_k] * a_new[n_k, l_k].exp()  # (R, H)
         o.index_add_(0, n_k, wk_[..., None] * torch.einsum("rhk,rhkv->rhv", qh[n_k], blocks))
     level_decay[slots, 1 - t % 2] = a_new.to(level_decay.dtype)

@@ -17,7 +17,7 @@ from kernels.chunk import _bitlen, log2_pow2
 from kernels.fused_recurrent import _program_row, _token_inputs
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
-from kernels.window import BW, W
+from kernels.window import BW, W, check_pool_levels
 
 
 @triton.jit
@@ -66,7 +66,8 @@ def _window_step_kernel(
     # levels BWL+1..z fold into level z + 1
     fold = (row == 0) & (t > 0)
     z = log2_pow2(tl.maximum(t & -t, 1))
-    p_s = levels + i_s * s_sp + i_h * s_sh + o_k[:, None] * V + o_v[None, :]
+    # the pool stores levels BWL+1.. only: block l - BWL - 1 of the slot is level l
+    p_s = levels + i_s * s_sp - (BWL + 1) * s_sl + i_h * s_sh + o_k[:, None] * V + o_v[None, :]
     p_old = decay + (i_s * 2 * L) * H + (t % 2) * (L * H) + i_h
     p_new = decay + (i_s * 2 * L) * H + (1 - t % 2) * (L * H) + i_h
     b_carry = tl.zeros([BK, BV], dtype=tl.float32)
@@ -114,6 +115,7 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     H, V = v.shape[-2:]
     L = level_scales.shape[-1]
     win_k, win_v, win_g = window
+    check_pool_levels(levels, L, window)
     for t in (levels, level_decay, win_k, win_v, win_g):
         if not t.is_contiguous():
             raise ValueError("window_step needs contiguous levels, level_decay and window tensors")

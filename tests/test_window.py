@@ -34,8 +34,8 @@ def _windowed_pool(starts: list[int], xs, P: int, slots: torch.Tensor, L: int, d
             S[i] = st.levels[0]
     gen = torch.Generator().manual_seed(99)
     a = -2 * torch.rand(N, L, H, generator=gen, dtype=F64)
-    levels = torch.full((P, L, H, K, V), float("nan"), dtype=dtype)
-    levels[slots] = (S * torch.exp(-a)[..., None, None]).to(dtype)
+    levels = torch.full((P, L - BW - 1, H, K, V), float("nan"), dtype=dtype)  # levels 0..BW: the window
+    levels[slots] = (S * torch.exp(-a)[..., None, None])[:, BW + 1:].to(dtype)
     fdt = F64 if dtype == F64 else torch.float32  # log-decays: float32, float64 in the exact checks
     decay = torch.full((P, 2, L, H), float("nan"), dtype=fdt)
     pos = torch.tensor(starts)
@@ -141,9 +141,9 @@ def test_window_step_traffic_counts_what_the_step_touches(t):
     held = t - (((t - 1) >> BW) << BW) if t else 0  # rows of the last token's block
     reads, writes, rows = window_step_traffic(t)
     assert reads == len(live) and rows == held
-    for lv in range(L):
+    for lv in range(BW + 1, L):  # the pool's block b is level BW + 1 + b
         if lv not in live:
-            levels[1, lv] = float("nan")
+            levels[1, lv - BW - 1] = float("nan")
     buf = ((t - 1) >> BW) % 2
     win_k[1, 1 - buf], win_v[1, 1 - buf], win_g[1, 1 - buf] = (float("nan"),) * 3
     win_k[1, buf, held:], win_v[1, buf, held:], win_g[1, buf, held:] = (float("nan"),) * 3
@@ -152,8 +152,27 @@ def test_window_step_traffic_counts_what_the_step_touches(t):
     o = fused_recurrent_step_window(q, k, v, g, lam, levels, decay, (win_k, win_v, win_g), slots,
                                     torch.tensor([t]))
     after = levels[1].nan_to_num(7.0)
-    changed = [lv for lv in range(L) if not torch.equal(after[lv], before[1, lv].nan_to_num(7.0))]
+    changed = [b for b in range(L - BW - 1) if not torch.equal(after[b], before[1, b].nan_to_num(7.0))]
     assert torch.isfinite(o).all() and len(changed) == writes, (changed, writes)
+
+
+def test_windowed_slots_store_only_the_high_levels():
+    """A windowed slot keeps levels 0..BW as its window's rows and no block for them: fewer bytes than a
+    slot of blocks only (the bench model at max_model_len 640: checked against the layout's arithmetic)."""
+    from bench.engine import BIG
+    from engine.model_config import ModelConfig
+    from engine.state import ModelState
+    from engine.state_pool import state_bytes_per_slot
+    c = ModelConfig.from_dict({"model_type": "log_linear_mamba2", **BIG, "n_groups": 1})
+    L = ModelState.levels_for(c, 640)
+    windowed = ModelState.allocate(c, 2, "meta", torch.bfloat16, num_levels=L, token_window=True)
+    assert windowed.num_levels == L and windowed.low_level == BW + 1
+    assert windowed.levels[0].shape == (2, L - BW - 1, c.num_heads, c.state_size, c.head_dim)
+    blocks = state_bytes_per_slot(c, torch.bfloat16, torch.float32, L, token_window=False)
+    window = state_bytes_per_slot(c, torch.bfloat16, torch.float32, L, token_window=True)
+    block = c.num_heads * c.state_size * c.head_dim * 4 * c.num_hidden_layers  # one level, every layer
+    rows = 2 * W * (c.n_groups * c.state_size * 2 + c.num_heads * c.head_dim * 2 + c.num_heads * 4)
+    assert blocks - window == (BW + 1) * block - rows * c.num_hidden_layers
 
 
 def _triton_case() -> dict:
