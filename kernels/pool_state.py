@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.state import FenwickState, true_levels
-from kernels.window import windowed_levels
+from kernels.window import check_pool_levels, windowed_levels
 
 
 @dataclass
@@ -73,10 +73,14 @@ def check_initial_state(state: FenwickState | PooledState | None, n: int,
     """A prefill's initial state must hold the call's N sequences with levels of ``level_shape``."""
     if state is None:
         return
-    rows = state.num_seqs if isinstance(state, PooledState) else state.levels.shape[0]
-    if rows != n or tuple(state.levels.shape[1:]) != tuple(level_shape):
+    if isinstance(state, PooledState):  # the pool's decay has every level; a window's pool stores the top
+        rows, shape = state.num_seqs, (state.decay.shape[2], *state.levels.shape[2:])
+        check_pool_levels(state.levels, state.decay.shape[2], state.window)
+    else:
+        rows, shape = state.levels.shape[0], tuple(state.levels.shape[1:])
+    if rows != n or tuple(shape) != tuple(level_shape):
         raise ValueError(f"initial_state must hold {n} sequences of levels {tuple(level_shape)}, got "
-                         f"{rows} of {tuple(state.levels.shape[1:])}")
+                         f"{rows} of {tuple(shape)}")
 
 
 def initial_levels(state: FenwickState | PooledState, dtype: torch.dtype | None = None) -> torch.Tensor:
