@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.chunk import log2_pow2
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
@@ -46,8 +47,11 @@ def _fused_recurrent_step_kernel(
     s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn, s_ln, s_lh, s_on, s_oh, s_sp, s_sl, s_sh,
     scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, DEFER: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, DEFER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV)
 
     o_k = tl.arange(0, BK)
@@ -129,10 +133,14 @@ def _fused_recurrent_step_tile_kernel(
     scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, LP: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, DEFER: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """The same step with every level of one [BK, BV] tile loaded at once ([LP, BK, BV], dead levels
     masked off): the loads of all live levels are in flight together instead of one level after the
     other. Each program writes a partial read-out over its BK rows of K: o[i_k, n, h, v-block]."""
+    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i_hkv, i_n = tl.program_id(0), tl.program_id(1)
     i_h = i_hkv // (NK * NV)
     i_k, i_v = (i_hkv // NV) % NK, i_hkv % NV
@@ -242,7 +250,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
             level_scales.stride(0), level_scales.stride(1), o.stride(1), o.stride(2), o.stride(0),
             levels.stride(0), levels.stride(1), levels.stride(2),
             scale, H=H, G=G, K=K, V=V, L=L, LP=LP, BK=BK, BV=BV, NK=NK, NV=NV, DEFER=level_decay is not None,
-            num_warps=num_warps or max(2, LP * BK * BV // 2048),
+            num_warps=num_warps or max(2, LP * BK * BV // 2048), **pdl.options(o),
         )
     if partials:
         return o
@@ -267,7 +275,7 @@ def _step_loop(q, k, v, g, level_scales, levels, level_decay, slots, positions, 
         level_scales.stride(0), level_scales.stride(1), o.stride(0), o.stride(1),
         levels.stride(0), levels.stride(1), levels.stride(2),
         scale, H=H, G=G, K=K, V=V, L=L, BK=BK, BV=BV, NV=NV, DEFER=level_decay is not None,
-        num_warps=4 if BK * BV >= 4096 else 2,
+        num_warps=4 if BK * BV >= 4096 else 2, **pdl.options(o),
     )
     return o
 

@@ -37,6 +37,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from kernels import pdl
 from kernels.ops import mul_to, rms_norm, unit_last
 
 MAX_ROWS = 8  # the Triton path takes 1 <= M <= MAX_ROWS rows; more go to cuBLAS through the reference
@@ -106,11 +107,28 @@ def rmsnorm_linear_silu_mul_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps:
 tl = None  # triton.language, bound by _triton(); the kernel body reads it as a module global
 
 
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at ptrs (no registers written, nothing waited for)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, eps,
                  K: tl.constexpr, M_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  BK_NORM: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr, NL: tl.constexpr, LINE: tl.constexpr):
+    """USE_PDL (kernels.pdl): wait for the previous kernel before reading anything it may have written
+    (x, the residual); PREFETCH: first ask L2 for this program's weight rows, NL lines of LINE elements."""
     i_n = tl.program_id(0)
+    if USE_PDL:
+        if PREFETCH:  # the weight rows are constants: fetch them while the previous kernel drains
+            o_l = tl.minimum(i_n * BN * K + tl.arange(0, NL) * LINE, N * K - 1)
+            _prefetch_l2(weight + o_l)
+            if SILU_MUL:
+                _prefetch_l2(weight + N * K + o_l)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     o_m = tl.arange(0, M_PAD)
     o_n = i_n * BN + tl.arange(0, BN)
     m_m = (o_m < M)[:, None, None]  # (M_PAD, 1, 1)
@@ -157,12 +175,13 @@ def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, 
 @cache
 def _triton():
     """The jitted kernel, built on first use; None where triton cannot be imported."""
-    global tl
+    global tl, _prefetch_l2
     try:
         import triton
         import triton.language as tl
     except ImportError:
         return None
+    _prefetch_l2 = triton.jit(_prefetch_l2)  # the kernel calls it by this global name
     return triton.jit(_gemv_kernel)
 
 
@@ -208,7 +227,8 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, N: int, norm_weight: torch.Tens
         K=K, M_PAD=m_pad, BN=cfg.block_n, BK=cfg.block_k,
         BK_NORM=max(cfg.block_k, min(_pow2(K), NORM_ELEMS // m_pad)), NUM_STAGES=cfg.num_stages,
         HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
-        num_warps=NUM_WARPS,
+        PREFETCH=pdl.PREFETCH, NL=pdl.prefetch_lines(cfg.block_n, K, weight.element_size()),
+        LINE=pdl.LINE_BYTES // weight.element_size(), num_warps=NUM_WARPS, **pdl.options(x),
     )
     return out
 

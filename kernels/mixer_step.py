@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from kernels import pdl
+
 LAMBDA_MODES = ("linear", "mlp", "none")
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -235,9 +237,12 @@ def _triton() -> SimpleNamespace | None:
         s_pn, s_cp, s_cd, s_cw, s_wd, s_ww,
         I: tl.constexpr, D: tl.constexpr, H: tl.constexpr, V: tl.constexpr, LV: tl.constexpr,
         HID: tl.constexpr, W: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, BJ: tl.constexpr,
-        NC: tl.constexpr, LAMBDA: tl.constexpr, HAS_BIAS: tl.constexpr,
+        NC: tl.constexpr, LAMBDA: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
         i_n, i_b = tl.program_id(0), tl.program_id(1)
+        if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         p_dt = proj + i_n * s_pn + I + D
         if i_b < NC:
             # channels o_c of row i_n: the conv window is read and shifted by this program only
@@ -322,7 +327,7 @@ def _triton() -> SimpleNamespace | None:
             conv_weight.stride(0), conv_weight.stride(1),
             I=I, D=D, H=H, V=V, LV=Lv, HID=HID, W=W, BC=BC, BL=max(16, triton.next_power_of_2(Lv)),
             BJ=max(16, triton.next_power_of_2(HID)), NC=NC, LAMBDA=lambda_mode,
-            HAS_BIAS=conv_bias is not None, num_warps=4 if BC >= 512 else 2,
+            HAS_BIAS=conv_bias is not None, num_warps=4 if BC >= 512 else 2, **pdl.options(proj),
         )
         return xbc, v, g, lam
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from kernels import pdl
 from kernels.ops import mul_to, rms_norm, unit_last
 
 # ---- PyTorch references -------------------------------------------------------------------------
@@ -82,8 +83,12 @@ tl = None  # triton.language, bound by _triton(); the kernel bodies read it as a
 
 
 def _add_rmsnorm_kernel(x, residual, weight, out, h, s_xn, s_rn, s_on, s_hn, eps,
-                        D: tl.constexpr, BD: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                        D: tl.constexpr, BD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                        USE_PDL: tl.constexpr):
     i_n = tl.program_id(0)
+    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     b_h = tl.load(x + i_n * s_xn + o_d, mask=m_d, other=0.0).to(tl.float32)
@@ -100,8 +105,12 @@ def _add_rmsnorm_kernel(x, residual, weight, out, h, s_xn, s_rn, s_on, s_hn, eps
 def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_ok, s_on, s_oh, s_xn, s_xh, s_zn, s_yn, eps,
                           NK: tl.constexpr, NKB: tl.constexpr, V: tl.constexpr, GS: tl.constexpr,
                           BG: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
-                          HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
+                          HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+                          USE_PDL: tl.constexpr):
     i_g, i_n = tl.program_id(0), tl.program_id(1)
+    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     o_g = tl.arange(0, BG)
     m_c = o_g < GS
     o_c = i_g * GS + o_g  # channel along I
@@ -186,7 +195,7 @@ def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         _triton().add_rmsnorm[(N,)](
             x, residual, weight, out, h, x.stride(0), 0 if residual is None else residual.stride(0),
             out.stride(0), h.stride(0), eps, D=D, BD=BD, HAS_RESIDUAL=residual is not None,
-            num_warps=_num_warps(BD),
+            num_warps=_num_warps(BD), **pdl.options(x),
         )
     return out, h
 
@@ -213,6 +222,7 @@ def gated_rmsnorm_triton(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: t
             x.stride(1), z.stride(0), y.stride(0), eps, NK=NK, NKB=min(_block(NK), max(1, 8192 // BG)),
             V=V, GS=group_size, BG=BG, D_PER_CHANNEL=D.numel() != H,
             HAS_WEIGHT=weight is not None, NORM_BEFORE_GATE=norm_before_gate, num_warps=_num_warps(BG),
+            **pdl.options(y),
         )
     return y
 

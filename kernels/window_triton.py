@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.chunk import _bitlen, log2_pow2
 from kernels.fused_recurrent import _program_row, _token_inputs
 from kernels.naive import check_shapes
@@ -27,7 +28,11 @@ def _window_step_kernel(
     scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BWL: tl.constexpr, WN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -132,6 +137,6 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         level_scales.stride(0), level_scales.stride(1), o.stride(0), o.stride(1),
         levels.stride(0), levels.stride(1), levels.stride(2),
         scale, H=H, G=G, K=K, V=V, L=L, BK=max(16, triton.next_power_of_2(K)), BV=BV, NV=NV, BWL=BW, WN=W,
-        num_warps=4,
+        num_warps=4, **pdl.options(o),
     )
     return o

@@ -1,0 +1,64 @@
+"""Programmatic dependent launch (PDL) for the kernels of a decode step (sm90+).
+
+A decode step at batch 1..8 is a chain of ~150 small kernels, each a few microseconds, and a fair part
+of each is the launch itself: the next kernel's programs are scheduled only once the previous kernel
+has drained. With PDL (CUDA's programmatic stream serialization, which CUDA graphs keep as a
+programmatic edge) the next kernel is launched while the previous one runs:
+
+- every kernel launched this way first waits (``griddepcontrol.wait``) for the previous kernel to
+  finish and flush its memory, before it reads anything that kernel may have written, and only then
+  lets its own successor launch (``griddepcontrol.launch_dependents``). So at most two kernels overlap,
+  and a kernel's wait covers everything before it in the stream, transitively;
+- before its wait, a GEMV asks L2 for its slice of the weights (constants the chain never writes), so
+  that its loads after the wait hit L2 instead of HBM.
+
+Kernels take a ``USE_PDL`` constexpr (and the GEMV a ``PREFETCH`` one); ``options(t)`` gives the launch
+keyword arguments for a tensor's device. ``FENWICK_PDL=0`` turns PDL off, ``FENWICK_PDL_PREFETCH=0``
+the weight prefetch alone (both read at import, for benchmarks). The interpreter and GPUs before sm90
+never use it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+ENABLED = os.environ.get("FENWICK_PDL", "1") != "0"
+PREFETCH = os.environ.get("FENWICK_PDL_PREFETCH", "1") != "0"
+LINE_BYTES = 128  # an L2 prefetch brings one cache line
+
+
+@cache
+def _supported(device_index: int) -> bool:
+    if not ENABLED or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    try:
+        import triton.language.extra.cuda  # noqa: F401  (gdc_wait, gdc_launch_dependents)
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL."""
+    if not t.is_cuda:
+        return False
+    return _supported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def options(t: torch.Tensor) -> dict:
+    """Keyword arguments for a Triton launch on t's device: the kernel's USE_PDL constexpr and, where
+    PDL is on, Triton's ``launch_pdl`` option."""
+    return {"USE_PDL": True, "launch_pdl": True} if enabled(t) else {"USE_PDL": False}
+
+
+def prefetch_lines(rows: int, row_elems: int, itemsize: int) -> int:
+    """The power-of-two number of cache lines that covers ``rows`` contiguous rows (the PREFETCH
+    kernels' NL constexpr)."""
+    lines = -(-rows * row_elems * itemsize // LINE_BYTES)
+    return 1 << max(lines - 1, 0).bit_length()
