@@ -5,7 +5,8 @@ expand 2, vocab 32000). FLA runs only the linear λ mode, so the model directory
 the same seed: ``mlp`` (adaptive decay, Fenwick's headline) and ``linear`` (what FLA loads; Fenwick also
 runs it, for a like-for-like row). Each batch: B random prompts of --prompt-len tokens, --new-tokens
 greedy tokens with EOS ignored; output tokens/s = B * new_tokens / wall time (prefill included, as for
-FLA's generate), after one untimed run of the same batch for each engine. The steps that carry prompt
+FLA's generate), after one untimed run of the same batch for each engine (two for Fenwick with prompt-step
+CUDA graphs, which capture a prompt shape the second time it runs). The steps that carry prompt
 tokens are summed ("prompt steps ms": prefill and the first sample). Fenwick's pure-decode steps (no
 prompt tokens) also give a per-step time, set against floors at the measured device-to-device copy
 bandwidth: reading the weights once per step; the level blocks the Fenwick step must move at the run's
@@ -84,8 +85,10 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def bench_fenwick(llm: LLM, batch: int, a: argparse.Namespace, vocab: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=a.new_tokens, ignore_eos=True)
-    # warm-up at the timed shape: kernels, graphs, cuBLAS heuristics and allocator blocks of this batch
-    llm.generate(prompts(batch, a.prompt_len, vocab, 1), params)
+    # warm-up at the timed shape: kernels, graphs, cuBLAS heuristics and allocator blocks of this batch;
+    # twice with prefill graphs, which capture a prompt shape the second time it runs
+    for seed in range(2 if a.prefill_graphs else 1):
+        llm.generate(prompts(batch, a.prompt_len, vocab, 10 + seed), params)
     steps: list[tuple[float, EngineStats]] = []
     listener = lambda s: steps.append((time.perf_counter(), s))  # noqa: E731
     llm.engine.add_stats_listener(listener)
@@ -177,6 +180,8 @@ def main() -> None:
     ap.add_argument("--no-overlap-decode", action="store_true", help="host and device in series (A/B)")
     ap.add_argument("--token-window", action=argparse.BooleanOptionalAction, default=True,
                     help="low levels as raw tokens (kernels/window; default) or every level a block")
+    ap.add_argument("--prefill-graphs", type=int, default=8,
+                    help="prompt-step CUDA graphs kept (engine/prefill_graphs.py); 0: prompt steps eager")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     a.batches = a.batches or ([1, 4] if a.tiny else [1, 32, 256])
@@ -200,7 +205,8 @@ def main() -> None:
                       max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.new_tokens,
                       max_num_batched_tokens=max(a.max_num_batched_tokens, max(a.batches)),
                       long_prefill_chunk=a.prompt_len, enforce_eager=a.enforce_eager,
-                      overlap_decode=False if a.no_overlap_decode else None, token_window=a.token_window)
+                      overlap_decode=False if a.no_overlap_decode else None, token_window=a.token_window,
+                      prefill_graphs=a.prefill_graphs)
             weights = sum(p.numel() * p.element_size() for n, p in llm.engine.model.named_parameters()
                           if "embeddings" not in n)
             state = llm.engine.pool.bytes_per_slot

@@ -7,6 +7,8 @@ sequence, in place on the pool, free of host synchronisation so that it can be C
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,7 +19,26 @@ from engine.model_config import ModelConfig
 from engine.state import ModelState, device_ints
 from kernels import gemv, norm
 from kernels.ops import mul_to
-from kernels.window import WindowRows, window_rows
+from kernels.window import WindowPlan, WindowRows, window_plan
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """The host-side part of a prefill call (``Model.plan_prefill``): lengths, starts and their device
+    copies. A plan of fresh sequences depends on the lengths alone, not on the slots."""
+
+    bounds: list[int]  # cu_seqlens, N + 1 values
+    lens: list[int]
+    starts: list[int]
+    cu: torch.Tensor  # [N + 1] int64 on the device
+    lens_dev: torch.Tensor  # [N]
+    window: WindowPlan | None  # where the tokens land in a token-window pool
+
+    @property
+    def fresh(self) -> bool:
+        """Every sequence starts empty: no initial state to read or merge."""
+        return not any(self.starts)
+
 
 # Rows up to which decode takes kernels.gemv: on the H200 (bench/gemv.py, 768-wide model) the four fused
 # GEMVs of a layer take 15.8 / 17.0 / 17.9 / 27.9 us at 1 / 2 / 4 / 8 rows, against about 20 us for
@@ -143,31 +164,44 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         Returns:
             logits of each sequence's last token: [N, vocab] float32. Advances state.positions[slots].
         """
-        device = self.device
+        slots = torch.as_tensor(slots, device=self.device, dtype=torch.int64)
+        plan = self.plan_prefill(cu_seqlens, state, slots, starts, input_ids.numel())
+        return self.run_prefill(input_ids, state, slots, plan)
+
+    def plan_prefill(self, cu_seqlens: torch.Tensor, state: ModelState, slots: torch.Tensor,
+                     starts: list[int] | None, num_tokens: int) -> PrefillPlan:
+        """``prefill``'s host part: the lengths checked against the slots, the tokens and max_model_len,
+        and their device copies (queued uploads; a read-back only where ``starts`` is None)."""
         bounds = cu_seqlens.tolist()
-        slots = torch.as_tensor(slots, device=device, dtype=torch.int64)
-        if len(bounds) != slots.numel() + 1 or bounds[-1] != input_ids.numel():
+        if len(bounds) != slots.numel() + 1 or bounds[-1] != num_tokens:
             raise ValueError(f"prefill: cu_seqlens {bounds} does not match {slots.numel()} slots and "
-                             f"{input_ids.numel()} tokens")
+                             f"{num_tokens} tokens")
         lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         starts = state.positions[slots].tolist() if starts is None else list(starts)
         if len(starts) != len(lens) or any(n < 1 or s + n > self.config.max_model_len
                                            for s, n in zip(starts, lens, strict=True)):
             raise ValueError(f"prefill: sequence lengths {lens} from positions {starts} must be >= 1 token "
                              f"and end within max_model_len={self.config.max_model_len}")
-        cu = device_ints(bounds, device)
-        start = state.positions[slots]
-        h = self.backbone.embeddings(input_ids.to(device))  # (T_total, hidden)
-        fresh = not any(starts)  # every sequence starts empty: no initial state to read or merge
-        rows = None if state.all_window is None else window_rows(starts, lens, slots)
+        window = None if state.all_window is None else window_plan(starts, lens, self.device)
+        return PrefillPlan(bounds, lens, starts, device_ints(bounds, self.device),
+                           device_ints(lens, self.device), window)
+
+    @torch.no_grad()
+    def run_prefill(self, input_ids: torch.Tensor, state: ModelState, slots: torch.Tensor,
+                    plan: PrefillPlan) -> torch.Tensor:
+        """``prefill`` after ``plan_prefill``: device work only (no upload, no read-back), so that a call
+        on fresh sequences can be captured in a CUDA graph (engine/prefill_graphs.py)."""
+        cu, start = plan.cu, state.positions[slots]
+        h = self.backbone.embeddings(input_ids.to(self.device))  # (T_total, hidden)
+        rows = None if plan.window is None else plan.window.bind(slots)
         # cu and start are the same, unchanged, in every layer; their values are known here
-        with kernels.chunk_plan_cache(device, known=[(cu, bounds), (start, starts)]):
+        with kernels.chunk_plan_cache(self.device, known=[(cu, plan.bounds), (start, plan.starts)]):
             if self.fused_decode:
-                h = self._prefill_fused(h, cu, state, slots, None if fresh else start, rows)
+                h = self._prefill_fused(h, cu, state, slots, None if plan.fresh else start, rows)
             else:
                 h = h[None]
                 for i, layer in enumerate(self.backbone.layers):
-                    fenwick = None if fresh else state.pooled(i, slots, start)
+                    fenwick = None if plan.fresh else state.pooled(i, slots, start)
                     window = None if rows is None else (state.window(i), rows)
                     out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
                                                            fenwick, state.num_levels, window)
@@ -176,7 +210,7 @@ class LogLinearMamba2ForCausalLM(nn.Module):
                     state.levels[i].index_copy_(0, slots, high.to(state.levels[i].dtype))
                     h = layer.add_mlp(h + out)
                 h = self.backbone.norm_f(h[0, cu[1:] - 1], h.dtype)
-        end = start + device_ints(lens, device)
+        end = start + plan.lens_dev
         state.settle(slots, end)
         state.positions[slots] = end
         return self.lm_head(h).float()

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+import kernels
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.prefill_graphs import PrefillGraphs
 from engine.scheduler import SchedulerOutput
 from engine.state import device_ints
 from engine.state_pool import StatePool
@@ -38,6 +40,11 @@ class ModelRunner:
         if config.use_cuda_graphs:
             sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
             self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
+        self.prefill_graphs: PrefillGraphs | None = None
+        if config.use_cuda_graphs and config.fused_decode and config.prefill_graphs \
+                and kernels.has_triton_prefill():
+            self.prefill_graphs = PrefillGraphs(model, self.state, self.device, config.prefill_graphs,
+                                                config.prefill_graph_max_tokens, pool.num_slots)
 
     @torch.inference_mode()
     def _warm_up_prefill(self, max_model_len: int) -> None:
@@ -84,6 +91,18 @@ class ModelRunner:
             return self.graphs.run_next(input_ids, slots)
         return self.model.decode(input_ids, self.state, self._tensor(slots))
 
+    def _prefill(self, chunks: list, lens: list[int], starts: list[int]) -> torch.Tensor:
+        """One model.prefill of the chunks (N >= 1 tokens each) -> logits [N, vocab]; fresh sequences
+        replay a CUDA graph when their lengths have one (engine/prefill_graphs.py)."""
+        token_ids = [t for c in chunks for t in c.token_ids]
+        slots = [c.seq.slot for c in chunks]
+        if self.prefill_graphs is not None and not any(starts):
+            logits = self.prefill_graphs.run(token_ids, lens, slots)
+            if logits is not None:
+                return logits
+        cu = torch.tensor([0, *itertools.accumulate(lens)])  # (N + 1,) on the host: no round trip
+        return self.model.prefill(self._tensor(token_ids), cu, self.state, self._tensor(slots), starts)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, speculated: Speculated | None = None) -> torch.Tensor:
         """Run one step -> logits [M, vocab] of the chunks with sample=True, in chunk order.
@@ -118,12 +137,9 @@ class ModelRunner:
             fresh = not any(starts)  # then model.prefill writes every level of its slots
             self._reset(out.reset_slots, {out.chunks[i].seq.slot for i in multi} if fresh else set())
         if multi:
-            ids = self._tensor([t for i in multi for t in out.chunks[i].token_ids])  # (T_total,)
-            cu = torch.tensor([0, *itertools.accumulate(lens)])  # (N + 1,) on the host: no round trip
-            slots = self._tensor([out.chunks[i].seq.slot for i in multi])  # (N,)
             self.num_prefill_calls += 1
             base = sum(p.shape[0] for p in parts)
-            parts.append(self.model.prefill(ids, cu, self.state, slots, starts))  # (N, vocab)
+            parts.append(self._prefill([out.chunks[i] for i in multi], lens, starts))  # (N, vocab)
             row_of.update((i, base + r) for r, i in enumerate(multi))
         if single:
             ids_1 = [out.chunks[i].token_ids[0] for i in single]

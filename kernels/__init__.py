@@ -23,6 +23,8 @@ __all__ = [
     "PooledState",
     "chunk_log_linear_attn",
     "chunk_plan_cache",
+    "has_triton_prefill",
+    "held_chunk_plan",
     "fused_recurrent_step",
     "max_positions",
     "naive",
@@ -58,6 +60,20 @@ def chunk_plan_cache(device: torch.device, known: Sequence[tuple[torch.Tensor, l
         return contextlib.nullcontext()
     from kernels.chunk import plan_cache
     return plan_cache(known)
+
+
+def has_triton_prefill() -> bool:
+    """Whether CUDA prefill calls take the Triton chunk kernels (whose launches CUDA graphs can capture)."""
+    return _triton_chunk() is not None
+
+
+def held_chunk_plan() -> object | None:
+    """The chunk plan built in the current ``chunk_plan_cache`` block (``kernels.chunk.held_plan``), for
+    a CUDA graph captured in it to keep alive; None off CUDA or without the Triton prefill."""
+    if _triton_chunk() is None:
+        return None
+    from kernels.chunk import held_plan
+    return held_plan()
 
 
 def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -595,6 +595,13 @@ def plan_cache(known: Sequence[tuple[torch.Tensor, list[int]]] = ()) -> Iterator
             _cache["entry"] = None
 
 
+def held_plan() -> tuple | None:
+    """The plan cached in the current ``plan_cache()`` block, with the tensors it was built from. A CUDA
+    graph captured in the block reads the plan's device rows on every replay: its owner keeps this
+    (the rows are freed when the block ends otherwise)."""
+    return _cache["entry"]
+
+
 def _host_list(t: torch.Tensor) -> list[int]:
     hit = _cache["known"].get(id(t))
     return list(hit[1]) if hit is not None and hit[0] is t else t.tolist()

@@ -216,6 +216,24 @@ class WindowRows:
 def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> WindowRows:
     """The plan of ``write_window`` for sequences continuing from ``starts`` (host values) by ``lens``
     tokens into ``slots`` (a device tensor): one upload, no read-back."""
+    return window_plan(starts, lens, slots.device).bind(slots)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """``WindowRows`` before the slots are known: the host-built rows, on the device. ``bind`` adds the
+    slots with device ops only, so a CUDA graph can capture it over a static slots buffer."""
+
+    rows: tuple[torch.Tensor, ...]  # src, seq, buf, row [M]; first, seq_buf, count, seq_src [N]
+
+    def bind(self, slots: torch.Tensor) -> WindowRows:
+        src, seq, buf, row, first, seq_buf, count, seq_src = self.rows
+        slots = slots.long()
+        return WindowRows(src, seq, slots[seq], buf, row, first, slots, seq_buf, count, seq_src)
+
+
+def window_plan(starts: list[int], lens: list[int], device: torch.device) -> WindowPlan:
+    """``window_rows`` without the slots: one upload (pinned and queued on CUDA: no wait)."""
     src, seq, buf, row, first, seq_buf, count, seq_src = [], [], [], [], [], [], [], []
     bos = 0
     for i, (s, n) in enumerate(zip(starts, lens, strict=True)):
@@ -231,16 +249,13 @@ def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> Wind
         count.append(end - lo)
         seq_src.append(bos + lo - s)
         bos += n
-    dev = slots.device
 
-    def up(rows: list[list[int]]) -> tuple[torch.Tensor, ...]:  # pinned and queued: no wait on CUDA
+    def up(rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
         t = torch.tensor(rows, dtype=torch.int64)
-        return (t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)).unbind(0)
+        t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+        return t.unbind(0)
 
-    src_t, seq_t, buf_t, row_t = up([src, seq, buf, row])
-    first_t, seq_buf_t, count_t, seq_src_t = up([first, seq_buf, count, seq_src])
-    slots = slots.long()
-    return WindowRows(src_t, seq_t, slots[seq_t], buf_t, row_t, first_t, slots, seq_buf_t, count_t, seq_src_t)
+    return WindowPlan((*up([src, seq, buf, row]), *up([first, seq_buf, count, seq_src])))
 
 
 def write_window(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torch.Tensor, v: torch.Tensor,

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
              "<= 32 raw tokens, less state traffic per decode step)",
     )
     serve.add_argument(
+        "--prefill-graphs", type=int, default=None,
+        help="prompt steps of new requests replayed from CUDA graphs: at most this many kept, one per "
+             "tuple of prompt lengths seen twice (default 8; 0: prompt steps always eager)",
+    )
+    serve.add_argument(
         "--no-gc-freeze", action="store_true",
         help="leave the objects alive after start-up to Python's garbage collector (default: gc.freeze)",
     )
@@ -128,7 +133,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         engine_kwargs["max_model_len"] = args.max_model_len
     if args.max_waiting is not None:
         engine_kwargs["max_waiting"] = args.max_waiting
-    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed"):
+    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed", "prefill_graphs"):
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager
