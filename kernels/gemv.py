@@ -105,12 +105,7 @@ def rmsnorm_linear_silu_mul_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps:
 # ---- Triton kernel: a plain function until _triton() jits it ----------------------------------------
 
 tl = None  # triton.language, bound by _triton(); the kernel body reads it as a module global
-
-
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines at ptrs (no registers written, nothing waited for)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
+_prefetch_l2 = None  # kernels.pdl_triton.prefetch_l2, bound by _triton() too
 
 
 def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, eps,
@@ -181,7 +176,7 @@ def _triton():
         import triton.language as tl
     except ImportError:
         return None
-    _prefetch_l2 = triton.jit(_prefetch_l2)  # the kernel calls it by this global name
+    from kernels.pdl_triton import prefetch_l2 as _prefetch_l2  # the kernel calls it by this name
     return triton.jit(_gemv_kernel)
 
 
