@@ -48,9 +48,9 @@ class EngineConfig:
     # None: on where decode runs from CUDA graphs
     overlap_decode: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
-    # prompt steps of fresh sequences replayed from CUDA graphs, one per tuple of prompt lengths seen
-    # twice (engine/prefill_graphs.py): at most this many kept (0: none), of at most so many tokens
-    # (None: max_num_batched_tokens)
+    # prompt steps replayed from CUDA graphs, one per step shape (prompt lengths and start positions)
+    # seen twice (engine/prefill_graphs.py): at most this many kept (0: none), of at most so many
+    # tokens (None: max_num_batched_tokens)
     prefill_graphs: int = 8
     prefill_graph_max_tokens: int | None = None
     seed: int = 0  # generator of requests without their own seed

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import kernels
 from engine.mixer import LogLinearMamba2Mixer, RMSNorm
 from engine.model_config import ModelConfig
-from engine.state import ModelState, device_ints
+from engine.state import ModelState, device_int_parts
 from kernels import gemv, norm
 from kernels.ops import mul_to
 from kernels.window import WindowPlan, WindowRows, window_plan
@@ -25,13 +25,14 @@ from kernels.window import WindowPlan, WindowRows, window_plan
 @dataclass(frozen=True)
 class PrefillPlan:
     """The host-side part of a prefill call (``Model.plan_prefill``): lengths, starts and their device
-    copies. A plan of fresh sequences depends on the lengths alone, not on the slots."""
+    copies. It depends on the lengths and starts alone, not on the slots or the tokens."""
 
     bounds: list[int]  # cu_seqlens, N + 1 values
     lens: list[int]
     starts: list[int]
     cu: torch.Tensor  # [N + 1] int64 on the device
     lens_dev: torch.Tensor  # [N]
+    starts_dev: torch.Tensor  # [N]: state.positions[slots] as the host knows them
     window: WindowPlan | None  # where the tokens land in a token-window pool
 
     @property
@@ -183,15 +184,16 @@ class LogLinearMamba2ForCausalLM(nn.Module):
             raise ValueError(f"prefill: sequence lengths {lens} from positions {starts} must be >= 1 token "
                              f"and end within max_model_len={self.config.max_model_len}")
         window = None if state.all_window is None else window_plan(starts, lens, self.device)
-        return PrefillPlan(bounds, lens, starts, device_ints(bounds, self.device),
-                           device_ints(lens, self.device), window)
+        cu, lens_dev, starts_dev = device_int_parts([bounds, lens, starts], self.device)
+        return PrefillPlan(bounds, lens, starts, cu, lens_dev, starts_dev, window)
 
     @torch.no_grad()
     def run_prefill(self, input_ids: torch.Tensor, state: ModelState, slots: torch.Tensor,
                     plan: PrefillPlan) -> torch.Tensor:
-        """``prefill`` after ``plan_prefill``: device work only (no upload, no read-back), so that a call
-        on fresh sequences can be captured in a CUDA graph (engine/prefill_graphs.py)."""
-        cu, start = plan.cu, state.positions[slots]
+        """``prefill`` after ``plan_prefill``: device work only (no upload, no read-back), so that it can
+        be captured in a CUDA graph (engine/prefill_graphs.py). The slots' positions must be the plan's
+        starts."""
+        cu, start = plan.cu, plan.starts_dev
         h = self.backbone.embeddings(input_ids.to(self.device))  # (T_total, hidden)
         rows = None if plan.window is None else plan.window.bind(slots)
         # cu and start are the same, unchanged, in every layer; their values are known here

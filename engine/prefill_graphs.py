@@ -1,16 +1,19 @@
-"""CUDA graphs of prompt steps whose sequences all start empty (fresh prefill).
+"""CUDA graphs of prompt steps (prefill), one per step shape: the prompt lengths and start positions.
 
 At small batches a prompt step is bound by the host: about 340 launches from Python (20-40 ms on the
-H200's host) for about 2 ms of device work at batch 1 and 512 tokens. What a fresh prefill launches
-depends only on its tuple of prompt lengths (``Model.plan_prefill``: the chunk plan, the window rows,
-every grid), not on the tokens or the slots, which the kernels read from device memory. So the step
-replays from a graph over static buffers of token ids and slots.
+H200's host) for about 2 ms of device work at batch 1 and 512 tokens. What a prefill launches depends
+only on its shape, the tuple of (length, start position) of its sequences (``Model.plan_prefill``: the
+chunk plan, the window rows, every grid), not on the tokens or the slots, which the kernels read from
+device memory. So a step replays from a graph over static buffers of token ids and slots.
 
-A graph is keyed by the exact tuple of lengths and captured the second time that tuple runs, right
-after running it eagerly (which also compiles every kernel it needs and builds the chunk plan the
-graph keeps); the first time runs eagerly, so shapes that never repeat cost only a counter. At most
-``max_graphs`` graphs are kept (least recently used dropped), each of at most ``max_tokens`` tokens, all
-in one memory pool. Prompt steps that continue a sequence (an initial state from the pool) stay eager.
+Shapes that repeat: new requests of the same prompt length (fixed-length benchmarks, templated
+prompts), and the chunks of long prompts, which the scheduler cuts at the same positions (lengths
+long_prefill_chunk from 0, long_prefill_chunk, ...) whenever one runs alone.
+
+A graph is captured the second time its shape runs, right after running it eagerly (which also
+compiles every kernel it needs and builds the chunk plan the graph keeps); the first time runs
+eagerly, so shapes that never repeat cost only a counter. At most ``max_graphs`` graphs are kept (least
+recently used dropped), each of at most ``max_tokens`` tokens, all in one memory pool.
 """
 
 from __future__ import annotations
@@ -70,13 +73,16 @@ class PrefillGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.num_captures = self.num_replays = 0
 
-    def run(self, token_ids: list[int], lens: list[int], slots: list[int]) -> torch.Tensor | None:
-        """A fresh prefill of ``lens`` tokens per sequence (``token_ids`` packed) into ``slots`` whose
-        conv windows and positions are zeroed -> logits [N, vocab] (a view, valid until the same shape
-        runs again), or None where the caller must run it eagerly (first sighting, too large)."""
-        key, T, N = tuple(lens), len(token_ids), len(lens)
-        if T != sum(lens) or N != len(slots):
-            raise ValueError(f"prefill graph: {T} tokens and {len(slots)} slots for lengths {lens}")
+    def run(self, token_ids: list[int], lens: list[int], slots: list[int],
+            starts: list[int]) -> torch.Tensor | None:
+        """A prefill of ``lens`` tokens per sequence (``token_ids`` packed) into ``slots`` from positions
+        ``starts`` (the slots' positions; a new request's slot reset) -> logits [N, vocab] (a view, valid
+        until the same shape runs again), or None where the caller must run it eagerly (first sighting,
+        too large)."""
+        key, T, N = (tuple(lens), tuple(starts)), len(token_ids), len(lens)
+        if T != sum(lens) or N != len(slots) or N != len(starts):
+            raise ValueError(f"prefill graph: {T} tokens, {len(slots)} slots and {len(starts)} starts for "
+                             f"lengths {lens}")
         if T > self.max_tokens or N > self.max_seqs:
             return None
         entry = self.graphs.get(key)
@@ -103,8 +109,9 @@ class PrefillGraphs:
         """Run the step eagerly from the static buffers (its result is returned), then capture it."""
         start = time.perf_counter()
         ids, slots, model = self.ids[:T], self.slots[:N], self.model
-        cu = torch.tensor([0, *itertools.accumulate(key)])
-        plan = model.plan_prefill(cu, self.state, slots, [0] * N, T)
+        lens, starts = key
+        cu = torch.tensor([0, *itertools.accumulate(lens)])
+        plan = model.plan_prefill(cu, self.state, slots, list(starts), T)
         with kernels.chunk_plan_cache(self.device, known=[(plan.cu, plan.bounds)]):
             logits = model.run_prefill(ids, self.state, slots, plan)
             graph = torch.cuda.CUDAGraph()
@@ -117,7 +124,7 @@ class PrefillGraphs:
         self.num_captures += 1
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
-        logger.info("captured a prefill CUDA graph for prompt lengths %s in %.2f s (%d kept)",
-                    list(key) if N <= 8 else f"{N} sequences, {T} tokens", time.perf_counter() - start,
-                    len(self.graphs))
+        shape = f"lengths {list(lens)} from {list(starts)}" if N <= 4 else f"{N} sequences, {T} tokens"
+        logger.info("captured a prefill CUDA graph for %s in %.2f s (%d kept)", shape,
+                    time.perf_counter() - start, len(self.graphs))
         return logits

@@ -92,12 +92,12 @@ class ModelRunner:
         return self.model.decode(input_ids, self.state, self._tensor(slots))
 
     def _prefill(self, chunks: list, lens: list[int], starts: list[int]) -> torch.Tensor:
-        """One model.prefill of the chunks (N >= 1 tokens each) -> logits [N, vocab]; fresh sequences
-        replay a CUDA graph when their lengths have one (engine/prefill_graphs.py)."""
+        """One model.prefill of the chunks (N >= 1 tokens each) -> logits [N, vocab], replayed from a CUDA
+        graph when the step's shape has one (engine/prefill_graphs.py)."""
         token_ids = [t for c in chunks for t in c.token_ids]
         slots = [c.seq.slot for c in chunks]
-        if self.prefill_graphs is not None and not any(starts):
-            logits = self.prefill_graphs.run(token_ids, lens, slots)
+        if self.prefill_graphs is not None:
+            logits = self.prefill_graphs.run(token_ids, lens, slots, starts)
             if logits is not None:
                 return logits
         cu = torch.tensor([0, *itertools.accumulate(lens)])  # (N + 1,) on the host: no round trip

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--prefill-graphs", type=int, default=None,
-        help="prompt steps of new requests replayed from CUDA graphs: at most this many kept, one per "
-             "tuple of prompt lengths seen twice (default 8; 0: prompt steps always eager)",
+        help="prompt steps replayed from CUDA graphs: at most this many kept, one per step shape "
+             "(prompt lengths and start positions) seen twice (default 8; 0: prompt steps always eager)",
     )
     serve.add_argument(
         "--no-gc-freeze", action="store_true",
