@@ -33,8 +33,13 @@ def _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v, s_qn, s_qg, s_k
 
 
 @triton.jit
-def _program_row(slots, positions, H: tl.constexpr, G: tl.constexpr, NV: tl.constexpr):
-    """A step program's (request, head, V block) from its ids, the head's group, its slot and position."""
+def _program_row(slots, positions, H: tl.constexpr, G: tl.constexpr, NV: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """A step program's (request, head, V block) from its ids, the head's group, its slot and position;
+    USE_PDL: after waiting for the previous kernel (kernels.pdl), whose writes are visible then."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i_hv, i_n = tl.program_id(0), tl.program_id(1)
     i_h, i_v = i_hv // NV, i_hv % NV
     i_s = tl.load(slots + i_n).to(tl.int64)
@@ -49,10 +54,7 @@ def _fused_recurrent_step_kernel(
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, DEFER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV)
+    i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV, USE_PDL)
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)

@@ -30,10 +30,7 @@ def _window_step_kernel(
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BWL: tl.constexpr, WN: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV)
+    i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV, USE_PDL)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_w = tl.arange(0, WN)
