@@ -39,6 +39,7 @@ from engine.model import LogLinearMamba2ForCausalLM  # noqa: E402
 from engine.model_config import ModelConfig  # noqa: E402
 from engine.stats import EngineStats  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
+from kernels import pdl  # noqa: E402
 from kernels.state import step_level_blocks  # noqa: E402
 from kernels.window import window_step_traffic  # noqa: E402
 from tools.make_random_model import ascii_bpe, randomize_  # noqa: E402
@@ -180,10 +181,14 @@ def main() -> None:
     ap.add_argument("--no-overlap-decode", action="store_true", help="host and device in series (A/B)")
     ap.add_argument("--token-window", action=argparse.BooleanOptionalAction, default=True,
                     help="low levels as raw tokens (kernels/window; default) or every level a block")
-    ap.add_argument("--prefill-graphs", type=int, default=8,
-                    help="prompt-step CUDA graphs kept (engine/prefill_graphs.py); 0: prompt steps eager")
+    ap.add_argument("--prefill-graphs", type=int, default=0,
+                    help="opt-in prompt-step CUDA graphs kept (engine/prefill_graphs.py); 0: prompt steps "
+                         "eager, as the engine's default")
+    ap.add_argument("--no-pdl", action="store_true", help="decode kernels without PDL (kernels/pdl.py)")
+    ap.add_argument("--no-pdl-prefetch", action="store_true", help="PDL without the GEMVs' weight prefetch")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    pdl.configure(prefetch=not a.no_pdl_prefetch)
     a.batches = a.batches or ([1, 4] if a.tiny else [1, 32, 256])
     a.prompt_len = a.prompt_len or (16 if a.tiny else 512)
     a.new_tokens = a.new_tokens or (8 if a.tiny else 128)
@@ -206,7 +211,7 @@ def main() -> None:
                       max_num_batched_tokens=max(a.max_num_batched_tokens, max(a.batches)),
                       long_prefill_chunk=a.prompt_len, enforce_eager=a.enforce_eager,
                       overlap_decode=False if a.no_overlap_decode else None, token_window=a.token_window,
-                      prefill_graphs=a.prefill_graphs)
+                      prefill_graphs=a.prefill_graphs, pdl=not a.no_pdl)
             weights = sum(p.numel() * p.element_size() for n, p in llm.engine.model.named_parameters()
                           if "embeddings" not in n)
             state = llm.engine.pool.bytes_per_slot

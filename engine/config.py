@@ -48,10 +48,12 @@ class EngineConfig:
     # None: on where decode runs from CUDA graphs
     overlap_decode: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
-    # prompt steps replayed from CUDA graphs, one per step shape (prompt lengths and start positions)
-    # seen twice (engine/prefill_graphs.py): at most this many kept (0: none), of at most so many
-    # tokens (None: max_num_batched_tokens)
-    prefill_graphs: int = 8
+    # launch the decode step's Triton kernels with programmatic dependent launch on sm90+ (kernels/pdl.py)
+    pdl: bool = True
+    # opt-in: prompt steps replayed from CUDA graphs, one per step shape (prompt lengths and start
+    # positions) seen twice (engine/prefill_graphs.py): at most this many kept (0: prompt steps eager),
+    # of at most so many tokens (None: max_num_batched_tokens)
+    prefill_graphs: int = 0
     prefill_graph_max_tokens: int | None = None
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name

@@ -20,6 +20,7 @@ from engine.prefill_graphs import PrefillGraphs
 from engine.scheduler import SchedulerOutput
 from engine.state import device_ints
 from engine.state_pool import StatePool
+from kernels import pdl
 
 Speculated = tuple[list[int], torch.Tensor]  # (seq ids in row order, logits [N, vocab]) of a decode_next
 
@@ -33,6 +34,7 @@ class ModelRunner:
         self.num_prefill_calls = 0  # model.prefill calls so far (tests count forks against it)
         self.num_decode_calls = 0
         self.graphs: DecodeGraphs | None = None
+        pdl.configure(enabled=config.pdl)  # before any kernel is compiled or captured
         if self.device.type == "cuda" and config.fused_decode and hasattr(model, "enable_fused_decode"):
             model.enable_fused_decode()
         if self.device.type == "cuda":

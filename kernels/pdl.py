@@ -13,9 +13,10 @@ programmatic edge) the next kernel is launched while the previous one runs:
   that its loads after the wait hit L2 instead of HBM.
 
 Kernels take a ``USE_PDL`` constexpr (and the GEMV a ``PREFETCH`` one); ``options(t)`` gives the launch
-keyword arguments for a tensor's device. ``FENWICK_PDL=0`` turns PDL off, ``FENWICK_PDL_PREFETCH=0``
-the weight prefetch alone (both read at import, for benchmarks). The interpreter and GPUs before sm90
-never use it.
+keyword arguments for a tensor's device. The setting is the process's: the engine applies its
+``EngineConfig.pdl`` with ``configure`` at start-up (``--no-pdl``), before it compiles or captures
+anything; benchmarks may also turn the prefetch off alone. The interpreter and GPUs before sm90 never
+use it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,19 @@ from functools import cache
 
 import torch
 
-ENABLED = os.environ.get("FENWICK_PDL", "1") != "0"
-PREFETCH = os.environ.get("FENWICK_PDL_PREFETCH", "1") != "0"
+ENABLED = True  # see configure()
+PREFETCH = True
 LINE_BYTES = 128  # an L2 prefetch brings one cache line
+
+
+def configure(enabled: bool | None = None, prefetch: bool | None = None) -> None:
+    """Launch with PDL where the device supports it (``enabled``), and let the GEMVs prefetch their
+    weights before their wait (``prefetch``); None leaves a setting as it is. Kernels compiled or graphs
+    captured before keep the setting they were built with."""
+    global ENABLED, PREFETCH
+    ENABLED = ENABLED if enabled is None else enabled
+    PREFETCH = PREFETCH if prefetch is None else prefetch
+    _supported.cache_clear()
 
 
 @cache

@@ -78,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--prefill-graphs", type=int, default=None,
-        help="prompt steps replayed from CUDA graphs: at most this many kept, one per step shape "
-             "(prompt lengths and start positions) seen twice (default 8; 0: prompt steps always eager)",
+        help="opt-in: prompt steps replayed from CUDA graphs, at most this many kept, one per step shape "
+             "(prompt lengths and start positions) seen twice (default 0: prompt steps eager)",
+    )
+    serve.add_argument(
+        "--no-pdl", action="store_true",
+        help="launch the decode step's kernels one after the other, without programmatic dependent "
+             "launch (default: PDL on sm90+ GPUs)",
     )
     serve.add_argument(
         "--no-gc-freeze", action="store_true",
@@ -144,6 +149,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         engine_kwargs["gc_freeze"] = False
     if args.no_token_window:
         engine_kwargs["token_window"] = False
+    if args.no_pdl:
+        engine_kwargs["pdl"] = False
     name = args.served_model_name or model_dir.name
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(

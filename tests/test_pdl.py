@@ -16,15 +16,20 @@ from engine import LLM, SamplingParams
 from kernels import pdl
 
 
-def _pdl(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
-    monkeypatch.setattr(pdl, "ENABLED", on)
-    pdl._supported.cache_clear()
-
-
 @pytest.fixture(autouse=True)
-def _fresh_support_cache():
+def _restore_setting():
+    saved = pdl.ENABLED, pdl.PREFETCH
     yield
-    pdl._supported.cache_clear()  # the monkeypatched ENABLED must not outlive the test
+    pdl.configure(*saved)  # a test's setting must not outlive it
+
+
+def test_configure_sets_and_keeps():
+    pdl.configure(enabled=False)
+    assert not pdl.ENABLED and pdl.PREFETCH
+    pdl.configure(prefetch=False)
+    assert not pdl.ENABLED and not pdl.PREFETCH  # None keeps the other setting
+    pdl.configure(enabled=True, prefetch=True)
+    assert pdl.ENABLED and pdl.PREFETCH
 
 
 def test_cpu_tensors_never_launch_with_pdl():
@@ -45,8 +50,8 @@ def test_prefetch_lines_cover_the_rows_in_a_power_of_two():
 
 
 @pytest.mark.gpu
-def test_switch_turns_pdl_off(monkeypatch):
-    _pdl(monkeypatch, False)
+def test_switch_turns_pdl_off():
+    pdl.configure(enabled=False)
     assert pdl.options(torch.zeros(1, device="cuda")) == {"USE_PDL": False}
 
 
@@ -58,8 +63,10 @@ def test_pdl_is_on_for_sm90():
     assert pdl.options(torch.zeros(1, device="cuda")) == {"USE_PDL": True, "launch_pdl": True}
 
 
-def _generate(model_dir: Path, dtype: str) -> list:
-    llm = LLM(str(model_dir), device="cuda", dtype=dtype, max_num_seqs=8, cuda_graph_batch_sizes=(1, 2, 4, 8))
+def _generate(model_dir: Path, dtype: str, on: bool) -> list:
+    llm = LLM(str(model_dir), device="cuda", dtype=dtype, max_num_seqs=8, cuda_graph_batch_sizes=(1, 2, 4, 8),
+              pdl=on)
+    assert pdl.ENABLED == on  # the engine applied its setting
     prompts = [[3 + i] * (5 + 9 * i) for i in range(5)]  # 5 rows: the size-8 graph, positions 5..77
     params = SamplingParams(max_tokens=40, logprobs=3, temperature=0.0, ignore_eos=True)
     outs = [r.outputs[0] for r in llm.generate(prompts, params)]
@@ -68,11 +75,7 @@ def _generate(model_dir: Path, dtype: str) -> list:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_graphs_give_the_same_bits_with_and_without_pdl(tiny_model_dir: Path, monkeypatch, dtype):
-    """The GEMV-path decode step (rows <= 8) in CUDA graphs: every kernel of it launched with PDL, or
-    none; tokens and logprobs identical over 40 steps of 5 requests."""
-    _pdl(monkeypatch, True)
-    with_pdl = _generate(tiny_model_dir, dtype)
-    _pdl(monkeypatch, False)
-    without = _generate(tiny_model_dir, dtype)
-    assert with_pdl == without
+def test_decode_graphs_give_the_same_bits_with_and_without_pdl(tiny_model_dir: Path, dtype):
+    """The decode step in CUDA graphs (5 rows: the size-8 graph): every Triton kernel of it launched
+    with PDL, or none (``EngineConfig.pdl``); tokens and logprobs identical over 40 steps."""
+    assert _generate(tiny_model_dir, dtype, True) == _generate(tiny_model_dir, dtype, False)

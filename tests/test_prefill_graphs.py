@@ -39,7 +39,7 @@ def test_settings_are_checked(tiny_model_dir: Path):
 
 
 def test_cpu_engine_has_no_prefill_graphs(tiny_model_dir: Path):
-    llm = LLM(str(tiny_model_dir), device="cpu", max_num_seqs=2)
+    llm = LLM(str(tiny_model_dir), device="cpu", max_num_seqs=2, prefill_graphs=8)
     assert llm.engine.runner.prefill_graphs is None
 
 
@@ -58,7 +58,7 @@ def test_replayed_prefill_equals_eager_prefill(tiny_model_dir: Path, dtype: str,
     """Lengths across chunk (64) and window-block (16) bounds, from empty slots or after an eager
     prefix; four rounds of new tokens into other slots: round 0 runs eagerly, round 1 captures, rounds 2
     and 3 replay."""
-    llm = LLM(str(tiny_model_dir), device="cuda", dtype=dtype, max_num_seqs=8)
+    llm = LLM(str(tiny_model_dir), device="cuda", dtype=dtype, max_num_seqs=8, prefill_graphs=8)
     runner, model = llm.engine.runner, llm.engine.model
     graphs, state = runner.prefill_graphs, runner.state
     assert graphs is not None
@@ -101,8 +101,9 @@ def test_engine_with_prefill_graphs_matches_eager_engine(tiny_model_dir: Path):
     """Prompts of 40, 7 and 90 tokens in chunks of at most 32 (long_prefill_chunk): fresh and continuing
     prompt steps, the same shapes each round (eager, captured, replayed)."""
     kw = dict(device="cuda", dtype="float32", max_num_seqs=8, long_prefill_chunk=32)
-    graphs, eager = LLM(str(tiny_model_dir), **kw), LLM(str(tiny_model_dir), enforce_eager=True, **kw)
-    assert eager.engine.runner.prefill_graphs is None
+    graphs = LLM(str(tiny_model_dir), prefill_graphs=8, **kw)
+    eager = LLM(str(tiny_model_dir), **kw)  # the default: prompt steps eager (decode graphs on)
+    assert eager.engine.runner.prefill_graphs is None and eager.engine.runner.graphs is not None
     params = SamplingParams(max_tokens=10, logprobs=2, temperature=0.0, ignore_eos=True)
     for rnd in range(3):
         prompts = [[3 + rnd + i] * n for i, n in enumerate((40, 7, 90))]

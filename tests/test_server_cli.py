@@ -76,6 +76,7 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
             "--no-token-window",
             "--prefill-graphs",
             "2",
+            "--no-pdl",
         ]
     )
     engine_config, server_config = cli.build_configs(args)
@@ -86,6 +87,7 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert engine_config.overlap_decode is False and not engine_config.use_overlap_decode
     assert engine_config.gc_freeze is False and not engine_config.token_window
     assert engine_config.prefill_graphs == 2 and engine_config.prefill_graph_max_tokens == 256
+    assert not engine_config.pdl
     assert engine_config.served_model_name == server_config.served_model_name == "my-model"
     assert server_config.api_key == "k" and server_config.port == 9123
     assert dict(server_config.sampling_defaults) == {"temperature": 0.7, "top_k": 40}
@@ -94,7 +96,7 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
     defaults, _ = cli.build_configs(cli.build_parser().parse_args(["serve", "--model", str(model)]))
     assert defaults.state_dtype == "float32" and defaults.fused_decode and not defaults.enforce_eager
     assert defaults.overlap_decode is None and defaults.gc_freeze and defaults.token_window
-    assert defaults.prefill_graphs == 8
+    assert defaults.prefill_graphs == 0 and defaults.pdl  # prompt steps eager unless asked
     too_long = cli.build_parser().parse_args(
         ["serve", "--model", str(model), "--max-model-len", str(1 << 30)]
     )
