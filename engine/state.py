@@ -53,7 +53,7 @@ class ModelState:
     all_conv: torch.Tensor
     all_decay: torch.Tensor
     positions: torch.Tensor
-    # the low levels as raw tokens (kernels/window.py; token_window, off by default): [layers, P, 2, W, G, K],
+    # the low levels as raw tokens (kernels/window.py; token_window, on by default): [layers, P, 2, W, G, K],
     # [layers, P, 2, W, H, V], [layers, P, 2, W, H]
     all_window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     levels: list[torch.Tensor] = field(init=False, repr=False)
