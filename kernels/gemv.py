@@ -18,7 +18,9 @@ The Triton kernel is a GEMV over blocks of BN output columns (weight rows): each
 [BN, K] slice of the weight in [BN, BK] tiles against the [M, BK] input rows, a broadcast multiply into
 a float32 [M_PAD, BN, BK] accumulator that is reduced over BK once at the end (no tl.dot: M is tiny;
 no per-step shuffles). The K loop is software-pipelined (``num_stages`` cp.async stages) so that each
-program keeps ~24 KiB of loads in flight. The RMSNorm prologue first sums each input row's squares in
+program keeps ~24 KiB of loads in flight. At one row the whole [BN, K] slice fits in registers
+(``preload``): the program loads it before its PDL wait, so that only the input is read after the previous
+kernel has finished; the product is then one broadcast multiply and one reduction. The RMSNorm prologue first sums each input row's squares in
 one pass for K <= 8192 / M_PAD (the rows are small and stay in L1/L2), then the main loop normalises the
 input on the fly and rounds it to the model dtype exactly where the reference rounds, so that the only
 differences left are the order of the float32 sums and rsqrt's last bit. SiLU-mul programs own
@@ -46,6 +48,7 @@ ACC_ELEMS = 8192  # M_PAD * BN * BK (x2 for gate/up): 64 float32 accumulator reg
 NORM_ELEMS = 8192  # M_PAD * BK of the RMSNorm prologue's tile: K <= 1024 is one pass even at M = 8
 IN_FLIGHT_BYTES = 24 << 10  # weight + input bytes a program keeps in flight through the pipeline's stages
 NUM_WARPS = 4
+PRELOAD_ELEMS = 16384  # M_PAD * BN * next_pow2(K) (x2 for gate/up) up to which the slice is preloaded
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class GemvConfig:
     block_n: int  # BN: output columns (weight rows) per program, a power of 2
     block_k: int  # BK: reduction chunk per step of the K loop, a power of 2
     num_stages: int  # software pipeline depth of the K loop (cp.async stages on sm80+)
+    preload: bool = False  # the whole [BN, K] weight slice in registers, loaded before the PDL wait
+    num_warps: int = NUM_WARPS
 
 
 # ---- PyTorch references -------------------------------------------------------------------------
@@ -110,20 +115,13 @@ _prefetch_l2 = None  # kernels.pdl_triton.prefetch_l2, bound by _triton() too
 
 def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, eps,
                  K: tl.constexpr, M_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 BK_NORM: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, NL: tl.constexpr, LINE: tl.constexpr):
+                 BK_NORM: tl.constexpr, NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr, BKP: tl.constexpr,
+                 HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
+                 USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, NL: tl.constexpr, LINE: tl.constexpr):
     """USE_PDL (kernels.pdl): wait for the previous kernel before reading anything it may have written
-    (x, the residual); PREFETCH: first ask L2 for this program's weight rows, NL lines of LINE elements."""
+    (x, the residual). Before the wait, PRELOAD: load this program's weight rows whole ([BN, BKP], BKP =
+    next_pow2(K)); otherwise PREFETCH: ask L2 for them, NL lines of LINE elements."""
     i_n = tl.program_id(0)
-    if USE_PDL:
-        if PREFETCH:  # the weight rows are constants: fetch them while the previous kernel drains
-            o_l = tl.minimum(i_n * BN * K + tl.arange(0, NL) * LINE, N * K - 1)
-            _prefetch_l2(weight + o_l)
-            if SILU_MUL:
-                _prefetch_l2(weight + N * K + o_l)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     o_m = tl.arange(0, M_PAD)
     o_n = i_n * BN + tl.arange(0, BN)
     m_m = (o_m < M)[:, None, None]  # (M_PAD, 1, 1)
@@ -132,32 +130,57 @@ def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, 
     p_w = weight + o_n[None, :, None].to(tl.int64) * K  # (1, BN, 1) row starts
     if SILU_MUL:
         p_wu = weight + (N + o_n)[None, :, None].to(tl.int64) * K  # up_proj rows of the same outputs
-    if HAS_NORM:
-        b_ss = tl.zeros([M_PAD], dtype=tl.float32)
-        for i_k in range(tl.cdiv(K, BK_NORM)):
-            o_k = i_k * BK_NORM + tl.arange(0, BK_NORM)
-            m_x = (o_m < M)[:, None] & (o_k < K)[None, :]
-            b_x = tl.load(x + o_m[:, None] * s_xm + o_k[None, :], mask=m_x, other=0.0).to(tl.float32)
-            b_ss += tl.sum(b_x * b_x, axis=1)
-        b_r = tl.rsqrt(b_ss / K + eps)[:, None, None]  # (M_PAD, 1, 1)
+    if PRELOAD:  # the weight rows are constants: in registers while the previous kernel drains
+        o_kp = tl.arange(0, BKP)[None, None, :]  # (1, 1, BKP)
+        m_kp = o_kp < K
+        b_wp = tl.load(p_w + o_kp, mask=m_n & m_kp, other=0.0)  # (1, BN, BKP)
+        if SILU_MUL:
+            b_wup = tl.load(p_wu + o_kp, mask=m_n & m_kp, other=0.0)
+        if HAS_NORM:
+            b_nwp = tl.load(norm_weight + o_kp, mask=m_kp, other=0.0).to(tl.float32)
+    if USE_PDL:
+        if PREFETCH and not PRELOAD:  # fetch the weight rows into L2 while the previous kernel drains
+            o_l = tl.minimum(i_n * BN * K + tl.arange(0, NL) * LINE, N * K - 1)
+            _prefetch_l2(weight + o_l)
+            if SILU_MUL:
+                _prefetch_l2(weight + N * K + o_l)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     m_y = (o_m < M)[:, None] & (o_n < N)[None, :]  # (M_PAD, BN)
     if HAS_RESIDUAL:  # loaded before the K loop so that its latency hides behind the weights'
         b_res = tl.load(residual + o_m[:, None] * s_rm + o_n[None, :], mask=m_y, other=0.0).to(tl.float32)
-    b_acc = tl.zeros([M_PAD, BN, BK], dtype=tl.float32)
-    if SILU_MUL:
-        b_acc_up = tl.zeros([M_PAD, BN, BK], dtype=tl.float32)
-    for i_k in tl.range(tl.cdiv(K, BK), num_stages=NUM_STAGES):
-        o_k = (i_k * BK + tl.arange(0, BK))[None, None, :]  # (1, 1, BK)
-        m_k = o_k < K
-        b_x = tl.load(p_x + o_k, mask=m_m & m_k, other=0.0).to(tl.float32)  # (M_PAD, 1, BK)
+    if PRELOAD:
+        b_x = tl.load(p_x + o_kp, mask=m_m & m_kp, other=0.0).to(tl.float32)  # (M_PAD, 1, BKP)
         if HAS_NORM:
-            b_nw = tl.load(norm_weight + o_k, mask=m_k, other=0.0).to(tl.float32)
-            b_x = (b_x * b_r * b_nw).to(x.dtype.element_ty).to(tl.float32)  # rounded as the reference
-        b_w = tl.load(p_w + o_k, mask=m_n & m_k, other=0.0).to(tl.float32)  # (1, BN, BK)
-        b_acc += b_x * b_w
+            b_r = tl.rsqrt(tl.sum(b_x * b_x, axis=2) / K + eps)[:, :, None]  # (M_PAD, 1, 1)
+            b_x = (b_x * b_r * b_nwp).to(x.dtype.element_ty).to(tl.float32)  # rounded as the reference
+        b_acc = b_x * b_wp.to(tl.float32)  # (M_PAD, BN, BKP)
         if SILU_MUL:
-            b_wu = tl.load(p_wu + o_k, mask=m_n & m_k, other=0.0).to(tl.float32)
-            b_acc_up += b_x * b_wu
+            b_acc_up = b_x * b_wup.to(tl.float32)
+    else:
+        if HAS_NORM:
+            b_ss = tl.zeros([M_PAD], dtype=tl.float32)
+            for i_k in range(tl.cdiv(K, BK_NORM)):
+                o_k = i_k * BK_NORM + tl.arange(0, BK_NORM)
+                m_x = (o_m < M)[:, None] & (o_k < K)[None, :]
+                b_x = tl.load(x + o_m[:, None] * s_xm + o_k[None, :], mask=m_x, other=0.0).to(tl.float32)
+                b_ss += tl.sum(b_x * b_x, axis=1)
+            b_r = tl.rsqrt(b_ss / K + eps)[:, None, None]  # (M_PAD, 1, 1)
+        b_acc = tl.zeros([M_PAD, BN, BK], dtype=tl.float32)
+        if SILU_MUL:
+            b_acc_up = tl.zeros([M_PAD, BN, BK], dtype=tl.float32)
+        for i_k in tl.range(tl.cdiv(K, BK), num_stages=NUM_STAGES):
+            o_k = (i_k * BK + tl.arange(0, BK))[None, None, :]  # (1, 1, BK)
+            m_k = o_k < K
+            b_x = tl.load(p_x + o_k, mask=m_m & m_k, other=0.0).to(tl.float32)  # (M_PAD, 1, BK)
+            if HAS_NORM:
+                b_nw = tl.load(norm_weight + o_k, mask=m_k, other=0.0).to(tl.float32)
+                b_x = (b_x * b_r * b_nw).to(x.dtype.element_ty).to(tl.float32)  # rounded as the reference
+            b_w = tl.load(p_w + o_k, mask=m_n & m_k, other=0.0).to(tl.float32)  # (1, BN, BK)
+            b_acc += b_x * b_w
+            if SILU_MUL:
+                b_wu = tl.load(p_wu + o_k, mask=m_n & m_k, other=0.0).to(tl.float32)
+                b_acc_up += b_x * b_wu
     b_y = tl.sum(b_acc, axis=2).to(out.dtype.element_ty).to(tl.float32)  # (M_PAD, BN) the Linear output
     if SILU_MUL:
         b_u = tl.sum(b_acc_up, axis=2).to(out.dtype.element_ty).to(tl.float32)
@@ -189,9 +212,14 @@ def _pow2(n: int) -> int:
 
 
 def default_config(M: int, K: int, itemsize: int, has_norm: bool, silu_mul: bool) -> GemvConfig:
-    """BN fixed; BK as wide as the accumulator budget allows, within [32, 512]; enough stages to keep
-    about IN_FLIGHT_BYTES of weights and inputs loading (at least 2, at most 8, no more than the loop has)."""
+    """BN fixed. Where the [BN, K] slice fits PRELOAD_ELEMS (one row): preloaded, 4 warps up to 8192
+    elements, 8 above. Otherwise BK as wide as the accumulator budget allows, within [32, 512], and enough
+    stages to keep about IN_FLIGHT_BYTES of weights and inputs loading (at least 2, at most 8, no more than
+    the loop has)."""
     m_pad, n_w = _pow2(M), 2 if silu_mul else 1
+    tile = m_pad * BLOCK_N * _pow2(K) * n_w
+    if tile <= PRELOAD_ELEMS:
+        return GemvConfig(BLOCK_N, 32, 1, preload=True, num_warps=NUM_WARPS if tile <= 8192 else 2 * NUM_WARPS)
     bk = max(32, min(512, ACC_ELEMS // (m_pad * BLOCK_N * n_w), _pow2(K)))
     stage = (n_w * BLOCK_N + m_pad) * bk * itemsize + (4 * bk if has_norm else 0)
     stages = max(2, min(8, 1 + round(IN_FLIGHT_BYTES / stage), 1 + -(-K // bk)))
@@ -221,9 +249,10 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, N: int, norm_weight: torch.Tens
         0 if residual is None else residual.stride(0), out.stride(0), eps,
         K=K, M_PAD=m_pad, BN=cfg.block_n, BK=cfg.block_k,
         BK_NORM=max(cfg.block_k, min(_pow2(K), NORM_ELEMS // m_pad)), NUM_STAGES=cfg.num_stages,
-        HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
+        PRELOAD=cfg.preload, BKP=_pow2(K), HAS_NORM=norm_weight is not None,
+        HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
         PREFETCH=pdl.PREFETCH, NL=pdl.prefetch_lines(cfg.block_n, K, weight.element_size()),
-        LINE=pdl.LINE_BYTES // weight.element_size(), num_warps=NUM_WARPS, **pdl.options(x),
+        LINE=pdl.LINE_BYTES // weight.element_size(), num_warps=cfg.num_warps, **pdl.options(x),
     )
     return out
 

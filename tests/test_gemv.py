@@ -142,10 +142,17 @@ def test_default_configs_fit_the_register_and_pipeline_budgets():
             for itemsize, norm, silu in ((2, True, False), (2, False, False), (2, True, True), (4, 1, 1)):
                 c = gemv.default_config(M, K, itemsize, norm, silu)
                 m_pad = 1 << (M - 1).bit_length()
+                tile = m_pad * c.block_n * (1 << (K - 1).bit_length()) * (2 if silu else 1)
+                assert c.preload == (tile <= gemv.PRELOAD_ELEMS), (M, K, c)
+                if c.preload:  # registers: at most 64 float32 products a thread
+                    assert tile <= 64 * 32 * c.num_warps, (M, K, c)
+                    continue
                 assert c.block_k & (c.block_k - 1) == 0 and 32 <= c.block_k <= 512
                 assert m_pad * c.block_n * c.block_k * (2 if silu else 1) <= gemv.ACC_ELEMS
                 assert 2 <= c.num_stages <= 8
     assert -(-768 // gemv.default_config(8, 1536, 2, False, False).block_n) >= 96  # out_proj fills the SMs
+    for K in (768, 1536, 2048):  # batch 1 of the bench model: every layer's GEMV preloads its weights
+        assert gemv.default_config(1, K, 2, True, K == 768).preload
 
 
 def test_imports_and_dispatches_without_triton(monkeypatch):
@@ -163,6 +170,8 @@ def test_imports_and_dispatches_without_triton(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # CPU: the Triton kernel under the interpreter, in a subprocess
+
+PRELOAD = gemv.GemvConfig(8, 32, 1, preload=True)
 
 # op, M, K, N (I for silu_mul), dtype, launch config (None: default_config), strided rows?
 CASES = {
@@ -195,6 +204,18 @@ CASES = {
     "silu_bf16_M8_I45": dict(op="rmsnorm_linear_silu_mul", M=8, N=45, dtype=torch.bfloat16),
     "silu_bf16_M6_I45_default_config": dict(op="rmsnorm_linear_silu_mul", M=6, N=45, dtype=torch.bfloat16,
                                             config=None),
+    # the whole weight slice loaded before the wait (one or two rows; K = 200 pads to 256)
+    "preload_norm_bf16_M1": dict(op="rmsnorm_linear", M=1, dtype=torch.bfloat16, config=PRELOAD),
+    "preload_norm_fp32_M2_strided": dict(op="rmsnorm_linear", M=2, dtype=torch.float32, config=PRELOAD,
+                                         strided=True),
+    "preload_res_bf16_M1": dict(op="linear_residual", M=1, dtype=torch.bfloat16, config=PRELOAD),
+    "preload_res_fp16_M2": dict(op="linear_residual", M=2, dtype=torch.float16, config=PRELOAD),
+    "preload_silu_bf16_M1_I45": dict(op="rmsnorm_linear_silu_mul", M=1, N=45, dtype=torch.bfloat16,
+                                     config=PRELOAD),
+    "preload_silu_fp32_M1_I45_default_config": dict(op="rmsnorm_linear_silu_mul", M=1, N=45,
+                                                    dtype=torch.float32, config=None),
+    "preload_norm_bf16_M1_K768_default_config": dict(op="rmsnorm_linear", M=1, K=768, N=20,
+                                                     dtype=torch.bfloat16, config=None),
 }
 SMALL = gemv.GemvConfig(8, 64, 3)  # K = 200: three full K steps and a partial one
 
