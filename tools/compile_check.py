@@ -102,6 +102,14 @@ def _cases(dt: torch.dtype) -> dict[str, Callable[[], object]]:
         "gemv rmsnorm_linear_silu_mul": lambda: gemv.rmsnorm_linear_silu_mul_triton(h, torch.randn(768), 1e-5,
                                                                                      r(4096, 768)),
         "gemv linear_residual": lambda: gemv.linear_residual_triton(r(N, I), r(768, I), h),
+        # one row: the weight slices preloaded before the PDL wait (gemv.default_config)
+        "gemv rmsnorm_linear 1 row": lambda: gemv.rmsnorm_linear_triton(h[:1], torch.randn(768), 1e-5,
+                                                                        r(3000, 768)),
+        "gemv rmsnorm_linear_silu_mul 1 row": lambda: gemv.rmsnorm_linear_silu_mul_triton(
+            h[:1], torch.randn(768), 1e-5, r(4096, 768)),
+        "gemv linear_residual 1 row": lambda: gemv.linear_residual_triton(r(1, I), r(768, I), h[:1]),
+        "gemv linear_residual 1 row K 2048": lambda: gemv.linear_residual_triton(r(1, 2048), r(768, 2048),
+                                                                                 h[:1]),
     })
     return cases
 
