@@ -19,7 +19,7 @@ The Triton kernel is a GEMV over blocks of BN output columns (weight rows): each
 a float32 [M_PAD, BN, BK] accumulator that is reduced over BK once at the end (no tl.dot: M is tiny;
 no per-step shuffles). The K loop is software-pipelined (``num_stages`` cp.async stages) so that each
 program keeps ~24 KiB of loads in flight. At one row the whole [BN, K] slice fits in registers
-(``preload``): the program loads it before its PDL wait, so that only the input is read after the previous
+(``preload``, with BN narrowed to 4 rows where K is wide): the program loads it before its PDL wait, so that only the input is read after the previous
 kernel has finished; the product is then one broadcast multiply and one reduction. The RMSNorm prologue first sums each input row's squares in
 one pass for K <= 8192 / M_PAD (the rows are small and stay in L1/L2), then the main loop normalises the
 input on the fly and rounds it to the model dtype exactly where the reference rounds, so that the only
@@ -48,7 +48,8 @@ ACC_ELEMS = 8192  # M_PAD * BN * BK (x2 for gate/up): 64 float32 accumulator reg
 NORM_ELEMS = 8192  # M_PAD * BK of the RMSNorm prologue's tile: K <= 1024 is one pass even at M = 8
 IN_FLIGHT_BYTES = 24 << 10  # weight + input bytes a program keeps in flight through the pipeline's stages
 NUM_WARPS = 4
-PRELOAD_ELEMS = 16384  # M_PAD * BN * next_pow2(K) (x2 for gate/up) up to which the slice is preloaded
+PRELOAD_ELEMS = 8192  # M_PAD * BN * next_pow2(K) (x2 for gate/up) up to which the slice is preloaded
+PRELOAD_MIN_BN = 4  # the preloading program narrows BN down to this to fit PRELOAD_ELEMS
 
 
 @dataclass(frozen=True)
@@ -212,14 +213,16 @@ def _pow2(n: int) -> int:
 
 
 def default_config(M: int, K: int, itemsize: int, has_norm: bool, silu_mul: bool) -> GemvConfig:
-    """BN fixed. Where the [BN, K] slice fits PRELOAD_ELEMS (one row): preloaded, 4 warps up to 8192
-    elements, 8 above. Otherwise BK as wide as the accumulator budget allows, within [32, 512], and enough
-    stages to keep about IN_FLIGHT_BYTES of weights and inputs loading (at least 2, at most 8, no more than
-    the loop has)."""
+    """Preloaded where a slice of at least PRELOAD_MIN_BN rows fits PRELOAD_ELEMS (one row): BN the widest
+    power of 2 up to BLOCK_N that fits. Otherwise BN = BLOCK_N; BK as wide as the accumulator budget
+    allows, within [32, 512], and enough stages to keep about IN_FLIGHT_BYTES of weights and inputs loading
+    (at least 2, at most 8, no more than the loop has)."""
     m_pad, n_w = _pow2(M), 2 if silu_mul else 1
-    tile = m_pad * BLOCK_N * _pow2(K) * n_w
-    if tile <= PRELOAD_ELEMS:
-        return GemvConfig(BLOCK_N, 32, 1, preload=True, num_warps=NUM_WARPS if tile <= 8192 else 2 * NUM_WARPS)
+    bn = BLOCK_N
+    while bn > PRELOAD_MIN_BN and m_pad * bn * _pow2(K) * n_w > PRELOAD_ELEMS:
+        bn //= 2
+    if m_pad * bn * _pow2(K) * n_w <= PRELOAD_ELEMS:
+        return GemvConfig(bn, 32, 1, preload=True)
     bk = max(32, min(512, ACC_ELEMS // (m_pad * BLOCK_N * n_w), _pow2(K)))
     stage = (n_w * BLOCK_N + m_pad) * bk * itemsize + (4 * bk if has_norm else 0)
     stages = max(2, min(8, 1 + round(IN_FLIGHT_BYTES / stage), 1 + -(-K // bk)))
