@@ -40,6 +40,13 @@ def _program_row(slots, positions, H: tl.constexpr, G: tl.constexpr, NV: tl.cons
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    return _program_ids(slots, positions, H, G, NV)
+
+
+@triton.jit
+def _program_ids(slots, positions, H: tl.constexpr, G: tl.constexpr, NV: tl.constexpr):
+    """``_program_row`` without the wait: the slots and positions are written before a step's first
+    kernel, so a kernel later in the step may read them before its PDL wait."""
     i_hv, i_n = tl.program_id(0), tl.program_id(1)
     i_h, i_v = i_hv // NV, i_hv % NV
     i_s = tl.load(slots + i_n).to(tl.int64)

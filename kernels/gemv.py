@@ -19,8 +19,9 @@ The Triton kernel is a GEMV over blocks of BN output columns (weight rows): each
 a float32 [M_PAD, BN, BK] accumulator that is reduced over BK once at the end (no tl.dot: M is tiny;
 no per-step shuffles). The K loop is software-pipelined (``num_stages`` cp.async stages) so that each
 program keeps ~24 KiB of loads in flight. At one row the whole [BN, K] slice fits in registers
-(``preload``, with BN narrowed to 4 rows where K is wide): the program loads it before its PDL wait, so that only the input is read after the previous
-kernel has finished; the product is then one broadcast multiply and one reduction. The RMSNorm prologue first sums each input row's squares in
+(``preload``, BN narrowed to as few as PRELOAD_MIN_BN rows where K is wide): the program loads it before
+its PDL wait, so that only the input is read after the previous kernel has finished, and the product is
+one broadcast multiply and one reduction. The RMSNorm prologue first sums each input row's squares in
 one pass for K <= 8192 / M_PAD (the rows are small and stay in L1/L2), then the main loop normalises the
 input on the fly and rounds it to the model dtype exactly where the reference rounds, so that the only
 differences left are the order of the float32 sums and rsqrt's last bit. SiLU-mul programs own
@@ -50,6 +51,7 @@ IN_FLIGHT_BYTES = 24 << 10  # weight + input bytes a program keeps in flight thr
 NUM_WARPS = 4
 PRELOAD_ELEMS = 8192  # M_PAD * BN * next_pow2(K) (x2 for gate/up) up to which the slice is preloaded
 PRELOAD_MIN_BN = 4  # the preloading program narrows BN down to this to fit PRELOAD_ELEMS
+PRELOAD_THREAD_ELEMS = 16  # products a thread of a preloading program holds: fewer warps for narrow tiles
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,10 @@ def default_config(M: int, K: int, itemsize: int, has_norm: bool, silu_mul: bool
     bn = BLOCK_N
     while bn > PRELOAD_MIN_BN and m_pad * bn * _pow2(K) * n_w > PRELOAD_ELEMS:
         bn //= 2
-    if m_pad * bn * _pow2(K) * n_w <= PRELOAD_ELEMS:
-        return GemvConfig(bn, 32, 1, preload=True)
+    tile = m_pad * bn * _pow2(K) * n_w
+    if tile <= PRELOAD_ELEMS:
+        return GemvConfig(bn, 32, 1, preload=True,
+                          num_warps=max(1, min(NUM_WARPS, tile // (32 * PRELOAD_THREAD_ELEMS))))
     bk = max(32, min(512, ACC_ELEMS // (m_pad * BLOCK_N * n_w), _pow2(K)))
     stage = (n_w * BLOCK_N + m_pad) * bk * itemsize + (4 * bk if has_norm else 0)
     stages = max(2, min(8, 1 + round(IN_FLIGHT_BYTES / stage), 1 + -(-K // bk)))

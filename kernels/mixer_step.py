@@ -239,60 +239,75 @@ def _triton() -> SimpleNamespace | None:
         HID: tl.constexpr, W: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, BJ: tl.constexpr,
         NC: tl.constexpr, LAMBDA: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
     ):
+        # USE_PDL (kernels.pdl): the weights, the slot and this slot's conv window (this kernel's own
+        # state, written one decode step earlier; read past L1) load before the wait, and the window
+        # shifts; proj, the previous kernel's output, is read after it
         i_n, i_b = tl.program_id(0), tl.program_id(1)
-        if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         p_dt = proj + i_n * s_pn + I + D
         if i_b < NC:
             # channels o_c of row i_n: the conv window is read and shifted by this program only
             i_s = tl.load(slots + i_n).to(tl.int64)
             o_c = i_b * BC + tl.arange(0, BC)
             m_c = o_c < D
+            m_x = o_c < I
+            o_h = o_c // V
             p_win = conv_pool + i_s * s_cp + o_c * s_cd
             b_acc = tl.zeros([BC], dtype=tl.float32)
-            for w in tl.static_range(W - 1):
-                b_x = tl.load(p_win + w * s_cw, mask=m_c, other=0.0)
+            for w in tl.static_range(W - 1):  # the window's taps, shifted down by one as they are read
+                b_x = tl.load(p_win + w * s_cw, mask=m_c, other=0.0, cache_modifier=".cg")
                 b_w = tl.load(conv_weight + o_c * s_wd + w * s_ww, mask=m_c, other=0.0)
                 b_acc += b_x.to(tl.float32) * b_w.to(tl.float32)
                 if w > 0:
                     tl.store(p_win + (w - 1) * s_cw, b_x, mask=m_c)
-            b_x = tl.load(proj + i_n * s_pn + I + o_c, mask=m_c, other=0.0).to(conv_pool.dtype.element_ty)
             b_w = tl.load(conv_weight + o_c * s_wd + (W - 1) * s_ww, mask=m_c, other=0.0)
+            if HAS_BIAS:
+                b_bias = tl.load(conv_bias + o_c, mask=m_c, other=0.0).to(tl.float32)
+            b_dtb = tl.load(dt_bias + o_h, mask=m_x, other=0.0)
+            if USE_PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            b_x = tl.load(proj + i_n * s_pn + I + o_c, mask=m_c, other=0.0).to(conv_pool.dtype.element_ty)
             b_acc += b_x.to(tl.float32) * b_w.to(tl.float32)
             tl.store(p_win + (W - 2) * s_cw, b_x, mask=m_c)
             if HAS_BIAS:
-                b_acc += tl.load(conv_bias + o_c, mask=m_c, other=0.0).to(tl.float32)
+                b_acc += b_bias
             b_y = (b_acc / (1.0 + tl.exp(-b_acc))).to(xbc.dtype.element_ty)
             tl.store(xbc + i_n * D + o_c, b_y, mask=m_c)
             if i_b * BC < I:
-                m_x = o_c < I
-                o_h = o_c // V
                 b_dt = tl.load(p_dt + o_h, mask=m_x, other=0.0).to(tl.float32)
-                b_delta = _softplus(b_dt + tl.load(dt_bias + o_h, mask=m_x, other=0.0))
+                b_delta = _softplus(b_dt + b_dtb)
                 tl.store(v + i_n * I + o_c, (b_y.to(tl.float32) * b_delta).to(v.dtype.element_ty), mask=m_x)
         else:
             i_h = i_b - NC
-            b_delta = _softplus(tl.load(p_dt + i_h).to(tl.float32) + tl.load(dt_bias + i_h))
-            tl.store(g + i_n * H + i_h, -tl.exp(tl.load(A_log + i_h)) * b_delta)
             o_l = tl.arange(0, BL)
             m_l = o_l < LV
+            b_dtb_h, b_A = tl.load(dt_bias + i_h), tl.load(A_log + i_h)
+            if LAMBDA == "linear":
+                b_L = tl.load(lam_L + i_h * LV + o_l, mask=m_l, other=0.0)
+            elif LAMBDA == "mlp":
+                o_j = tl.arange(0, BJ)
+                m_j = o_j < HID
+                m_jl = m_j[:, None] & m_l[None, :]
+                b_w1 = tl.load(fc1_w + o_j[:, None] * LV + o_l[None, :], mask=m_jl, other=0.0)  # (BJ, BL)
+                b_b1 = tl.load(fc1_b + o_j, mask=m_j, other=0.0)
+                b_w2 = tl.load(fc2_w + o_l[None, :] * HID + o_j[:, None], mask=m_jl, other=0.0)  # fc2ᵀ
+                b_b2 = tl.load(fc2_b + o_l, mask=m_l, other=0.0)
+            if USE_PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
+            b_delta = _softplus(tl.load(p_dt + i_h).to(tl.float32) + b_dtb_h)
+            tl.store(g + i_n * H + i_h, -tl.exp(b_A) * b_delta)
             p_lam = lam + (i_n * H + i_h) * LV + o_l
             if LAMBDA == "none":
                 tl.store(p_lam, tl.full([BL], 1.0, dtype=tl.float32), mask=m_l)
             else:
                 b_dl = tl.load(p_dt + H + i_h * LV + o_l, mask=m_l, other=0.0).to(tl.float32)
                 if LAMBDA == "linear":
-                    b_a = tl.load(lam_L + i_h * LV + o_l, mask=m_l, other=0.0) * b_dl
+                    b_a = b_L * b_dl
                 else:
-                    o_j = tl.arange(0, BJ)
-                    m_j = o_j < HID
-                    m_jl = m_j[:, None] & m_l[None, :]
-                    b_w1 = tl.load(fc1_w + o_j[:, None] * LV + o_l[None, :], mask=m_jl, other=0.0)  # (BJ, BL)
-                    b_h = tl.sum(b_w1 * b_dl[None, :], axis=1) + tl.load(fc1_b + o_j, mask=m_j, other=0.0)
+                    b_h = tl.sum(b_w1 * b_dl[None, :], axis=1) + b_b1
                     b_h = b_h * 0.5 * (1.0 + tl.math.erf(b_h * 0.7071067811865476))  # exact GELU
-                    b_w2 = tl.load(fc2_w + o_l[None, :] * HID + o_j[:, None], mask=m_jl, other=0.0)  # fc2ᵀ
-                    b_a = tl.sum(b_w2 * b_h[:, None], axis=0) + tl.load(fc2_b + o_l, mask=m_l, other=0.0)
+                    b_a = tl.sum(b_w2 * b_h[:, None], axis=0) + b_b2
                 tl.store(p_lam, _softplus(b_a), mask=m_l)
 
     def mixer_decode_inputs_triton(proj: torch.Tensor, conv_pool: torch.Tensor, slots: torch.Tensor,

@@ -108,13 +108,24 @@ def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_ok, s_on, s_oh, s_xn, s_xh, s
                           HAS_WEIGHT: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
                           USE_PDL: tl.constexpr):
     i_g, i_n = tl.program_id(0), tl.program_id(1)
-    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     o_g = tl.arange(0, BG)
     m_c = o_g < GS
     o_c = i_g * GS + o_g  # channel along I
     o_h, o_v = o_c // V, o_c % V
+    # USE_PDL (kernels.pdl): x and z come from kernels at least two launches back, whose writes are
+    # visible once this kernel runs at all (the previous kernel waited for them before letting it start),
+    # so they load before the wait, past L1; o, the previous kernel's output, after it
+    b_x = tl.load(x + i_n * s_xn + o_h * s_xh + o_v, mask=m_c, other=0.0, cache_modifier=".cg").to(tl.float32)
+    b_z = tl.load(z + i_n * s_zn + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(tl.float32)
+    if D_PER_CHANNEL:
+        b_D = tl.load(D + o_c, mask=m_c, other=0.0).to(tl.float32)
+    else:
+        b_D = tl.load(D + o_h, mask=m_c, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        b_w = tl.load(weight + o_c, mask=m_c, other=0.0).to(tl.float32)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if NK == 1:
         b_o = tl.load(o + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
     else:  # partial read-outs: NKB of them per load, so the loads of a chunk are in flight together
@@ -124,16 +135,9 @@ def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_ok, s_on, s_oh, s_xn, s_xh, s
             p_o = o + (i_k + o_kb)[:, None] * s_ok + (i_n * s_on + o_h * s_oh + o_v)[None, :]
             m_o = ((i_k + o_kb) < NK)[:, None] & m_c[None, :]
             b_o += tl.sum(tl.load(p_o, mask=m_o, other=0.0).to(tl.float32), axis=0)
-    b_x = tl.load(x + i_n * s_xn + o_h * s_xh + o_v, mask=m_c, other=0.0).to(tl.float32)
-    if D_PER_CHANNEL:
-        b_D = tl.load(D + o_c, mask=m_c, other=0.0).to(tl.float32)
-    else:
-        b_D = tl.load(D + o_h, mask=m_c, other=0.0).to(tl.float32)
     b_y = tl.fma(b_x, b_D, b_o)  # one rounding, as torch's addcmul on the CPU
-    b_z = tl.load(z + i_n * s_zn + o_c, mask=m_c, other=0.0).to(tl.float32)
     b_gate = b_z / (1.0 + tl.exp(-b_z))
     if HAS_WEIGHT:
-        b_w = tl.load(weight + o_c, mask=m_c, other=0.0).to(tl.float32)
         if NORM_BEFORE_GATE:
             b_y = b_y * tl.rsqrt(tl.sum(b_y * b_y, axis=0) / GS + eps) * b_w * b_gate
         else:

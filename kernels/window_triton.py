@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels.chunk import _bitlen, log2_pow2
-from kernels.fused_recurrent import _program_row, _token_inputs
+from kernels.fused_recurrent import _program_ids, _token_inputs
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
 from kernels.window import BW, W, check_pool_levels
@@ -30,16 +30,14 @@ def _window_step_kernel(
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BWL: tl.constexpr, WN: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    i_n, i_h, i_v, i_g, i_s, t = _program_row(slots, positions, H, G, NV, USE_PDL)
+    # USE_PDL (kernels.pdl): the slot, the position and this block's earlier window rows (this kernel's
+    # own state, from earlier steps; read past L1) load before the wait; the token's inputs after it
+    i_n, i_h, i_v, i_g, i_s, t = _program_ids(slots, positions, H, G, NV)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_w = tl.arange(0, WN)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
-    b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
-                                           s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
-    b_g = tl.load(g + i_n * s_gn + i_h).to(tl.float32)
-    p_lam = lam + i_n * s_ln + i_h * s_lh
 
     # the window buffers of this slot: [2, WN, G, K], [2, WN, H, V], [2, WN, H] (contiguous)
     block, row = t >> BWL, t & (WN - 1)
@@ -51,11 +49,18 @@ def _window_step_kernel(
     # this block's earlier rows, then the token itself (level 0)
     m_w = o_w < row
     b_wk = tl.load(p_wk + buf * (WN * G * K) + o_w[:, None] * (G * K) + o_k[None, :],
-                   mask=m_w[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+                   mask=m_w[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
     b_wv = tl.load(p_wv + buf * (WN * H * V) + o_w[:, None] * (H * V) + o_v[None, :],
-                   mask=m_w[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-    b_wg = tl.load(p_wg + buf * (WN * H) + o_w * H, mask=m_w, other=0.0)
-    g_prev = tl.load(p_wg + buf * (WN * H) + tl.maximum(row - 1, 0) * H)
+                   mask=m_w[:, None] & m_v[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+    b_wg = tl.load(p_wg + buf * (WN * H) + o_w * H, mask=m_w, other=0.0, cache_modifier=".cg")
+    g_prev = tl.load(p_wg + buf * (WN * H) + tl.maximum(row - 1, 0) * H, cache_modifier=".cg")
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
+                                           s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
+    b_g = tl.load(g + i_n * s_gn + i_h).to(tl.float32)
+    p_lam = lam + i_n * s_ln + i_h * s_lh
     g_t = tl.where(row > 0, g_prev + b_g, 0.0)
     lev = _bitlen(t ^ ((block << BWL) + o_w), BWL)
     b_lr = tl.load(p_lam + lev, mask=m_w, other=0.0).to(tl.float32)
