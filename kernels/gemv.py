@@ -49,8 +49,8 @@ ACC_ELEMS = 8192  # M_PAD * BN * BK (x2 for gate/up): 64 float32 accumulator reg
 NORM_ELEMS = 8192  # M_PAD * BK of the RMSNorm prologue's tile: K <= 1024 is one pass even at M = 8
 IN_FLIGHT_BYTES = 24 << 10  # weight + input bytes a program keeps in flight through the pipeline's stages
 NUM_WARPS = 4
-PRELOAD_ELEMS = 8192  # M_PAD * BN * next_pow2(K) (x2 for gate/up) up to which the slice is preloaded
-PRELOAD_MIN_BN = 4  # the preloading program narrows BN down to this to fit PRELOAD_ELEMS
+PRELOAD_ELEMS = 4096  # M_PAD * BN * next_pow2(K) (x2 for gate/up) up to which the slice is preloaded
+PRELOAD_MIN_BN = 2  # the preloading program narrows BN down to this to fit PRELOAD_ELEMS
 PRELOAD_THREAD_ELEMS = 16  # products a thread of a preloading program holds: fewer warps for narrow tiles
 
 
