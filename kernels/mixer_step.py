@@ -318,7 +318,9 @@ def _triton() -> SimpleNamespace | None:
                                    fc1_w: torch.Tensor | None = None, fc1_b: torch.Tensor | None = None,
                                    fc2_w: torch.Tensor | None = None, fc2_b: torch.Tensor | None = None,
                                    block_c: int = 256) -> Outputs:
-        """Same contract as ``mixer_decode_inputs_ref``; ``block_c``: conv channels per program."""
+        """Same contract as ``mixer_decode_inputs_ref``; ``block_c``: conv channels per program. With PDL
+        (kernels.pdl) only proj is read after the wait: conv_pool and slots must not be written by the
+        kernel launched just before this one."""
         I, G, K, H, V, Lv = intermediate_size, n_groups, state_size, num_heads, head_dim, lambda_levels
         fc = (fc1_w, fc1_b, fc2_w, fc2_b)
         D, W = _check(proj, conv_pool, slots, conv_weight, conv_bias, dt_bias, A_log, I, G, K, H, V, Lv,

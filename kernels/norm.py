@@ -207,7 +207,8 @@ def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: t
 def gated_rmsnorm_triton(o: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torch.Tensor,
                          weight: torch.Tensor | None, eps: float, group_size: int, norm_before_gate: bool,
                          out_dtype: torch.dtype) -> torch.Tensor:
-    """See ``gated_rmsnorm_ref``."""
+    """See ``gated_rmsnorm_ref``. With PDL (kernels.pdl) x and z are read before the wait: they must not
+    be the output of the kernel launched just before this one (o may be)."""
     parts = o if o.dim() == 4 else o[None]  # (NK, N, H, V)
     NK, N, H, V = parts.shape
     I = H * V

@@ -125,7 +125,9 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
                 level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor,
                 window: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor,
                 scale: float | None = None, block_v: int = 16) -> torch.Tensor:
-    """``kernels.window.fused_recurrent_step_window`` in one launch; window tensors contiguous."""
+    """``kernels.window.fused_recurrent_step_window`` in one launch; window tensors contiguous. With PDL
+    (kernels.pdl) and up to PREWAIT_MAX_ROWS rows, slots, positions and the window are read before the
+    wait: the kernel launched just before this one must not write them."""
     check_shapes(q, k, v, g, level_scales)
     N, G, K = q.shape
     H, V = v.shape[-2:]
