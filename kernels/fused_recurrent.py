@@ -20,6 +20,7 @@ from kernels import pdl
 from kernels.chunk import log2_pow2
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
+from kernels.pdl_triton import wait_then_release
 from kernels.state import check_level_decay
 
 
@@ -37,9 +38,7 @@ def _program_row(slots, positions, H: tl.constexpr, G: tl.constexpr, NV: tl.cons
                  USE_PDL: tl.constexpr):
     """A step program's (request, head, V block) from its ids, the head's group, its slot and position;
     USE_PDL: after waiting for the previous kernel (kernels.pdl), whose writes are visible then."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_then_release(USE_PDL)
     return _program_ids(slots, positions, H, G, NV)
 
 
@@ -147,9 +146,7 @@ def _fused_recurrent_step_tile_kernel(
     """The same step with every level of one [BK, BV] tile loaded at once ([LP, BK, BV], dead levels
     masked off): the loads of all live levels are in flight together instead of one level after the
     other. Each program writes a partial read-out over its BK rows of K: o[i_k, n, h, v-block]."""
-    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_then_release(USE_PDL)  # kernels.pdl: the previous kernel's writes are visible after the wait
     i_hkv, i_n = tl.program_id(0), tl.program_id(1)
     i_h = i_hkv // (NK * NV)
     i_k, i_v = (i_hkv // NV) % NK, i_hkv % NV

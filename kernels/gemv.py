@@ -114,6 +114,7 @@ def rmsnorm_linear_silu_mul_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps:
 
 tl = None  # triton.language, bound by _triton(); the kernel body reads it as a module global
 _prefetch_l2 = None  # kernels.pdl_triton.prefetch_l2, bound by _triton() too
+_wait_then_release = None  # kernels.pdl_triton.wait_then_release, likewise
 
 
 def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, eps,
@@ -141,14 +142,12 @@ def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, 
             b_wup = tl.load(p_wu + o_kp, mask=m_n & m_kp, other=0.0)
         if HAS_NORM:
             b_nwp = tl.load(norm_weight + o_kp, mask=m_kp, other=0.0).to(tl.float32)
-    if USE_PDL:
-        if PREFETCH and not PRELOAD:  # fetch the weight rows into L2 while the previous kernel drains
-            o_l = tl.minimum(i_n * BN * K + tl.arange(0, NL) * LINE, N * K - 1)
-            _prefetch_l2(weight + o_l)
-            if SILU_MUL:
-                _prefetch_l2(weight + N * K + o_l)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL and PREFETCH and not PRELOAD:  # fetch the weight rows into L2 while the previous kernel drains
+        o_l = tl.minimum(i_n * BN * K + tl.arange(0, NL) * LINE, N * K - 1)
+        _prefetch_l2(weight + o_l)
+        if SILU_MUL:
+            _prefetch_l2(weight + N * K + o_l)
+    _wait_then_release(USE_PDL)
     m_y = (o_m < M)[:, None] & (o_n < N)[None, :]  # (M_PAD, BN)
     if HAS_RESIDUAL:  # loaded before the K loop so that its latency hides behind the weights'
         b_res = tl.load(residual + o_m[:, None] * s_rm + o_n[None, :], mask=m_y, other=0.0).to(tl.float32)
@@ -196,13 +195,14 @@ def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, 
 @cache
 def _triton():
     """The jitted kernel, built on first use; None where triton cannot be imported."""
-    global tl, _prefetch_l2
+    global tl, _prefetch_l2, _wait_then_release
     try:
         import triton
         import triton.language as tl
     except ImportError:
         return None
-    from kernels.pdl_triton import prefetch_l2 as _prefetch_l2  # the kernel calls it by this name
+    from kernels.pdl_triton import prefetch_l2 as _prefetch_l2  # the kernel calls them by these names
+    from kernels.pdl_triton import wait_then_release as _wait_then_release
     return triton.jit(_gemv_kernel)
 
 

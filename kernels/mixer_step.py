@@ -194,8 +194,9 @@ def _triton() -> SimpleNamespace | None:
     """The Triton implementations (``decode``, ``prefill``), defined on first use; None where triton
     cannot be imported.
 
-    ``triton``, ``tl`` and the helper ``_softplus`` are bound as module globals: the interpreter
-    (TRITON_INTERPRET=1) re-executes the kernel's source in its module's globals, without closures.
+    ``triton``, ``tl`` and the helpers ``_softplus`` and ``wait_then_release`` are bound as module
+    globals: the interpreter (TRITON_INTERPRET=1) re-executes the kernel's source in its module's
+    globals, without closures.
 
     Prefill runs in two launches. The first, the conv, has a grid (row blocks of BT, channel blocks of
     BC): each program finds its rows' sequences by a binary search of cu_seqlens and sums the W taps with
@@ -207,12 +208,13 @@ def _triton() -> SimpleNamespace | None:
     block) for the new windows: being a later launch, it writes conv_pool only once every conv tap has
     read it.
     """
-    global triton, tl, _softplus
+    global triton, tl, _softplus, wait_then_release
     try:
         import triton
         import triton.language as tl
     except ImportError:
         return None
+    from kernels.pdl_triton import wait_then_release
 
     @triton.jit
     def _softplus(x):
@@ -263,9 +265,7 @@ def _triton() -> SimpleNamespace | None:
             if HAS_BIAS:
                 b_bias = tl.load(conv_bias + o_c, mask=m_c, other=0.0).to(tl.float32)
             b_dtb = tl.load(dt_bias + o_h, mask=m_x, other=0.0)
-            if USE_PDL:
-                tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()
+            wait_then_release(USE_PDL)
             b_x = tl.load(proj + i_n * s_pn + I + o_c, mask=m_c, other=0.0).to(conv_pool.dtype.element_ty)
             b_acc += b_x.to(tl.float32) * b_w.to(tl.float32)
             tl.store(p_win + (W - 2) * s_cw, b_x, mask=m_c)
@@ -292,9 +292,7 @@ def _triton() -> SimpleNamespace | None:
                 b_b1 = tl.load(fc1_b + o_j, mask=m_j, other=0.0)
                 b_w2 = tl.load(fc2_w + o_l[None, :] * HID + o_j[:, None], mask=m_jl, other=0.0)  # fc2ᵀ
                 b_b2 = tl.load(fc2_b + o_l, mask=m_l, other=0.0)
-            if USE_PDL:
-                tl.extra.cuda.gdc_wait()
-                tl.extra.cuda.gdc_launch_dependents()
+            wait_then_release(USE_PDL)
             b_delta = _softplus(tl.load(p_dt + i_h).to(tl.float32) + b_dtb_h)
             tl.store(g + i_n * H + i_h, -tl.exp(b_A) * b_delta)
             p_lam = lam + (i_n * H + i_h) * LV + o_l

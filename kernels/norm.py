@@ -80,15 +80,14 @@ def silu_mul_ref(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) ->
 # ---- Triton kernels: plain functions until _triton() jits them --------------------------------------
 
 tl = None  # triton.language, bound by _triton(); the kernel bodies read it as a module global
+_wait_then_release = None  # kernels.pdl_triton.wait_then_release, bound by _triton() too
 
 
 def _add_rmsnorm_kernel(x, residual, weight, out, h, s_xn, s_rn, s_on, s_hn, eps,
                         D: tl.constexpr, BD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         USE_PDL: tl.constexpr):
     i_n = tl.program_id(0)
-    if USE_PDL:  # kernels.pdl: the previous kernel's writes are visible after the wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _wait_then_release(USE_PDL)  # kernels.pdl: the previous kernel's writes are visible after the wait
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     b_h = tl.load(x + i_n * s_xn + o_d, mask=m_d, other=0.0).to(tl.float32)
@@ -123,9 +122,7 @@ def _gated_rmsnorm_kernel(o, x, D, z, weight, y, s_ok, s_on, s_oh, s_xn, s_xh, s
         b_D = tl.load(D + o_h, mask=m_c, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         b_w = tl.load(weight + o_c, mask=m_c, other=0.0).to(tl.float32)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _wait_then_release(USE_PDL)
     if NK == 1:
         b_o = tl.load(o + i_n * s_on + o_h * s_oh + o_v, mask=m_c, other=0.0).to(tl.float32)
     else:  # partial read-outs: NKB of them per load, so the loads of a chunk are in flight together
@@ -161,12 +158,13 @@ def _silu_mul_kernel(gate_up, out, s_gn, s_on, I: tl.constexpr, BI: tl.constexpr
 @cache
 def _triton() -> SimpleNamespace | None:
     """The jitted kernels, built on first use; None where triton cannot be imported."""
-    global tl
+    global tl, _wait_then_release
     try:
         import triton
         import triton.language as tl
     except ImportError:
         return None
+    from kernels.pdl_triton import wait_then_release as _wait_then_release
     return SimpleNamespace(add_rmsnorm=triton.jit(_add_rmsnorm_kernel),
                            gated_rmsnorm=triton.jit(_gated_rmsnorm_kernel),
                            silu_mul=triton.jit(_silu_mul_kernel))

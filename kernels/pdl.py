@@ -5,12 +5,14 @@ of each is the launch itself: the next kernel's programs are scheduled only once
 has drained. With PDL (CUDA's programmatic stream serialization, which CUDA graphs keep as a
 programmatic edge) the next kernel is launched while the previous one runs:
 
-- every kernel launched this way first waits (``griddepcontrol.wait``) for the previous kernel to
-  finish and flush its memory, before it reads anything that kernel may have written, and only then
-  lets its own successor launch (``griddepcontrol.launch_dependents``). So at most two kernels overlap,
-  and a kernel's wait covers everything before it in the stream, transitively;
-- before its wait, a GEMV asks L2 for its slice of the weights (constants the chain never writes), so
-  that its loads after the wait hit L2 instead of HBM.
+- every kernel launched this way waits (``griddepcontrol.wait``) for the previous kernel to finish and
+  flush its memory before it reads anything that kernel wrote, and only then lets its own successor
+  launch (``griddepcontrol.launch_dependents``): both in ``kernels.pdl_triton.wait_then_release``. So at
+  most two kernels overlap, and a kernel's wait covers everything before it in the stream, transitively;
+  what was written two or more launches back may therefore be read before the wait;
+- before its wait, a one-row GEMV loads its slice of the weights (constants the chain never writes) into
+  registers, and a wider GEMV asks L2 for it; the other step kernels load their constants, their own
+  state and older outputs there too.
 
 Kernels take a ``USE_PDL`` constexpr (and the GEMV a ``PREFETCH`` one); ``options(t)`` gives the launch
 keyword arguments for a tensor's device. The setting is the process's: the engine applies its

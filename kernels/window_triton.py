@@ -18,6 +18,7 @@ from kernels.chunk import _bitlen, log2_pow2
 from kernels.fused_recurrent import _program_ids, _token_inputs
 from kernels.naive import check_shapes
 from kernels.ops import unit_last
+from kernels.pdl_triton import wait_then_release
 from kernels.window import BW, W, check_pool_levels
 
 # With PDL, batches of up to PREWAIT_MAX_ROWS read the window rows before waiting for the previous kernel
@@ -38,9 +39,7 @@ def _window_step_kernel(
     # USE_PDL (kernels.pdl) and PREWAIT: the slot, the position and this block's earlier window rows
     # (this kernel's own state, from earlier steps; CACHE: their loads' cache modifier) load before the
     # wait; the token's inputs after it
-    if USE_PDL and not PREWAIT:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_then_release(USE_PDL and not PREWAIT)
     i_n, i_h, i_v, i_g, i_s, t = _program_ids(slots, positions, H, G, NV)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -63,9 +62,7 @@ def _window_step_kernel(
                    mask=m_w[:, None] & m_v[None, :], other=0.0, cache_modifier=CACHE).to(tl.float32)
     b_wg = tl.load(p_wg + buf * (WN * H) + o_w * H, mask=m_w, other=0.0, cache_modifier=CACHE)
     g_prev = tl.load(p_wg + buf * (WN * H) + tl.maximum(row - 1, 0) * H, cache_modifier=CACHE)
-    if USE_PDL and PREWAIT:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_then_release(USE_PDL and PREWAIT)
     b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
                                            s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
     b_g = tl.load(g + i_n * s_gn + i_h).to(tl.float32)
