@@ -24,7 +24,6 @@ from kernels.window import BW, W, check_pool_levels
 # With PDL, batches of up to PREWAIT_MAX_ROWS read the window rows before waiting for the previous kernel
 # (H200: batch-1 step 0.476 -> 0.471 ms; at batch 32 the early programs cost 0.12 ms a step instead)
 PREWAIT_MAX_ROWS = 4
-WINDOW_CACHE = ".cg"  # cache modifier of those reads: past L1
 
 
 @triton.jit
@@ -34,11 +33,11 @@ def _window_step_kernel(
     scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, BWL: tl.constexpr, WN: tl.constexpr,
-    USE_PDL: tl.constexpr, PREWAIT: tl.constexpr, CACHE: tl.constexpr,
+    USE_PDL: tl.constexpr, PREWAIT: tl.constexpr,
 ):
     # USE_PDL (kernels.pdl) and PREWAIT: the slot, the position and this block's earlier window rows
-    # (this kernel's own state, from earlier steps; CACHE: their loads' cache modifier) load before the
-    # wait; the token's inputs after it
+    # (this kernel's own state, from earlier steps; read past L1) load before the wait; the token's
+    # inputs after it
     wait_then_release(USE_PDL and not PREWAIT)
     i_n, i_h, i_v, i_g, i_s, t = _program_ids(slots, positions, H, G, NV)
     o_k = tl.arange(0, BK)
@@ -57,11 +56,11 @@ def _window_step_kernel(
     # this block's earlier rows, then the token itself (level 0)
     m_w = o_w < row
     b_wk = tl.load(p_wk + buf * (WN * G * K) + o_w[:, None] * (G * K) + o_k[None, :],
-                   mask=m_w[:, None] & m_k[None, :], other=0.0, cache_modifier=CACHE).to(tl.float32)
+                   mask=m_w[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
     b_wv = tl.load(p_wv + buf * (WN * H * V) + o_w[:, None] * (H * V) + o_v[None, :],
-                   mask=m_w[:, None] & m_v[None, :], other=0.0, cache_modifier=CACHE).to(tl.float32)
-    b_wg = tl.load(p_wg + buf * (WN * H) + o_w * H, mask=m_w, other=0.0, cache_modifier=CACHE)
-    g_prev = tl.load(p_wg + buf * (WN * H) + tl.maximum(row - 1, 0) * H, cache_modifier=CACHE)
+                   mask=m_w[:, None] & m_v[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+    b_wg = tl.load(p_wg + buf * (WN * H) + o_w * H, mask=m_w, other=0.0, cache_modifier=".cg")
+    g_prev = tl.load(p_wg + buf * (WN * H) + tl.maximum(row - 1, 0) * H, cache_modifier=".cg")
     wait_then_release(USE_PDL and PREWAIT)
     b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
                                            s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
@@ -147,6 +146,6 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         level_scales.stride(0), level_scales.stride(1), o.stride(0), o.stride(1),
         levels.stride(0), levels.stride(1), levels.stride(2),
         scale, H=H, G=G, K=K, V=V, L=L, BK=max(16, triton.next_power_of_2(K)), BV=BV, NV=NV, BWL=BW, WN=W,
-        PREWAIT=N <= PREWAIT_MAX_ROWS, CACHE=WINDOW_CACHE, num_warps=4, **pdl.options(o),
+        PREWAIT=N <= PREWAIT_MAX_ROWS, num_warps=4, **pdl.options(o),
     )
     return o
