@@ -30,19 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `engine`, not this file
-
-from engine import LLM, SamplingParams  # noqa: E402
-from engine.loader import save_model  # noqa: E402
-from engine.model import LogLinearMamba2ForCausalLM  # noqa: E402
-from engine.model_config import ModelConfig  # noqa: E402
-from engine.stats import EngineStats  # noqa: E402
-from engine.tokenizer import Tokenizer  # noqa: E402
-from kernels import pdl  # noqa: E402
-from kernels.state import step_level_blocks  # noqa: E402
-from kernels.window import window_step_traffic  # noqa: E402
-from tools.make_random_model import ascii_bpe, randomize_  # noqa: E402
+from fenwick_llm.engine import LLM, SamplingParams
+from fenwick_llm.engine.loader import save_model
+from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.engine.stats import EngineStats
+from fenwick_llm.engine.tokenizer import Tokenizer
+from fenwick_llm.kernels import pdl
+from fenwick_llm.kernels.state import step_level_blocks
+from fenwick_llm.kernels.window import window_step_traffic
+from fenwick_llm.tools.make_random_model import ascii_bpe, randomize_
 
 BIG = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000)
 TINY = dict(hidden_size=64, num_hidden_layers=2, head_dim=16, state_size=16, expand=2, vocab_size=512)

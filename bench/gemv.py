@@ -20,14 +20,10 @@ import itertools
 import math
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import gemv  # noqa: E402
+from fenwick_llm.kernels import gemv
 
 HIDDEN = 768
 SHAPES = {  # op name: (function, K, N; for gate_up N is I and the weight has 2 * I rows)

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels.state import step_level_blocks  # noqa: E402
+from fenwick_llm.kernels.state import step_level_blocks
 
 TOKENS = 65536
 H, G, K, V = 32, 1, 128, 64
@@ -69,7 +65,7 @@ def _peers():
 
 
 def prefill_row(T: int, variants: dict) -> dict:
-    from kernels.chunk import chunk_log_linear_attn_impl
+    from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl
     fla_ll, chunk_simple_gla = _peers()
     L = 15 if T <= 16384 else 17
     q, k, v, g, lam = prefill_inputs(T, L)
@@ -116,7 +112,7 @@ STEP_TILES = [(8, 64, 4), (16, 64, 8), (16, 32, 4), (32, 32, 8), (4, 64, 2), (12
 
 def bench_decode(rows: list, copy_gbs: float, block_vs: list,
                  state_dtype: torch.dtype = torch.float32, deferred: bool = False) -> None:
-    from kernels.fused_recurrent import fused_recurrent_step
+    from fenwick_llm.kernels.fused_recurrent import fused_recurrent_step
     L = 15
     for N in NS:
         gen = torch.Generator(device="cuda").manual_seed(N)
@@ -184,7 +180,7 @@ VARIANTS = {  # keywords of chunk_log_linear_attn_impl; docs/kernels-notes.md sa
 def explore(out: Path, names: list[str] | None = None) -> None:
     """Time the variants of our prefill at short, middle and long T, with stage times (node, fold, output)
     and the relative error against the default kernel on fp32 copies of the inputs (ieee products)."""
-    from kernels.chunk import chunk_log_linear_attn_impl
+    from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl
     variants = {**VARIANTS, **MEASURED_TILINGS}
     names = names or list(VARIANTS)
     rows = []

@@ -6,14 +6,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "LLM": "engine.llm",
-    "AsyncLLM": "engine.async_llm",
-    "EngineConfig": "engine.config",
-    "SamplingParams": "engine.sampling_params",
-    "RequestOutput": "engine.outputs",
-    "CompletionOutput": "engine.outputs",
-    "load_model": "engine.loader",
-    "ModelConfig": "engine.model_config",
+    "LLM": ".llm",
+    "AsyncLLM": ".async_llm",
+    "EngineConfig": ".config",
+    "SamplingParams": ".sampling_params",
+    "RequestOutput": ".outputs",
+    "CompletionOutput": ".outputs",
+    "load_model": ".loader",
+    "ModelConfig": ".model_config",
 }
 
 __all__ = list(_EXPORTS)
@@ -21,5 +21,5 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

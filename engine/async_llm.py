@@ -14,13 +14,13 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.engine_core import EngineCore
-from engine.errors import EngineDeadError, EngineError, InvalidRequestError, QueueFullError
-from engine.outputs import RequestOutput
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats
+from .config import EngineConfig
+from .engine_core import EngineCore
+from .errors import EngineDeadError, EngineError, InvalidRequestError, QueueFullError
+from .outputs import RequestOutput
+from .request import Request
+from .sampling_params import SamplingParams
+from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
 

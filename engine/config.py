@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from engine.model_config import ModelConfig
+from .model_config import ModelConfig
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -16,20 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.output_processor import OutputProcessor
-from engine.outputs import RequestOutput
-from engine.request import Request
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.state_pool import StatePool, prefill_headroom_bytes
-from engine.stats import EngineStats, FinishedRequestStats
+from .config import EngineConfig
+from .errors import InvalidRequestError, PromptTooLongError
+from .output_processor import OutputProcessor
+from .outputs import RequestOutput
+from .request import Request
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .state_pool import StatePool, prefill_headroom_bytes
+from .stats import EngineStats, FinishedRequestStats
 
 if TYPE_CHECKING:
-    from engine import request
-    from engine.runner import Speculated
+    from . import request
+    from .runner import Speculated
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def _freeze_heap() -> None:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None) -> None:
-        from engine.runner import ModelRunner
+        from .runner import ModelRunner
 
         self.config = config
         self.model_config = config.model_config
         if model is None or tokenizer is None:
-            from engine.loader import load_model
+            from .loader import load_model
 
             model, tokenizer = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype)
         self.model, self.tokenizer = model, tokenizer
@@ -233,7 +233,7 @@ class EngineCore:
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's generation_config.json defaults, where it has any."""
         try:
-            from engine.loader import load_generation_config
+            from .loader import load_generation_config
 
             gen = load_generation_config(self.config.model) or {}
         except (ImportError, OSError, ValueError):

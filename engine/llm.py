@@ -7,11 +7,11 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.engine_core import EngineCore
-from engine.outputs import RequestOutput
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from .config import EngineConfig
+from .engine_core import EngineCore
+from .outputs import RequestOutput
+from .request import Request
+from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

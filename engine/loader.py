@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.model import LogLinearMamba2ForCausalLM
-from engine.model_config import ConfigError, ModelConfig
-from engine.tokenizer import Tokenizer
+from .model import LogLinearMamba2ForCausalLM
+from .model_config import ConfigError, ModelConfig
+from .tokenizer import Tokenizer
 
 __all__ = ["CheckpointError", "ConfigError", "ModelFileNotFoundError", "load_checkpoint",
            "load_generation_config", "load_model", "resolve_dtype", "save_model"]

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from engine.model_config import ModelConfig
-from kernels import FenwickState, PooledState, mixer_step, norm
-from kernels.ops import mul_to, rms_norm
-from kernels.window import write_window
+from .. import kernels
+from ..kernels import FenwickState, PooledState, mixer_step, norm
+from ..kernels.ops import mul_to, rms_norm
+from ..kernels.window import write_window
+from .model_config import ModelConfig
 
 
 def inv_softplus(y: float) -> float:

@@ -13,13 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from engine.mixer import LogLinearMamba2Mixer, RMSNorm
-from engine.model_config import ModelConfig
-from engine.state import ModelState, device_int_parts
-from kernels import gemv, norm
-from kernels.ops import mul_to
-from kernels.window import WindowPlan, WindowRows, window_plan
+from .. import kernels
+from ..kernels import gemv, norm
+from ..kernels.ops import mul_to
+from ..kernels.window import WindowPlan, WindowRows, window_plan
+from .mixer import LogLinearMamba2Mixer, RMSNorm
+from .model_config import ModelConfig
+from .state import ModelState, device_int_parts
 
 
 @dataclass(frozen=True)

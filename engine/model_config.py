@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from kernels.state import max_positions
+from ..kernels.state import max_positions
 
 MODEL_TYPE = "log_linear_mamba2"
 LAMBDA_MODES = ("linear", "mlp", "none")

@@ -8,10 +8,10 @@ that could still become a stop string is held back, so streamed text is never re
 
 from __future__ import annotations
 
-from engine.detokenizer import Decoder, IncrementalDetokenizer, find_stop, stop_prefix_len
-from engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
-from engine.request import Request, Sequence
-from engine.sampler import RowLogprobs
+from .detokenizer import Decoder, IncrementalDetokenizer, find_stop, stop_prefix_len
+from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from .request import Request, Sequence
+from .sampler import RowLogprobs
 
 
 class OutputProcessor:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-import kernels
+from .. import kernels
 
 logger = logging.getLogger(__name__)
 

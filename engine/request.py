@@ -7,8 +7,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from engine.outputs import TokenLogprobs
-from engine.sampling_params import SamplingParams
+from .outputs import TokenLogprobs
+from .sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
 

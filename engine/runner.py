@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-import kernels
-from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
-from engine.prefill_graphs import PrefillGraphs
-from engine.scheduler import SchedulerOutput
-from engine.state import device_ints
-from engine.state_pool import StatePool
-from kernels import pdl
+from .. import kernels
+from ..kernels import pdl
+from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
+from .prefill_graphs import PrefillGraphs
+from .scheduler import SchedulerOutput
+from .state import device_ints
+from .state_pool import StatePool
 
 Speculated = tuple[list[int], torch.Tensor]  # (seq ids in row order, logits [N, vocab]) of a decode_next
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.request import Sequence
+from .request import Sequence
 
 
 @dataclass

@@ -15,9 +15,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.errors import InvalidRequestError, QueueFullError
-from engine.request import Request, RequestStatus, Sequence
-from engine.state_pool import SlotAllocator
+from .errors import InvalidRequestError, QueueFullError
+from .request import Request, RequestStatus, Sequence
+from .state_pool import SlotAllocator
 
 
 @dataclass(frozen=True)

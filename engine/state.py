@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.model_config import ModelConfig
-from kernels.pool_state import PooledState
-from kernels.state import num_levels_for
-from kernels.window import BW, W
+from ..kernels.pool_state import PooledState
+from ..kernels.state import num_levels_for
+from ..kernels.window import BW, W
+from .model_config import ModelConfig
 
 
 def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:

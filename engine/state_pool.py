@@ -54,7 +54,7 @@ class SlotAllocator:
 def state_bytes_per_slot(model_config: Any, dtype: torch.dtype, state_dtype: torch.dtype,
                          num_levels: int | None = None, token_window: bool = False) -> int:
     """Bytes one slot of ModelState takes, measured on the meta device (no memory touched)."""
-    from engine.state import ModelState
+    from .state import ModelState
 
     kw = dict(state_dtype=state_dtype, num_levels=num_levels, token_window=token_window)
     try:
@@ -94,7 +94,7 @@ class StatePool:
                  max_model_len: int | None = None, token_window: bool = False) -> None:
         """max_model_len: the longest sequence the engine admits; slots then hold only the Fenwick levels
         such sequences reach (num_levels_for(max_model_len), at most the model's lambda_levels)."""
-        from engine.state import ModelState
+        from .state import ModelState
 
         levels = None if max_model_len is None else ModelState.levels_for(model_config, max_model_len)
         self.bytes_per_slot = state_bytes_per_slot(model_config, dtype, state_dtype, levels, token_window)

@@ -12,11 +12,11 @@ from functools import cache
 
 import torch
 
-from kernels import naive
-from kernels.chunk_torch import chunk_log_linear_attn as chunk_log_linear_attn_torch
-from kernels.pool_state import PooledState
-from kernels.state import FenwickState, max_positions, num_levels_for
-from kernels.step_torch import fused_recurrent_step as fused_recurrent_step_torch
+from . import naive
+from .chunk_torch import chunk_log_linear_attn as chunk_log_linear_attn_torch
+from .pool_state import PooledState
+from .state import FenwickState, max_positions, num_levels_for
+from .step_torch import fused_recurrent_step as fused_recurrent_step_torch
 
 __all__ = [
     "FenwickState",
@@ -35,7 +35,7 @@ __all__ = [
 @cache
 def _triton_chunk() -> Callable | None:
     try:
-        from kernels.chunk import chunk_log_linear_attn as impl
+        from .chunk import chunk_log_linear_attn as impl
     except ImportError:
         return None
     return impl
@@ -44,7 +44,7 @@ def _triton_chunk() -> Callable | None:
 @cache
 def _triton_step() -> Callable | None:
     try:
-        from kernels.fused_recurrent import fused_recurrent_step as impl
+        from .fused_recurrent import fused_recurrent_step as impl
     except ImportError:
         return None
     return impl
@@ -58,7 +58,7 @@ def chunk_plan_cache(device: torch.device, known: Sequence[tuple[torch.Tensor, l
     off CUDA or where the Triton prefill is not importable."""
     if device.type != "cuda" or _triton_chunk() is None:
         return contextlib.nullcontext()
-    from kernels.chunk import plan_cache
+    from .chunk import plan_cache
     return plan_cache(known)
 
 
@@ -72,7 +72,7 @@ def held_chunk_plan() -> object | None:
     a CUDA graph captured in it to keep alive; None off CUDA or without the Triton prefill."""
     if _triton_chunk() is None:
         return None
-    from kernels.chunk import held_plan
+    from .chunk import held_plan
     return held_plan()
 
 
@@ -111,7 +111,7 @@ def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
 @cache
 def _triton_window_step() -> Callable | None:
     try:
-        from kernels.window_triton import window_step as impl
+        from .window_triton import window_step as impl
     except ImportError:
         return None
     return impl
@@ -124,5 +124,5 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     """One decode token on a pool whose low levels are a token window (``kernels.window``)."""
     impl = _triton_window_step() if q.is_cuda else None
     if impl is None:
-        from kernels.window import fused_recurrent_step_window as impl
+        from .window import fused_recurrent_step_window as impl
     return impl(q, k, v, g, level_scales, levels, level_decay, window, slots, positions, scale)

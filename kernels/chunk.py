@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.naive import check_shapes
-from kernels.pool_state import PooledState, check_initial_state, initial_levels, merge_for_query
-from kernels.state import FenwickState, check_final_into, max_positions
+from .naive import check_shapes
+from .pool_state import PooledState, check_initial_state, initial_levels, merge_for_query
+from .state import FenwickState, check_final_into, max_positions
 
 CHUNK_SIZE = 64  # BT: levels <= log2(BT) are intra-chunk
 DIRECT_LEVELS = 3  # Z0: nodes of up to 2^Z0 chunks are summed straight from k and v
@@ -486,7 +486,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
         final = final_rows = None
     has_init = initial_state is not None
     if isinstance(initial_state, PooledState):  # read from the engine's pool in one launch
-        from kernels.pool_triton import pooled_merged_levels  # (it imports this module's helpers)
+        from .pool_triton import pooled_merged_levels  # (it imports this module's helpers)
         m_lv, cm_lv = pooled_merged_levels(initial_state)
     elif has_init:
         m_lv = merge_for_query(initial_state.levels, initial_state.positions).contiguous()

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.naive import check_shapes
-from kernels.pool_state import PooledState, check_initial_state, initial_levels
-from kernels.state import FenwickState, check_final_into, ctz, level_matrix, max_positions
+from .naive import check_shapes
+from .pool_state import PooledState, check_initial_state, initial_levels
+from .state import FenwickState, check_final_into, ctz, level_matrix, max_positions
 
 CHUNK_SIZE = 64
 _MIN_AUTO_CHUNK = 16  # batches of short sequences (decode-like continuations) use chunks this small

@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
-from kernels.chunk import log2_pow2
-from kernels.naive import check_shapes
-from kernels.ops import unit_last
-from kernels.pdl_triton import wait_then_release
-from kernels.state import check_level_decay
+from . import pdl
+from .chunk import log2_pow2
+from .naive import check_shapes
+from .ops import unit_last
+from .pdl_triton import wait_then_release
+from .state import check_level_decay
 
 
 @triton.jit

@@ -40,8 +40,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from kernels import pdl
-from kernels.ops import mul_to, rms_norm, unit_last
+from . import pdl
+from .ops import mul_to, rms_norm, unit_last
 
 MAX_ROWS = 8  # the Triton path takes 1 <= M <= MAX_ROWS rows; more go to cuBLAS through the reference
 BLOCK_N = 8  # output rows per program: N_out = 768 -> 96 programs
@@ -201,8 +201,8 @@ def _triton():
         import triton.language as tl
     except ImportError:
         return None
-    from kernels.pdl_triton import prefetch_l2 as _prefetch_l2  # the kernel calls them by these names
-    from kernels.pdl_triton import wait_then_release as _wait_then_release
+    from .pdl_triton import prefetch_l2 as _prefetch_l2  # the kernel calls them by these names
+    from .pdl_triton import wait_then_release as _wait_then_release
     return triton.jit(_gemv_kernel)
 
 

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kernels import pdl
+from . import pdl
 
 LAMBDA_MODES = ("linear", "mlp", "none")
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -214,7 +214,7 @@ def _triton() -> SimpleNamespace | None:
         import triton.language as tl
     except ImportError:
         return None
-    from kernels.pdl_triton import wait_then_release
+    from .pdl_triton import wait_then_release
 
     @triton.jit
     def _softplus(x):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.state import FenwickState, check_level_decay, ctz, level_matrix, max_positions, true_levels
+from .state import FenwickState, check_level_decay, ctz, level_matrix, max_positions, true_levels
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

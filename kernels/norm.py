@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kernels import pdl
-from kernels.ops import mul_to, rms_norm, unit_last
+from . import pdl
+from .ops import mul_to, rms_norm, unit_last
 
 # ---- PyTorch references -------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ def _triton() -> SimpleNamespace | None:
         import triton.language as tl
     except ImportError:
         return None
-    from kernels.pdl_triton import wait_then_release as _wait_then_release
+    from .pdl_triton import wait_then_release as _wait_then_release
     return SimpleNamespace(add_rmsnorm=triton.jit(_add_rmsnorm_kernel),
                            gated_rmsnorm=triton.jit(_gated_rmsnorm_kernel),
                            silu_mul=triton.jit(_silu_mul_kernel))

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.state import FenwickState, true_levels
-from kernels.window import check_pool_levels, windowed_levels
+from .state import FenwickState, true_levels
+from .window import check_pool_levels, windowed_levels
 
 
 @dataclass

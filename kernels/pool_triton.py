@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.chunk import _bitlen, log2_pow2
-from kernels.pool_state import PooledState
-from kernels.window import BW, W, WindowRows, check_pool_levels
+from .chunk import _bitlen, log2_pow2
+from .pool_state import PooledState
+from .window import BW, W, WindowRows, check_pool_levels
 
 
 @triton.jit

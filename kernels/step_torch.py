@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.naive import check_shapes
-from kernels.state import check_level_decay, ctz, max_positions
+from .naive import check_shapes
+from .state import check_level_decay, ctz, max_positions
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.naive import check_shapes, recurrent_step
-from kernels.state import bitlen, ctz, true_levels
+from .naive import check_shapes, recurrent_step
+from .state import bitlen, ctz, true_levels
 
 BW = 5
 W = 1 << BW
@@ -263,7 +263,7 @@ def write_window(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torch.Te
     """``write_window_ref`` on the CPU, one Triton launch on CUDA (``kernels.pool_triton``)."""
     if k.is_cuda:
         try:
-            from kernels.pool_triton import write_window_triton
+            from .pool_triton import write_window_triton
         except ImportError:
             pass
         else:

@@ -13,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl
-from kernels.chunk import _bitlen, log2_pow2
-from kernels.fused_recurrent import _program_ids, _token_inputs
-from kernels.naive import check_shapes
-from kernels.ops import unit_last
-from kernels.pdl_triton import wait_then_release
-from kernels.window import BW, W, check_pool_levels
+from . import pdl
+from .chunk import _bitlen, log2_pow2
+from .fused_recurrent import _program_ids, _token_inputs
+from .naive import check_shapes
+from .ops import unit_last
+from .pdl_triton import wait_then_release
+from .window import BW, W, check_pool_levels
 
 # With PDL, batches of up to PREWAIT_MAX_ROWS read the window rows before waiting for the previous kernel
 # (H200: batch-1 step 0.476 -> 0.471 ms; at batch 32 the early programs cost 0.12 ms a step instead)

@@ -1,9 +1,9 @@
-"""`python -m server serve ...`, the same as the `fenwick` console script."""
+"""`python -m fenwick_llm.server serve ...`, the same as the `fenwick` console script."""
 
 from __future__ import annotations
 
 import sys
 
-from server.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.config import ServerConfig
-from server.errors import APIError, bad_request, install_error_handlers
-from server.metrics import Metrics
-from server.middleware import EdgeMiddleware
-from server.protocol import (
+from .config import ServerConfig
+from .errors import APIError, bad_request, install_error_handlers
+from .metrics import Metrics
+from .middleware import EdgeMiddleware
+from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -21,9 +21,9 @@ from server.protocol import (
     ModelList,
     TokenizeRequest,
 )
-from server.request_stream import EngineClient
-from server.serving_chat import ChatServing
-from server.serving_completions import CompletionServing
+from .request_stream import EngineClient
+from .serving_chat import ChatServing
+from .serving_completions import CompletionServing
 
 ROUTES = frozenset(
     {

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server.config import ServerConfig, sampling_defaults_from_generation_config
+from ..models import demo_model_dir
+from .config import ServerConfig, sampling_defaults_from_generation_config
 
-DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "fenwick-shakespeare"
+DEMO_MODEL = demo_model_dir()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +130,7 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
 def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
     """(EngineConfig, ServerConfig) from the parsed command line; ValueError for bad values."""
     model_dir = resolve_model_dir(args.model)  # before importing torch, so a wrong path fails fast
-    from engine.config import EngineConfig
+    from ..engine.config import EngineConfig
 
     engine_kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype}
     if args.max_num_seqs is not None:
@@ -177,8 +178,8 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from engine.async_llm import AsyncLLM
-    from server.app import create_app
+    from ..engine.async_llm import AsyncLLM
+    from .app import create_app
 
     engine = AsyncLLM(engine_config)
     app = create_app(engine, server_config)

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import EngineDeadError, EngineError, PromptTooLongError, QueueFullError
+from ..engine.errors import EngineDeadError, EngineError, PromptTooLongError, QueueFullError
 
 _TYPES = {
     400: "invalid_request_error",

@@ -12,7 +12,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from engine.stats import EngineStats
+from ..engine.stats import EngineStats
 
 _LATENCY_BUCKETS = (
     0.001,

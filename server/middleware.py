@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from .errors import error_body
 
 logger = logging.getLogger("fenwick.server")
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams
 
 NonNegativeTokenId = Annotated[int, Field(ge=0)]
 Prompt = str | list[NonNegativeTokenId]

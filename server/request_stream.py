@@ -13,9 +13,9 @@ from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
 
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats
+from ..engine.outputs import RequestOutput
+from ..engine.sampling_params import SamplingParams
+from ..engine.stats import EngineStats
 
 T = TypeVar("T")
 

@@ -13,12 +13,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from engine.errors import EngineError
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from engine.sampling_params import SamplingParams
-from server.errors import APIError, bad_request, error_body, from_engine_error, from_value_error
-from server.protocol import SamplingRequest, UsageInfo
-from server.request_stream import EngineClient, RequestStream, unless_disconnected
+from ..engine.errors import EngineError
+from ..engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from ..engine.sampling_params import SamplingParams
+from .errors import APIError, bad_request, error_body, from_engine_error, from_value_error
+from .protocol import SamplingRequest, UsageInfo
+from .request_stream import EngineClient, RequestStream, unless_disconnected
 
 logger = logging.getLogger("fenwick.server")
 

@@ -8,9 +8,9 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.requests import Request
 
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from server.errors import bad_request
-from server.protocol import (
+from ..engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from .errors import bad_request
+from .protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -24,8 +24,8 @@ from server.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from server.request_stream import RequestStream
-from server.serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
+from .request_stream import RequestStream
+from .serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
 
 
 def _top(token: str, logprob: float) -> TopLogprob:

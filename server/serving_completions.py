@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from fastapi.responses import Response
 from starlette.requests import Request
 
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from server.errors import bad_request, from_value_error
-from server.protocol import (
+from ..engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from .errors import bad_request, from_value_error
+from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -17,8 +17,8 @@ from server.protocol import (
     Prompt,
     UsageInfo,
 )
-from server.request_stream import RequestStream
-from server.serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
+from .request_stream import RequestStream
+from .serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
 
 
 def completion_logprobs(entries: list[TokenLogprobs], start_offset: int) -> CompletionLogprobs:

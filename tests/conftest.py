@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
+
+# `python -m pytest` from the checkout puts the repository root on sys.path, where our top-level
+# `kernels/` folder would shadow Hugging Face's `kernels` (which transformers imports). Fenwick is
+# imported as installed (fenwick_llm.*), so the root comes off the path before any test module loads.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
 # Shared server fixtures: a real `fenwick serve` process (server, client and deployment tests), and an
 # in-process app over a fake engine (the server app tests).
-pytest_plugins = ("tests.server_utils", "tests.fake_engine")
+pytest_plugins = ("server_utils", "fake_engine")
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +45,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random model directory with adaptive (mlp) decay."""
-    from tests.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_mlp"), lambda_mode="mlp")
 
@@ -43,6 +53,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_model_dir_linear(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random model directory with FLA's linear λ (the L parameter)."""
-    from tests.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_linear"), lambda_mode="linear")

@@ -13,13 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-
-from engine.errors import EngineDeadError, PromptTooLongError, QueueFullError
-from engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
-from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats, FinishedRequestStats
-from server.app import create_app
-from server.config import ServerConfig
+from fenwick_llm.engine.errors import EngineDeadError, PromptTooLongError, QueueFullError
+from fenwick_llm.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from fenwick_llm.engine.sampling_params import SamplingParams
+from fenwick_llm.engine.stats import EngineStats, FinishedRequestStats
+from fenwick_llm.server.app import create_app
+from fenwick_llm.server.config import ServerConfig
 
 
 class FakeTokenizer:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
 
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # test ids of dtypes
@@ -22,8 +22,8 @@ DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  
 
 def run_interpreted(script: str, timeout: float = 600) -> dict:
     """Run ``script`` with the interpreter on; its last stdout line, parsed as JSON."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True,
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(TESTS)}
+    proc = subprocess.run([sys.executable, script], cwd=TESTS, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,8 +43,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, output: Callable[[], str], ti
 
 
 class ServerProcess:
-    """`python -m server serve ...` on 127.0.0.1 and a free port; waits on /health; killed by stop() or
-    on leaving its `with` block."""
+    """`python -m fenwick_llm.server serve ...` on 127.0.0.1 and a free port, started from a folder
+    outside the checkout (as installed); waits on /health; killed by stop() or on leaving its `with`
+    block."""
 
     def __init__(self, args: list[str], startup_timeout: float = 120.0) -> None:
         self.port = free_port()
@@ -51,7 +53,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "server",
+            "fenwick_llm.server",
             "serve",
             "--host",
             "127.0.0.1",
@@ -62,7 +64,8 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fenwick-serve-{self.port}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         try:
             self._wait_healthy(startup_timeout)
         except BaseException:

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError, QueueFullError
-from engine.loader import load_model
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats
+from fenwick_llm.engine.async_llm import AsyncLLM
+from fenwick_llm.engine.config import EngineConfig
+from fenwick_llm.engine.errors import EngineDeadError, QueueFullError
+from fenwick_llm.engine.loader import load_model
+from fenwick_llm.engine.outputs import RequestOutput
+from fenwick_llm.engine.sampling_params import SamplingParams
+from fenwick_llm.engine.stats import EngineStats
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.server_utils import free_port, wait_healthy
-from tests.tiny import make_tiny_model
+from server_utils import free_port, wait_healthy
+from tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench" / "serve.py"
@@ -25,7 +24,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = open(tmp_path_factory.getbasetemp() / "bench-server.log", "w+b")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--model", str(model), "--host", "127.0.0.1",
+        [sys.executable, "-m", "fenwick_llm.server", "serve", "--model", str(model), "--host", "127.0.0.1",
          "--port", str(port), "--device", "cpu", "--max-num-seqs", "8", "--max-model-len", "256"],
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -117,26 +116,28 @@ def test_refuses_non_loopback_targets(tmp_path: Path) -> None:
     assert not (tmp_path / "serve.json").exists()
 
 
-def test_state_memory_arithmetic() -> None:
-    import importlib.util
+def test_state_memory_arithmetic(tmp_path: Path) -> None:
+    """bench/state_memory.py (run as a script) against the layout's arithmetic and a model's parameters."""
+    from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+    from fenwick_llm.engine.model_config import ModelConfig
 
-    from engine.model import LogLinearMamba2ForCausalLM
-    from engine.model_config import ModelConfig
-
-    spec = importlib.util.spec_from_file_location("bench_state_memory", REPO / "bench" / "state_memory.py")
-    sm = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = sm  # dataclasses look their module up
-    spec.loader.exec_module(sm)
-    assert [sm.levels_for(t) for t in (1, 2, 3, 4, 5, 32768, 32769)] == [1, 2, 3, 3, 4, 16, 17]
-    assert [sm.live_levels(t) for t in (1, 2, 32768, 32769)] == [1, 2, 16, 2]  # popcount(T-1) + 1
-    assert sm.mean_live_levels(8) == pytest.approx(1 + 12 / 8)  # popcounts of 0..7 sum to 12
-    shapes = sm.Shapes(hidden=768, layers=24, head_dim=64, state_size=128, expand=2, n_groups=1,
-                       conv_kernel=4, vocab=32000, mlp_intermediate=2048, lambda_levels=15)
-    (row,) = sm.table(shapes, (32768,))
-    assert row.state_bytes == 16 * 24 * 24 * 128 * 64 * 4 and row.kv_bytes == 2 * 24 * 32768 * 768 * 2
-    assert row.fit_h200 == (141 * 10**9 - 2 * shapes.num_params()) // (row.state_bytes + row.conv_bytes)
+    out = tmp_path / "sm.json"
+    contexts = ["1", "2", "3", "5", "8", "32768", "32769"]
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "state_memory.py"), "--json", str(out),
+                        "--contexts", *contexts], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(out.read_text())
+    rows = {r["context"]: r for r in result["rows"]}
+    # L(T) = bitlen(T - 1) + 1; live levels after T tokens = popcount(T - 1) + 1
+    assert [rows[t]["levels"] for t in (1, 2, 3, 5, 32768, 32769)] == [1, 2, 3, 4, 16, 17]
+    assert [rows[t]["live_levels"] for t in (1, 2, 32768, 32769)] == [1, 2, 16, 2]
+    assert rows[8]["mean_live_levels"] == pytest.approx(1 + 12 / 8)  # popcounts of 0..7 sum to 12
+    row = rows[32768]
+    assert row["state_bytes"] == 16 * 24 * 24 * 128 * 64 * 4 and row["kv_bytes"] == 2 * 24 * 32768 * 768 * 2
+    fit = (141 * 10**9 - 2 * result["params"]) // (row["state_bytes"] + row["conv_bytes"])
+    assert row["fit_h200"] == fit
     config = ModelConfig.from_dict(dict(model_type="log_linear_mamba2", vocab_size=32000, hidden_size=768,
                                         num_hidden_layers=24, head_dim=64, state_size=128,
                                         lambda_mode="linear"))
     model = LogLinearMamba2ForCausalLM(config, device="meta")
-    assert shapes.num_params() == sum(p.numel() for p in model.parameters())
+    assert result["params"] == sum(p.numel() for p in model.parameters())

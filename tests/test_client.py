@@ -11,8 +11,7 @@ from pathlib import Path
 import fenwick_client as fc
 import httpx
 import pytest
-
-from tests.server_utils import ServerProcess, metric
+from server_utils import ServerProcess, metric
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
 

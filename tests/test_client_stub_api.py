@@ -9,8 +9,7 @@ import fenwick_client as fc
 import httpx
 import pytest
 from fenwick_client._policy import SSEParser, parse_retry_after
-
-from tests.test_client_stub import Reply, StubServer, chunk, make_client, running_stub
+from test_client_stub import Reply, StubServer, chunk, make_client, running_stub
 
 
 @pytest.fixture

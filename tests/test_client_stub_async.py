@@ -9,8 +9,7 @@ from typing import Any
 
 import fenwick_client as fc
 import pytest
-
-from tests.test_client_stub import COMPLETION, Reply, StubServer, chunk, error, running_stub
+from test_client_stub import COMPLETION, Reply, StubServer, chunk, error, running_stub
 
 
 @pytest.fixture

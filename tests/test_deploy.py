@@ -29,9 +29,8 @@ import promql_parser
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
-from tests.server_utils import free_port, wait_healthy
-from tests.tiny import make_tiny_model
+from server_utils import free_port, wait_healthy
+from tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from fenwick_llm.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, find_stop, stop_prefix_len
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, find_stop, stop_prefix_len
 
 CORPUS = ["hello world, the quick brown fox jumps over the lazy dog", "streaming text one token at a time"]
 TEXT = "hello 世界! café — 🦊 jumps over the lazy 🐶 dog, ça va? 日本語のテキスト"

@@ -16,15 +16,14 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("fla.models")
+from fenwick_llm.engine.loader import load_checkpoint  # noqa: E402
+from fenwick_llm.engine.model_config import ModelConfig  # noqa: E402
 from fla.models import LogLinearMamba2Config as FLAConfig  # noqa: E402
 from fla.models import LogLinearMamba2ForCausalLM as FLAModel  # noqa: E402
 from fla.modules.layernorm_gated import rms_norm_ref as gated_rms_norm_ref  # noqa: E402
 from fla.modules.norm.layernorm import rms_norm_ref  # noqa: E402
 from fla.ops.log_linear_attn.naive import naive_log_linear_attn  # noqa: E402
-
-from engine.loader import load_checkpoint  # noqa: E402
-from engine.model_config import ModelConfig  # noqa: E402
-from tests.tiny import randomize_  # noqa: E402
+from tiny import randomize_  # noqa: E402
 
 VARIANTS = {
     "default": dict(),
@@ -173,9 +172,9 @@ def test_logits_match_fla_forward_cuda(fla_gpu_checkpoint: Path, T: int,
 
 def test_fla_loads_our_linear_checkpoint(tmp_path: Path) -> None:
     """The reverse direction: a linear-mode model with 15 levels saved by us opens in FLA unchanged."""
-    from engine.loader import save_model
-    from engine.model import LogLinearMamba2ForCausalLM
-    from tests.tiny import tiny_config
+    from fenwick_llm.engine.loader import save_model
+    from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+    from tiny import tiny_config
 
     torch.manual_seed(0)
     ours = LogLinearMamba2ForCausalLM(tiny_config("linear", vocab_size=300, bos_token_id=1))

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.model import LogLinearMamba2ForCausalLM
-from engine.state import ModelState
-from tests.tiny import randomize_, tiny_config
+from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+from fenwick_llm.engine.state import ModelState
+from tiny import randomize_, tiny_config
 
 # mixer configurations beside the default: grouped norm before the gate, no norm, per-channel D, no conv bias
 MIXER_VARIANTS = pytest.mark.parametrize(

@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels.norm import add_rmsnorm, gated_rmsnorm, silu_mul
-from tests.interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
+from fenwick_llm.kernels.norm import add_rmsnorm, gated_rmsnorm, silu_mul
+from interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = list(DT_ID)
@@ -59,8 +58,8 @@ def _assert_close(r: dict) -> None:
 
 def _block(dtype: torch.dtype, **overrides):
     """Layer 0 of a tiny random model (tests/tiny.py) in ``dtype``."""
-    from engine.model import LogLinearMamba2ForCausalLM
-    from tests.tiny import randomize_, tiny_config
+    from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+    from tiny import randomize_, tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -135,7 +134,7 @@ def test_silu_mul_ref_is_the_gated_mlp(dtype, monkeypatch):
 def test_imports_and_dispatches_without_triton(monkeypatch):
     import importlib.util
 
-    from kernels import norm
+    from fenwick_llm.kernels import norm
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     spec = importlib.util.spec_from_file_location("norm_without_triton", norm.__file__)
@@ -199,7 +198,7 @@ def _rows(N: int, width: int, dtype: torch.dtype, gen: torch.Generator, strided:
 
 
 def _case_add(*, N, D, dtype, residual=True, strided=False, seed=0) -> dict:
-    from kernels.norm import add_rmsnorm_ref, add_rmsnorm_triton
+    from fenwick_llm.kernels.norm import add_rmsnorm_ref, add_rmsnorm_triton
 
     gen = torch.Generator().manual_seed(seed)
     h0 = _rows(N, D, dtype, gen, strided, scale=4.0)
@@ -217,7 +216,7 @@ def _case_add(*, N, D, dtype, residual=True, strided=False, seed=0) -> dict:
 
 def _case_gated(*, N, dtype, H=6, V=12, group_size=72, D_hdim=False, norm=True, before=False, o_dtype=None,
                 nk=0, seed=0) -> dict:
-    from kernels.norm import gated_rmsnorm_ref, gated_rmsnorm_triton
+    from fenwick_llm.kernels.norm import gated_rmsnorm_ref, gated_rmsnorm_triton
 
     gen = torch.Generator().manual_seed(seed)
     I = H * V
@@ -237,7 +236,7 @@ def _case_gated(*, N, dtype, H=6, V=12, group_size=72, D_hdim=False, norm=True, 
 
 
 def _case_silu(*, N, I, dtype, strided=False, seed=0) -> dict:
-    from kernels.norm import silu_mul_ref, silu_mul_triton
+    from fenwick_llm.kernels.norm import silu_mul_ref, silu_mul_triton
 
     gen = torch.Generator().manual_seed(seed)
     gate_up = _rows(N, 2 * I, dtype, gen, strided, scale=3.0)
@@ -293,7 +292,7 @@ def test_silu_mul_interpreted(interpret_results, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 def test_gpu_kernels_match_references_in_a_cuda_graph(dtype):
-    from kernels import norm
+    from fenwick_llm.kernels import norm
 
     N, hidden, H, V, G, I_mlp = 512, 2048, 64, 64, 8, 5632
     I = H * V
@@ -333,5 +332,4 @@ def test_gpu_kernels_match_references_in_a_cuda_graph(dtype):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(_interpret_cases()))

@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels import gemv
-from tests.interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
+from fenwick_llm.kernels import gemv
+from interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = list(DT_ID)
@@ -48,8 +47,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _model(dtype: torch.dtype):
     """A one-layer tiny random model (tests/tiny.py) in ``dtype``."""
-    from engine.model import LogLinearMamba2ForCausalLM
-    from tests.tiny import randomize_, tiny_config
+    from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+    from tiny import randomize_, tiny_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -293,5 +292,4 @@ def test_triton_interpreted_matches_reference(interpret_results, case):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(_interpret_cases()))

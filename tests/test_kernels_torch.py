@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fenwick_llm.kernels import naive
+from fenwick_llm.kernels.chunk_torch import chunk_log_linear_attn
+from fenwick_llm.kernels.state import FenwickState, num_levels_for
+from fenwick_llm.kernels.step_torch import fused_recurrent_step
 
-import kernels
-from kernels import naive
-from kernels.chunk_torch import chunk_log_linear_attn
-from kernels.state import FenwickState, num_levels_for
-from kernels.step_torch import fused_recurrent_step
+from fenwick_llm import kernels
 
 F64 = torch.float64
 
@@ -185,8 +185,8 @@ def test_step_matches_reference_and_leaves_other_slots(state_dtype, in_dtype, to
 def test_step_with_deferred_decay_matches_reference(state_dtype, tol):
     """Pools with deferred decay (level_decay): twelve steps from positions around powers of two, the
     read-outs and the levels they mean against the reference on plain levels; other slots untouched."""
-    from kernels.state import true_levels
-    from tests.pools import deferred_pool
+    from fenwick_llm.kernels.state import true_levels
+    from pools import deferred_pool
     G, H, K, V, L = 2, 4, 8, 4, 12
     positions = [0, 1, 6, 7, 63, 255, 1000]
     N, P = len(positions), len(positions) + 3
@@ -211,7 +211,7 @@ def test_step_with_deferred_decay_matches_reference(state_dtype, tol):
 def test_step_level_blocks_counts_what_the_step_touches(t):
     """kernels.state.step_level_blocks (the benches' byte counts) against the deferred-decay step: poison
     every block it does not count as read (the output stays finite), count the blocks that change."""
-    from kernels.state import step_level_blocks
+    from fenwick_llm.kernels.state import step_level_blocks
     G, H, K, V, L = 1, 2, 4, 4, 11
     start = _state_after([t], G, H, K, V, L, seed=t)
     live = start.levels[0].abs().flatten(1).sum(-1) > 0  # (L,): levels S holds at position t

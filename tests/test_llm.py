@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import LLM, SamplingParams
-from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.outputs import CompletionOutput, RequestOutput
+from fenwick_llm.engine import LLM, SamplingParams
+from fenwick_llm.engine.errors import InvalidRequestError, PromptTooLongError
+from fenwick_llm.engine.outputs import CompletionOutput, RequestOutput
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS: list[str | list[int]] = [

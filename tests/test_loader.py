@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from engine.loader import (
+from fenwick_llm.engine.loader import (
     CheckpointError,
     ConfigError,
     ModelFileNotFoundError,
@@ -19,8 +17,9 @@ from engine.loader import (
     load_model,
     save_model,
 )
-from engine.model_config import ModelConfig
-from engine.tokenizer import ChatTemplateError, Tokenizer
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.engine.tokenizer import ChatTemplateError, Tokenizer
+from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture
@@ -83,7 +82,7 @@ def test_sharded_index(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_tied_embeddings(tmp_path: Path) -> None:
-    from tests.tiny import make_tiny_model
+    from tiny import make_tiny_model
 
     path = make_tiny_model(tmp_path / "tied", lambda_mode="linear", tie_word_embeddings=True)
     assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))

@@ -16,13 +16,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from tests.interpreted import DT_ID, run_interpreted
+from interpreted import DT_ID, run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMBDA_MODES = ("linear", "mlp", "none")
@@ -71,10 +69,11 @@ def _assert_equals_seen(c, outs, seen, dtype):
 @pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
 def test_reference_matches_mixer_decode(monkeypatch, lambda_mode, conv_bias, n_groups, dtype):
-    import kernels
-    from engine.mixer import LogLinearMamba2Mixer
-    from kernels.mixer_step import mixer_decode_inputs_ref
-    from tests.tiny import randomize_, tiny_config
+    from fenwick_llm.engine.mixer import LogLinearMamba2Mixer
+    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs_ref
+    from tiny import randomize_, tiny_config
+
+    from fenwick_llm import kernels
 
     c = tiny_config(lambda_mode, hidden_size=48, head_dim=24, state_size=16, n_groups=n_groups,
                     lambda_levels=9, lambda_mlp_hidden=20, use_conv_bias=conv_bias)  # 4 heads of 24 channels
@@ -117,7 +116,7 @@ def test_reference_matches_mixer_decode(monkeypatch, lambda_mode, conv_bias, n_g
 
 
 def test_reference_rejects_missing_lambda_params():
-    from kernels.mixer_step import mixer_decode_inputs_ref
+    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs_ref
     H, V, Lv, D = 2, 8, 3, 16 + 2 * 4
     proj = torch.zeros(1, H * V + D + H * (1 + Lv))
     args = (torch.zeros(2, D, 3), torch.tensor([0]), torch.zeros(D, 4), None, torch.zeros(H), torch.zeros(H))
@@ -144,10 +143,11 @@ def _cu(lens: list[int], dtype: torch.dtype = torch.int64, device: str = "cpu") 
 @pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
 def test_prefill_reference_matches_mixer_prefill(monkeypatch, lambda_mode, conv_bias, dtype):
-    import kernels
-    from engine.mixer import LogLinearMamba2Mixer
-    from kernels.mixer_step import mixer_prefill_inputs_ref
-    from tests.tiny import randomize_, tiny_config
+    from fenwick_llm.engine.mixer import LogLinearMamba2Mixer
+    from fenwick_llm.kernels.mixer_step import mixer_prefill_inputs_ref
+    from tiny import randomize_, tiny_config
+
+    from fenwick_llm import kernels
 
     c = tiny_config(lambda_mode, hidden_size=48, head_dim=24, state_size=16, n_groups=2,
                     lambda_levels=9, lambda_mlp_hidden=20, use_conv_bias=conv_bias)  # 4 heads of 24 channels
@@ -196,7 +196,7 @@ def test_prefill_reference_matches_decode_steps(lambda_mode, dtype):
     # Row t of a sequence is the t-th of one-token decode steps from the sequence's saved window, and the
     # window the steps leave is the prefill's. The steps see fewer rows at a time, so Δ, g and λ
     # (vectorised exp / log) may differ from the prefill's by an ulp; the conv and the windows may not.
-    from kernels.mixer_step import mixer_decode_inputs_ref, mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs_ref, mixer_prefill_inputs_ref
     lens = PREFILL_LENS
     (proj, pool, slots, *args), kw = _inputs(N=sum(lens), S=len(lens), H=3, V=8, G=1, K=8, mode=lambda_mode,
                                              Lv=5, hidden=12, dtype=dtype)
@@ -219,7 +219,7 @@ def test_prefill_reference_matches_decode_steps(lambda_mode, dtype):
 
 
 def test_prefill_reference_rejects_bad_cu_seqlens():
-    from kernels.mixer_step import mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_step import mixer_prefill_inputs_ref
     H, V, Lv, D = 2, 8, 3, 16 + 2 * 4
     proj = torch.zeros(3, H * V + D + H * (1 + Lv))
     rest = (torch.zeros(4, D, 3), torch.tensor([2, 0]), torch.zeros(D, 4), None, torch.zeros(H),
@@ -297,7 +297,7 @@ def _compare(out, ref, pool, new_pool, ref_pool, slots) -> dict:
 
 
 def _case_triton(name, *, block_c=32, **kw):
-    from kernels.mixer_step import _triton, mixer_decode_inputs_ref
+    from fenwick_llm.kernels.mixer_step import _triton, mixer_decode_inputs_ref
     (proj, pool, *args), kwargs = _inputs(**kw)
     ref_pool, new_pool = pool.clone(), pool.clone()
     ref = mixer_decode_inputs_ref(proj, ref_pool, *args, **kwargs)
@@ -318,7 +318,7 @@ CASES = {
 
 
 def _case_prefill(name, *, lens, cu_dtype=torch.int64, block_t=8, block_c=16, block_m=16, **kw):
-    from kernels.mixer_step import _triton, mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_step import _triton, mixer_prefill_inputs_ref
     (proj, pool, *args), kwargs = _inputs(N=sum(lens), S=len(lens), **kw)
     cu = _cu(lens, cu_dtype)
     ref_pool, new_pool = pool.clone(), pool.clone()
@@ -398,7 +398,7 @@ def test_triton_prefill_interpreted_matches_reference(interpret_results, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("mode", LAMBDA_MODES)
 def test_gpu_matches_reference_and_replays_in_a_graph(mode, dtype):
-    from kernels.mixer_step import mixer_decode_inputs, mixer_decode_inputs_ref
+    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs, mixer_decode_inputs_ref
     (proj, pool, *args), kw = _inputs(N=512, H=64, V=64, G=1, K=128, mode=mode, Lv=15, hidden=64, dtype=dtype,
                                       device="cuda")
     ref_pool = pool.clone()
@@ -426,7 +426,7 @@ def test_gpu_matches_reference_and_replays_in_a_graph(mode, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("mode", LAMBDA_MODES)
 def test_gpu_prefill_matches_reference(mode, dtype):
-    from kernels.mixer_step import mixer_prefill_inputs, mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_step import mixer_prefill_inputs, mixer_prefill_inputs_ref
     lens = [700, 1, 1297, 2, 1000]
     (proj, pool, *args), kw = _inputs(N=sum(lens), S=len(lens), H=24, V=64, G=1, K=128, mode=mode, Lv=15,
                                       hidden=64, dtype=dtype, device="cuda")  # D = 1792 conv channels
@@ -441,5 +441,4 @@ def test_gpu_prefill_matches_reference(mode, dtype):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(_interpret_cases()))

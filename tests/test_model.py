@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.model import LogLinearMamba2ForCausalLM
-from engine.model_config import ModelConfig
-from engine.state import ModelState, device_int_parts
-from tests.tiny import randomize_, tiny_config
+from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.engine.state import ModelState, device_int_parts
+from tiny import randomize_, tiny_config
 
 MODES = ["linear", "mlp", "none"]
 
@@ -236,7 +235,7 @@ def test_decode_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     stubbed (it is the kernels package's own contract), the rest of decode must run on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import kernels
+    from fenwick_llm import kernels
 
     def step_stub(q, k, v, g, level_scales, levels, slots, positions, scale=None, **kw):
         levels[slots] = levels[slots] * torch.exp(g)[:, None, :, None, None]

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fenwick_llm.tools import mqar_data as mq
+from fenwick_llm.tools.mqar import main as mqar_main
+from fenwick_llm.tools.mqar import table
 from tokenizers import Tokenizer as HFTokenizer
-
-from tools import mqar_data as mq
-from tools.mqar import main as mqar_main
-from tools.mqar import table
 
 VOCAB = mq.MQARVocab(31)  # keys 1..10, values 11..20, noise 21..30
 

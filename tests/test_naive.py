@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import naive
-from kernels.state import FenwickState, level_matrix
+from fenwick_llm.kernels import naive
+from fenwick_llm.kernels.state import FenwickState, level_matrix
 
 
 def _inputs(B, T, G, H, K, V, L, dtype=torch.float64, seed=0):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import LLM, SamplingParams
-from kernels import pdl
+from fenwick_llm.engine import LLM, SamplingParams
+from fenwick_llm.kernels import pdl
 
 
 @pytest.fixture(autouse=True)

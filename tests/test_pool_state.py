@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels.pool_state import PooledState, merge_for_query, merged_levels_ref
-from tests.pools import deferred_pool
-from tests.test_kernels_torch import _inputs
-from tests.test_window import STARTS, _windowed_pool
+from fenwick_llm.kernels.pool_state import PooledState, merge_for_query, merged_levels_ref
+from pools import deferred_pool
+from test_kernels_torch import _inputs
+from test_window import STARTS, _windowed_pool
 
 F64 = torch.float64
 
@@ -70,7 +69,7 @@ def test_pooled_levels_and_merge_match_the_state(case: str) -> None:
 def _triton_case() -> dict:
     """Interpreter run (TRITON_INTERPRET=1, in a subprocess): the one-launch kernel against the
     reference on the windowed and the deferred pools, fp32 and bf16 storage."""
-    from kernels.pool_triton import pooled_merged_levels
+    from fenwick_llm.kernels.pool_triton import pooled_merged_levels
     out = {}
     for name, make in (("window", _windowed_case), ("deferred", _deferred_case)):
         for dtype in (torch.float32, torch.bfloat16):
@@ -88,8 +87,8 @@ def _write_case(device: str = "cpu", G: int = 1, H: int = 3, K: int = 8, V: int 
     block, continue one mid-block (gc from the row before), span several blocks or add a single token.
     Rows the call must not write hold random values before it; returns the largest difference per window
     tensor: k and v rows must be equal, gc (index 2) equal up to the order of its float32 sums."""
-    from kernels.pool_triton import write_window_triton
-    from kernels.window import W, window_rows, write_window_ref
+    from fenwick_llm.kernels.pool_triton import write_window_triton
+    from fenwick_llm.kernels.window import W, window_rows, write_window_ref
     starts, lens = [0, 3, 30, 64, 100, 31, 7], [5, 40, 2, 33, 28, 1, 1]
     P, T = len(starts) + 2, sum(lens)
     gen = torch.Generator().manual_seed(6)
@@ -110,7 +109,7 @@ def _write_case(device: str = "cpu", G: int = 1, H: int = 3, K: int = 8, V: int 
 
 
 def test_pooled_merged_levels_triton_interpreted() -> None:
-    from tests.interpreted import run_interpreted
+    from interpreted import run_interpreted
     r = run_interpreted(__file__, timeout=600)
     merged = {key: err for key, err in r.items() if key.split("-")[0] in ("window", "deferred")}
     written = {key: err for key, err in r.items() if key not in merged}
@@ -124,7 +123,7 @@ def test_pooled_merged_levels_triton_interpreted() -> None:
 @pytest.mark.parametrize("case", ["window", "deferred"])
 def test_pooled_merged_levels_gpu(case: str, dtype: torch.dtype) -> None:
     """Engine shapes (24 heads, K 128, V 64) on CUDA: the kernel against the reference."""
-    from kernels.pool_triton import pooled_merged_levels
+    from fenwick_llm.kernels.pool_triton import pooled_merged_levels
     if case == "window":
         state, _ = _windowed_case(dtype, G=1, H=24, K=128, V=64, L=11)
     else:
@@ -149,6 +148,6 @@ def test_write_window_gpu() -> None:
 if __name__ == "__main__":
     import json
 
-    from tests.interpreted import round_bf16_to_nearest_even
+    from interpreted import round_bf16_to_nearest_even
     round_bf16_to_nearest_even()  # the window rows are cast to bf16 as the GPU does
     print(json.dumps({**_triton_case(), **_write_case()}))

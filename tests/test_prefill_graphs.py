@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.prefill_graphs import SecondSighting
+from fenwick_llm.engine import LLM, SamplingParams
+from fenwick_llm.engine.config import EngineConfig
+from fenwick_llm.engine.prefill_graphs import SecondSighting
 
 
 def test_second_sighting_counts_and_forgets_the_least_recent():

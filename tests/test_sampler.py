@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.request import Request, Sequence
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
+from fenwick_llm.engine.request import Request, Sequence
+from fenwick_llm.engine.sampler import Sampler
+from fenwick_llm.engine.sampling_params import SamplingParams
 
 V = 50
 

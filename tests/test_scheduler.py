@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from engine.errors import InvalidRequestError, QueueFullError
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.state_pool import SlotAllocator
+from fenwick_llm.engine.errors import InvalidRequestError, QueueFullError
+from fenwick_llm.engine.request import Request, RequestStatus
+from fenwick_llm.engine.sampling_params import SamplingParams
+from fenwick_llm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from fenwick_llm.engine.state_pool import SlotAllocator
 
 
 class FakeRunner:

@@ -7,8 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.server_utils import assert_error, parse_sse
+from server_utils import assert_error, parse_sse
 
 
 async def test_completion_and_stream_agree(client: httpx.AsyncClient) -> None:

@@ -10,11 +10,10 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 import uvicorn
-
-from server.app import create_app
-from server.config import ServerConfig
-from tests.fake_engine import FakeEngine
-from tests.server_utils import assert_error, free_port, parse_sse
+from fake_engine import FakeEngine
+from fenwick_llm.server.app import create_app
+from fenwick_llm.server.config import ServerConfig
+from server_utils import assert_error, free_port, parse_sse
 
 
 async def test_routes_and_request_id(client: httpx.AsyncClient) -> None:

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from server import cli
-from server.config import ServerConfig, sampling_defaults_from_generation_config
-from tests.server_utils import REPO
+from fenwick_llm.server import cli
+from fenwick_llm.server.config import ServerConfig, sampling_defaults_from_generation_config
+from server_utils import REPO
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,7 +30,7 @@ def test_missing_demo_model_says_what_to_pass(monkeypatch: pytest.MonkeyPatch, t
 
 def test_python_dash_m_fails_fast_on_a_wrong_path() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--model", "/no/such/model"],
+        [sys.executable, "-m", "fenwick_llm.server", "serve", "--model", "/no/such/model"],
         cwd=REPO,
         capture_output=True,
         text=True,

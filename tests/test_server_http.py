@@ -8,8 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.server_utils import ServerProcess, assert_error, parse_sse
+from server_utils import ServerProcess, assert_error, parse_sse
 
 MODEL = "tiny-shakespeare"
 CHAT = [{"role": "user", "content": "Hello!"}]

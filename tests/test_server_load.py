@@ -12,8 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.server_utils import ServerProcess, metric, parse_sse
+from server_utils import ServerProcess, metric, parse_sse
 
 KEY = "test-key"
 

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-
-from tests.server_utils import ServerProcess
+from server_utils import ServerProcess
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
 

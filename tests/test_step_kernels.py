@@ -8,13 +8,11 @@ subprocess (this file as a script), like tests/test_triton_kernels.py.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from tests.interpreted import run_interpreted
+from interpreted import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,9 +30,9 @@ TOL = {"loop_bf16_pool": 1e-2, "tile_bf16_pool": 1e-2}  # the pool rounds every 
 
 
 def _run_case(positions, shape, kw, seed=1) -> dict:
-    from kernels import naive
-    from kernels.fused_recurrent import fused_recurrent_step
-    from tests.test_triton_kernels import _inputs, _rel, _states
+    from fenwick_llm.kernels import naive
+    from fenwick_llm.kernels.fused_recurrent import fused_recurrent_step
+    from test_triton_kernels import _inputs, _rel, _states
 
     G, H, K, V, L = shape
     kw = dict(kw)
@@ -76,12 +74,11 @@ def test_partials_are_per_block_of_k(results):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     print(json.dumps({name: _run_case(*args) for name, args in CASES.items()}))
 
 
 def test_prefill_plan_is_shared_only_inside_plan_cache():
-    from kernels.chunk import _plan, plan_cache
+    from fenwick_llm.kernels.chunk import _plan, plan_cache
 
     cu = torch.tensor([0, 5, 70, 71])
     pos = torch.tensor([0, 130, 7])

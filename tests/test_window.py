@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import naive
-from kernels.window import (
+from fenwick_llm.kernels import naive
+from fenwick_llm.kernels.window import (
     BW,
     W,
     fused_recurrent_step_window,
     fused_recurrent_step_window_ref,
     windowed_levels,
 )
-from tests.test_kernels_torch import _inputs
+from test_kernels_torch import _inputs
 
 F64 = torch.float64
 
@@ -97,8 +96,8 @@ def test_engine_with_token_windows_matches_the_full_forward(tiny_model_dir):
     """The engine on a windowed pool (token_window=True; on the CPU the PyTorch paths): prompts in
     16-token chunks that continue mid-block, 40 new tokens across block boundaries, staggered arrivals
     and n = 2 forks: the same tokens as a pool of blocks only, and greedy equals a full forward."""
-    from engine import LLM, SamplingParams
-    from tests.test_llm import GREEDY, assert_greedy
+    from fenwick_llm.engine import LLM, SamplingParams
+    from test_llm import GREEDY, assert_greedy
     kw = dict(max_num_seqs=6, max_model_len=160, max_num_batched_tokens=48, long_prefill_chunk=16)
     prompts = [[5], list(range(3, 43)), list(range(100, 170)), list(range(7, 40))]
     outs = {}
@@ -117,8 +116,8 @@ def test_engine_with_token_windows_matches_the_full_forward(tiny_model_dir):
 def test_engine_with_token_windows_on_cuda_matches_the_block_pool(tiny_model_dir):
     """The same on the GPU (Triton windowed step under CUDA graphs, the fused prefill writing windows),
     fp32 weights: the same greedy tokens as a pool of blocks only."""
-    from engine import LLM, SamplingParams
-    from tests.test_llm import GREEDY
+    from fenwick_llm.engine import LLM, SamplingParams
+    from test_llm import GREEDY
     kw = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=160, max_num_batched_tokens=48,
               long_prefill_chunk=16)
     prompts = [[5], list(range(3, 43)), list(range(100, 170)), list(range(7, 40))]
@@ -132,7 +131,7 @@ def test_window_step_traffic_counts_what_the_step_touches(t):
     """kernels.window.window_step_traffic (the bench's byte count) against the windowed step: its reads
     are the live high levels and the rows the window holds at t; every other block and row is poisoned
     (NaN) and the output stays finite; the blocks that change are its writes."""
-    from kernels.window import window_step_traffic
+    from fenwick_llm.kernels.window import window_step_traffic
     G, H, K, V, L = 1, 2, 4, 4, 11
     xs = _inputs(1, t + 1, G, H, K, V, L, seed=t)
     slots = torch.tensor([1])
@@ -156,14 +155,17 @@ def test_window_step_traffic_counts_what_the_step_touches(t):
     assert torch.isfinite(o).all() and len(changed) == writes, (changed, writes)
 
 
+BENCH_SHAPE = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000)
+
+
 def test_windowed_slots_store_only_the_high_levels():
     """A windowed slot keeps levels 0..BW as its window's rows and no block for them: fewer bytes than a
     slot of blocks only (the bench model at max_model_len 640: checked against the layout's arithmetic)."""
-    from bench.engine import BIG
-    from engine.model_config import ModelConfig
-    from engine.state import ModelState
-    from engine.state_pool import state_bytes_per_slot
-    c = ModelConfig.from_dict({"model_type": "log_linear_mamba2", **BIG, "n_groups": 1})
+    from fenwick_llm.engine.model_config import ModelConfig
+    from fenwick_llm.engine.state import ModelState
+    from fenwick_llm.engine.state_pool import state_bytes_per_slot
+
+    c = ModelConfig.from_dict({"model_type": "log_linear_mamba2", **BENCH_SHAPE, "n_groups": 1})
     L = ModelState.levels_for(c, 640)
     windowed = ModelState.allocate(c, 2, "meta", torch.bfloat16, num_levels=L, token_window=True)
     assert windowed.num_levels == L and windowed.low_level == BW + 1
@@ -178,7 +180,7 @@ def test_windowed_slots_store_only_the_high_levels():
 def _triton_case() -> dict:
     """Interpreter run (TRITON_INTERPRET=1, in a subprocess): the Triton windowed step against the
     reference on S, over the same steps as above, fp32 pool and bf16 window rows."""
-    from kernels.window_triton import window_step
+    from fenwick_llm.kernels.window_triton import window_step
     G, H, K, V, L, steps = 1, 2, 8, 4, 10, 36
     N, P = len(STARTS), len(STARTS) + 2
     xs = _inputs(N, max(STARTS) + steps, G, H, K, V, L, seed=1)
@@ -200,7 +202,7 @@ def _triton_case() -> dict:
 
 
 def test_triton_windowed_step_interpreted():
-    from tests.interpreted import run_interpreted
+    from interpreted import run_interpreted
     r = run_interpreted(__file__, timeout=600)
     assert r["o"] < 1e-5 and r["state"] < 1e-5 and r["untouched"], r
 

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fenwick_llm.engine.loader import save_model
+from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.engine.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
-
-from engine.loader import save_model
-from engine.model import LogLinearMamba2ForCausalLM
-from engine.model_config import ModelConfig
-from engine.tokenizer import Tokenizer
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|system|>", "<|user|>", "<|assistant|>"]

@@ -16,14 +16,10 @@ It reaches into Triton's runtime (``driver.set_active``, ``JITFunction.run``): a
 
 from __future__ import annotations
 
-import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H, V, K, G, LV, HID, CW, L, P, N = 24, 64, 128, 1, 15, 64, 4, 10, 6, 2  # the bench model; pool of 6 slots
 I, D = H * V, H * V + 2 * G * K
@@ -45,10 +41,9 @@ class _Sm90Driver:
 
 def _compile_only() -> list[tuple[str, bool]]:
     """Every Triton launch compiles without launching; returns the (kernel, uses PDL) of each."""
+    from fenwick_llm.kernels import pdl
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
-
-    from kernels import pdl
 
     driver.set_active(_Sm90Driver())
     pdl.enabled = lambda t: True
@@ -64,9 +59,9 @@ def _compile_only() -> list[tuple[str, bool]]:
 
 
 def _cases(dt: torch.dtype) -> dict[str, Callable[[], object]]:
-    from kernels import gemv, mixer_step, norm
-    from kernels.fused_recurrent import fused_recurrent_step
-    from kernels.window_triton import window_step
+    from fenwick_llm.kernels import gemv, mixer_step, norm
+    from fenwick_llm.kernels.fused_recurrent import fused_recurrent_step
+    from fenwick_llm.kernels.window_triton import window_step
 
     r = lambda *s, dtype=dt: torch.randn(*s).to(dtype)  # noqa: E731
     proj, conv_pool = r(N, I + D + H + H * LV), r(P, D, CW - 1)

@@ -15,13 +15,12 @@ import math
 from pathlib import Path
 
 import torch
+from fenwick_llm.engine.loader import save_model
+from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.engine.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
-
-from engine.loader import save_model
-from engine.model import LogLinearMamba2ForCausalLM
-from engine.model_config import ModelConfig
-from engine.tokenizer import Tokenizer
 
 EOS = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.loader import load_model, save_model
-from engine.model import LogLinearMamba2ForCausalLM
-from engine.model_config import ModelConfig
-from tools.init import init_weights
+from fenwick_llm.engine.loader import load_model, save_model
+from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.tools.init import init_weights
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 

@@ -1,8 +1,8 @@
 """MQAR recall through the serving engine: train small models, evaluate recall by sequence length.
 
-    python -m tools.mqar train --out runs/mqar/mlp --lambda-mode mlp
-    python -m tools.mqar eval --model runs/mqar/mlp --out runs/mqar/mlp/eval.json
-    python -m tools.mqar table runs/mqar/*/eval.json
+    python -m fenwick_llm.tools.mqar train --out runs/mqar/mlp --lambda-mode mlp
+    python -m fenwick_llm.tools.mqar eval --model runs/mqar/mlp --out runs/mqar/mlp/eval.json
+    python -m fenwick_llm.tools.mqar table runs/mqar/*/eval.json
 
 Training uses short sequences (--train-mix); evaluation asks the engine (``LLM.generate``, greedy, one
 token) for the value after a query key, for prompts that run up to that key, at lengths far beyond
@@ -19,17 +19,19 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python tools/mqar.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 import torch.nn.functional as F
-
-from engine.model_config import ModelConfig
-from tools import mqar_data as mq
-from tools.modeldir import build_model, check_model_dir, count_parameters, save_weights, write_json
-from tools.train_attn import ATTENTION_CHOICES, training_attention
-from tools.trainer import TrainConfig, train
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.tools import mqar_data as mq
+from fenwick_llm.tools.modeldir import (
+    build_model,
+    check_model_dir,
+    count_parameters,
+    save_weights,
+    write_json,
+)
+from fenwick_llm.tools.train_attn import ATTENTION_CHOICES, training_attention
+from fenwick_llm.tools.trainer import TrainConfig, train
 
 TASK_FILE = "mqar.json"
 
@@ -146,7 +148,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> dict:
             "train_mix": [list(x) for x in args.train_mix]}
     write_json(out / TASK_FILE, task)
     best = dict(res.evals)[res.best_step] if res.evals else {}
-    report = {"command": "python -m tools.mqar " + shlex.join(argv), "args": vars(args), "task": task,
+    command = "python -m fenwick_llm.tools.mqar " + shlex.join(argv)
+    report = {"command": command, "args": vars(args), "task": task,
               "steps_run": res.steps_run, "train_seconds": round(res.seconds, 1),
               "stopped_by_budget": res.stopped_by_budget, "best_step": res.best_step, "best": best,
               "evals": [{"step": s, **m} for s, m in res.evals]}
@@ -174,8 +177,8 @@ def forward_accuracy(model: torch.nn.Module, batch: mq.MQARBatch, prompts: list[
 
 
 def cmd_eval(args: argparse.Namespace, argv: list[str]) -> dict:
-    from engine import LLM, SamplingParams
-    from engine.loader import load_model
+    from fenwick_llm.engine import LLM, SamplingParams
+    from fenwick_llm.engine.loader import load_model
 
     device = resolve_device(args.device)
     model_dir = Path(args.model)
@@ -219,7 +222,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> dict:
               flush=True)
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     result = {"model": str(model_dir), "lambda_mode": config.lambda_mode, "task": task,
-              "device": str(device) + gpu, "command": "python -m tools.mqar " + shlex.join(argv),
+              "device": str(device) + gpu, "command": "python -m fenwick_llm.tools.mqar " + shlex.join(argv),
               "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

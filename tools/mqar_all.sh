@@ -30,9 +30,9 @@ start=$(date +%s)
 pipeline() {  # mode: train then eval, all output to WORK/mode.log
     local mode=$1
     shift
-    "$PY" -m tools.mqar train --out "$WORK/$mode" --lambda-mode "$mode" --steps "$STEPS" \
+    "$PY" -m fenwick_llm.tools.mqar train --out "$WORK/$mode" --lambda-mode "$mode" --steps "$STEPS" \
         --time-budget "$TRAIN_BUDGET" --device "$DEVICE" "$@" &&
-    "$PY" -m tools.mqar eval --model "$WORK/$mode" --out "$WORK/$mode/eval.json" --lens "$LENS" \
+    "$PY" -m fenwick_llm.tools.mqar eval --model "$WORK/$mode" --out "$WORK/$mode/eval.json" --lens "$LENS" \
         --examples "$EXAMPLES" --budget "$EVAL_BUDGET" --device "$DEVICE"
 }
 
@@ -68,7 +68,7 @@ for mode in mlp linear none; do
     if [[ -f $WORK/$mode/eval.json ]]; then evals+=("$WORK/$mode/eval.json"); fi
 done
 if (( ${#evals[@]} )); then
-    "$PY" -m tools.mqar table "${evals[@]}" | tee "$OUT/mqar_table.md" || fail=1
+    "$PY" -m fenwick_llm.tools.mqar table "${evals[@]}" | tee "$OUT/mqar_table.md" || fail=1
 fi
 "$PY" - "$WORK" "$OUT" <<'EOF' || fail=1
 import json, sys

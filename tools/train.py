@@ -1,6 +1,6 @@
 """Train a byte-level BPE tokenizer and a log-linear Mamba-2 on a text file; write a model directory.
 
-    python -m tools.train --text .data/tinyshakespeare.txt --out models/fenwick-shakespeare
+    python -m fenwick_llm.tools.train --text .data/tinyshakespeare.txt --out models/fenwick-shakespeare
 
 The last 10% of the characters are held out (never seen by the tokenizer or the model) and the
 report gives the held-out loss in nats per character: mean token loss × tokens / characters.
@@ -17,17 +17,20 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python tools/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 import torch.nn.functional as F
-
-from engine.model_config import ModelConfig
-from tools import data
-from tools.modeldir import DTYPES, build_model, check_model_dir, count_parameters, save_weights, write_json
-from tools.train_attn import ATTENTION_CHOICES, training_attention
-from tools.trainer import TrainConfig, train
+from fenwick_llm.engine.model_config import ModelConfig
+from fenwick_llm.tools import data
+from fenwick_llm.tools.modeldir import (
+    DTYPES,
+    build_model,
+    check_model_dir,
+    count_parameters,
+    save_weights,
+    write_json,
+)
+from fenwick_llm.tools.train_attn import ATTENTION_CHOICES, training_attention
+from fenwick_llm.tools.trainer import TrainConfig, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     })
     data.save_tokenizer(tok, out, config.max_model_len)
     report = {
-        "command": "python -m tools.train " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m fenwick_llm.tools.train " + shlex.join(sys.argv[1:] if argv is None else argv),
         "args": vars(args),
         "text": {"path": args.text, "chars": len(text), "sha256": hashlib.sha256(raw).hexdigest()},
         "tokens": {"train": train_ids.numel(), "heldout": val_ids.numel(),
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def sample(model_dir: Path, device: torch.device, max_tokens: int) -> str:
     """A greedy continuation of a play-script prompt through the serving engine."""
-    from engine import LLM, SamplingParams
+    from fenwick_llm.engine import LLM, SamplingParams
 
     llm = LLM(str(model_dir), device=device.type, max_num_seqs=2)
     outs = llm.generate(["ROMEO:\n"], SamplingParams(temperature=0, max_tokens=max_tokens))

@@ -36,7 +36,7 @@ declare -A pids=()
 for mode in mlp linear none; do
     sample=64
     [[ $mode == mlp ]] || sample=0
-    "$PY" -m tools.train --text "$TEXT" --out "${dirs[$mode]}" --lambda-mode "$mode" --steps "$STEPS" \
+    "$PY" -m fenwick_llm.tools.train --text "$TEXT" --out "${dirs[$mode]}" --lambda-mode "$mode" --steps "$STEPS" \
         --time-budget "$BUDGET" --device "$DEVICE" --sample-tokens "$sample" "$@" >"$WORK/$mode.log" 2>&1 &
     pids[$mode]=$!
     echo "[train_all] started $mode (pid ${pids[$mode]}) → ${dirs[$mode]}, log $WORK/$mode.log"

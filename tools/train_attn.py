@@ -14,8 +14,7 @@ import functools
 from collections.abc import Iterator
 
 import torch
-
-from kernels.state import level_matrix
+from fenwick_llm.kernels.state import level_matrix
 
 ATTENTION_CHOICES = ("quadratic", "naive", "kernel")
 
@@ -63,14 +62,14 @@ def quadratic_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def kernel_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            level_scales: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """The serving prefill op (``kernels.chunk_log_linear_attn``); trains only if it has a backward."""
-    import kernels
+    from fenwick_llm import kernels
 
     return kernels.chunk_log_linear_attn(q, k, v, g, level_scales, scale=scale)[0]
 
 
 def naive_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           level_scales: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    from kernels import naive
+    from fenwick_llm.kernels import naive
 
     return naive.log_linear_attn(q, k, v, g, level_scales, scale=scale)
 
@@ -92,7 +91,7 @@ def training_attention(name: str) -> Iterator[None]:
     ``forward``) go to the training op, the others (serving prefill) keep the kernel. Restored on exit,
     so an engine built afterwards in the same process serves with the real kernels.
     """
-    import kernels
+    from fenwick_llm import kernels
 
     attn = get_attention(name)
     original = kernels.chunk_log_linear_attn

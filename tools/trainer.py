@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from fenwick_llm.tools.init import no_decay
 from torch import nn
 from tqdm import tqdm
-
-from tools.init import no_decay
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, T], labels [B, T] with -100 = ignore)
 

@@ -1,24 +1,21 @@
 """How long Python's full (generation-2) garbage collections take inside ``LLM.generate``, with the
 start-up heap frozen (``gc_freeze``, the default) or not.
 
-    python tools/gc_pause.py            # tiny random model on this machine's device
+    python bench/gc_pause.py            # tiny random model on this machine's device
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine import TINY, prompts, write_model  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import TINY, prompts, write_model
+from fenwick_llm import LLM, SamplingParams
 
 
 def main() -> None:

@@ -8,25 +8,22 @@ Builds bench/engine.py's ~250M model (random weights), then for each batch size:
   4. (first) times a prompt-only request (max_tokens=1: the eager prefill step + one sample) and profiles
      it: wall time, summed kernel time, top kernels and top host ops, so launch/sync overhead shows.
 
-    python tools/profile_decode.py --out /tmp/profile.txt            # H200
-    python tools/profile_decode.py --tiny --out /tmp/profile.txt     # CPU smoke test
+    python bench/profile_decode.py --out /tmp/profile.txt            # H200
+    python bench/profile_decode.py --tiny --out /tmp/profile.txt     # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine import BIG, TINY, prompts, sync, write_model  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import BIG, TINY, prompts, sync, write_model
+from fenwick_llm import LLM, SamplingParams
 
 
 def timed(stats: dict[str, list[float]], name: str, fn, device: torch.device):
