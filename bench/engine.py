@@ -37,8 +37,7 @@ from fenwick_llm.engine.model_config import ModelConfig
 from fenwick_llm.engine.stats import EngineStats
 from fenwick_llm.engine.tokenizer import Tokenizer
 from fenwick_llm.kernels import pdl
-from fenwick_llm.kernels.state import step_level_blocks
-from fenwick_llm.kernels.window import window_step_traffic
+from fenwick_llm.kernels.state import step_level_blocks, window_step_traffic
 from fenwick_llm.tools.make_random_model import ascii_bpe, randomize_
 
 BIG = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000)
@@ -176,16 +175,13 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-overlap-decode", action="store_true", help="host and device in series (A/B)")
-    ap.add_argument("--token-window", action=argparse.BooleanOptionalAction, default=True,
-                    help="low levels as raw tokens (kernels/window; default) or every level a block")
     ap.add_argument("--prefill-graphs", type=int, default=0,
                     help="opt-in prompt-step CUDA graphs kept (engine/prefill_graphs.py); 0: prompt steps "
                          "eager, as the engine's default")
-    ap.add_argument("--no-pdl", action="store_true", help="decode kernels without PDL (kernels/pdl.py)")
-    ap.add_argument("--no-pdl-prefetch", action="store_true", help="PDL without the GEMVs' weight prefetch")
+    ap.add_argument("--no-pdl", action="store_true", help="kernels without PDL (kernels/pdl.py)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    pdl.configure(prefetch=not a.no_pdl_prefetch)
+    pdl.configure(not a.no_pdl)
     a.batches = a.batches or ([1, 4] if a.tiny else [1, 32, 256])
     a.prompt_len = a.prompt_len or (16 if a.tiny else 512)
     a.new_tokens = a.new_tokens or (8 if a.tiny else 128)
@@ -207,13 +203,12 @@ def main() -> None:
                       max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.new_tokens,
                       max_num_batched_tokens=max(a.max_num_batched_tokens, max(a.batches)),
                       long_prefill_chunk=a.prompt_len, enforce_eager=a.enforce_eager,
-                      overlap_decode=False if a.no_overlap_decode else None, token_window=a.token_window,
-                      prefill_graphs=a.prefill_graphs, pdl=not a.no_pdl)
+                      overlap_decode=False if a.no_overlap_decode else None,
+                      prefill_graphs=a.prefill_graphs)
             weights = sum(p.numel() * p.element_size() for n, p in llm.engine.model.named_parameters()
                           if "embeddings" not in n)
             state = llm.engine.pool.bytes_per_slot
             result["overlap_decode"] = llm.engine.config.use_overlap_decode
-            result["token_window"] = a.token_window
             for batch in a.batches:
                 row = dict(engine="fenwick", lambda_mode=mode, batch=batch,
                            **attempt(bench_fenwick, llm, batch, a, shape["vocab_size"]))

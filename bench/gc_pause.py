@@ -1,5 +1,5 @@
 """How long Python's full (generation-2) garbage collections take inside ``LLM.generate``, with the
-start-up heap frozen (``gc_freeze``, the default) or not.
+start-up heap frozen (what the ``LLM`` constructor and ``fenwick serve`` do) or not.
 
     python bench/gc_pause.py            # tiny random model on this machine's device
 """
@@ -37,8 +37,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp) / "m", TINY, "mlp", torch.float32, 0)
         for freeze in (False, True):
-            gc.unfreeze()
-            llm = LLM(str(model_dir), max_num_seqs=a.batch, max_model_len=640, gc_freeze=freeze)
+            llm = LLM(str(model_dir), max_num_seqs=a.batch, max_model_len=640)  # freezes the heap
+            if not freeze:
+                gc.unfreeze()
             full = time.perf_counter()
             gc.collect()
             full = time.perf_counter() - full
@@ -48,7 +49,7 @@ def main() -> None:
                 llm.generate(prompts(a.batch, 512, TINY["vocab_size"], i), params)
             gc.callbacks.remove(watch)
             seen = ", ".join(f"{p * 1e3:.1f}" for p in pauses) or "-"
-            print(f"gc_freeze={freeze}: {len(gc.get_objects())} tracked objects, gc.collect() "
+            print(f"frozen={freeze}: {len(gc.get_objects())} tracked objects, gc.collect() "
                   f"{full * 1e3:.1f} ms; {len(pauses)} full collections in {a.runs} generate calls of "
                   f"batch {a.batch}: {seen} ms")
             pauses.clear()

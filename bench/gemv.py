@@ -1,4 +1,4 @@
-"""Fused small-M GEMV kernels (kernels/gemv.py) against the unfused torch sequence, on the GPU.
+"""Fused small-M GEMV kernels (kernels/gemv_triton.py) against the unfused torch sequence, on the GPU.
 
 For the dense layers of a 768-hidden model at M = 1, 2, 4, 8 rows: the fused Triton launch, the
 reference (the model's own torch ops: RMSNorm's elementwise kernels + cuBLAS + SiLU-mul / residual add)
@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from fenwick_llm.kernels import gemv
+from fenwick_llm.kernels import gemv_torch
+from fenwick_llm.kernels import gemv_triton as gemv
 
 HIDDEN = 768
 SHAPES = {  # op name: (function, K, N; for gate_up N is I and the weight has 2 * I rows)
@@ -90,7 +91,7 @@ class Case:
         return self.cycling(lambda *a: fn(*a, config=config))
 
     def unfused(self) -> Callable[[], torch.Tensor]:
-        return self.cycling(getattr(gemv, f"{self.fn_name}_ref"))
+        return self.cycling(getattr(gemv_torch, f"{self.fn_name}_ref"))
 
     def gemm_only(self) -> Callable[[], torch.Tensor]:
         ws = itertools.cycle(self.weights)

@@ -7,7 +7,6 @@ Fenwick step must move, against a measured device-to-device copy.
 
     python bench/kernels.py --out docs/kernels-bench.json        # on the GPU
     python bench/kernels.py --plot docs/kernels-bench.json       # here: table + docs/kernels-bench.png
-    python bench/kernels.py --explore OUT.json [--variants a,b]  # on the GPU: VARIANTS at T = 2K, 16K, 64K
 """
 
 from __future__ import annotations
@@ -107,9 +106,6 @@ def decode_bytes(positions: list[int], L: int, level_bytes: int, deferred: bool 
     return total
 
 
-STEP_TILES = [(8, 64, 4), (16, 64, 8), (16, 32, 4), (32, 32, 8), (4, 64, 2), (128, 16, 8)]  # (BK, BV, warps)
-
-
 def bench_decode(rows: list, copy_gbs: float, block_vs: list,
                  state_dtype: torch.dtype = torch.float32, deferred: bool = False) -> None:
     from fenwick_llm.kernels.fused_recurrent import fused_recurrent_step
@@ -129,10 +125,8 @@ def bench_decode(rows: list, copy_gbs: float, block_vs: list,
         row = {"N": N, "state_dtype": str(state_dtype), "deferred": deferred, "bytes": nbytes,
                "copy_GBps": copy_gbs}
         decay = torch.zeros(P, 2, L, H, device="cuda") if deferred else None
-        variants = {f"loop_bv{bv}": dict(tile=False, block_v=bv) for bv in block_vs}
-        variants.update({f"tile_k{bk}v{bv}w{w}": dict(block_k=bk, block_v=bv, num_warps=w)
-                         for bk, bv, w in STEP_TILES})
-        variants["tile_default"] = {}
+        variants = {f"bv{bv}": dict(block_v=bv) for bv in block_vs}
+        variants["default"] = {}
         for name, kw in variants.items():
             step = partial(fused_recurrent_step, q, k, v, g, lam, pool, slots, pos, level_decay=decay, **kw)
             ms = _bench(step, graph=True)
@@ -140,72 +134,6 @@ def bench_decode(rows: list, copy_gbs: float, block_vs: list,
             row[f"{name}_GBps"] = nbytes / ms / 1e6
         rows.append(row)
         print(json.dumps(row), flush=True)
-
-
-# Tilings timed on 2026-11-29 (docs/kernels-notes.md): bf16 nodes won and became the default.
-MEASURED_TILINGS = {
-    "w8": {"num_warps": 8},
-    "bt128w8": {"chunk_size": 128, "num_warps": 8},
-    "bt128w4": {"chunk_size": 128, "num_warps": 4},
-    "chunks_first": {"heads_first": False},
-    "z0_1": {"direct_levels": 1},
-    "z0_5": {"direct_levels": 5},
-}
-# The first kernels (2026-11-29 morning): q scaled per level, bit-loop intra levels, lambda per (t, s).
-V1 = {"level_loop": "scale_q", "fast_bitlen": False, "lam_gather": False}
-# Output kernel alone: live level loop (3 stages), float-exponent levels, lambda gathered in registers.
-# Fastest at 2K / 16K / 64K in the H200 --explore run (docs/kernels-notes.md); the default since.
-OUT_BEST = {"level_loop": "live", "fast_bitlen": True, "lam_gather": True}
-VARIANTS = {  # keywords of chunk_log_linear_attn_impl; docs/kernels-notes.md says what each does
-    "base": {},  # the current defaults (= out_best)
-    "v1": V1,
-    # output kernel, inter-chunk level loop (each on top of v1)
-    "row_scale": {**V1, "level_loop": "row_scale"},
-    "live": {**V1, "level_loop": "live"},
-    "live_s2": {**V1, "level_loop": "live", "loop_stages": 2},
-    # output kernel, intra-chunk part
-    "fast_bitlen": {**V1, "fast_bitlen": True},
-    "lam_gather": {**V1, "lam_gather": True},
-    "hb2": {**V1, "heads_per_program": 2},
-    # output kernel launch, node kernel
-    "out_w8": {**V1, "out_num_warps": 8},
-    "node_bv32": {**V1, "node_block_v": 32},
-    # combinations
-    "intra": {**V1, "fast_bitlen": True, "lam_gather": True},
-    "out_best": OUT_BEST,
-    "out_best_row": {**OUT_BEST, "level_loop": "row_scale"},
-}
-
-
-def explore(out: Path, names: list[str] | None = None) -> None:
-    """Time the variants of our prefill at short, middle and long T, with stage times (node, fold, output)
-    and the relative error against the default kernel on fp32 copies of the inputs (ieee products)."""
-    from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl
-    variants = {**VARIANTS, **MEASURED_TILINGS}
-    names = names or list(VARIANTS)
-    rows = []
-    for T in (2048, 16384, 65536):
-        L = 15 if T <= 16384 else 17
-        q, k, v, g, lam = prefill_inputs(T, L)
-        ref = chunk_log_linear_attn_impl(q, k, v, g, lam)[0].float()
-        exact = chunk_log_linear_attn_impl(*(x.float() for x in (q, k, v, g, lam)))[0]
-        for name in names:
-            kw = variants[name]
-            try:
-                ms = _bench(partial(chunk_log_linear_attn_impl, q, k, v, g, lam, **kw))
-                stages: list = []
-                o = chunk_log_linear_attn_impl(q, k, v, g, lam, stage_ms=stages, **kw)[0].float()
-                row = {"T": T, "variant": name, "ms": ms, "Mtok_s": TOKENS / ms / 1e3,
-                       "stages_ms": [round(x, 3) for x in stages],
-                       "rel_vs_base": ((o - ref).norm() / ref.norm()).item(),
-                       "rel_vs_fp32": ((o - exact).norm() / exact.norm()).item()}
-            except Exception as e:
-                row = {"T": T, "variant": name, "error": f"{type(e).__name__}: {e}"[:300]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            out.write_text(json.dumps(rows, indent=1))
-        del q, k, v, g, lam, ref, exact
-        torch.cuda.empty_cache()
 
 
 def main_gpu(out: Path, quick: bool, decode: bool = True, state_dtype: torch.dtype = torch.float32,
@@ -305,16 +233,12 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--explore", type=Path)
-    ap.add_argument("--variants", type=str, help="--explore: comma-separated VARIANTS names (default: all)")
     ap.add_argument("--ts", type=str, help="comma-separated T values (default: all; none: decode only)")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"], help="decode pool")
     ap.add_argument("--deferred", action="store_true", help="decode pool with deferred decay (level_decay)")
     a = ap.parse_args()
-    if a.explore:
-        explore(a.explore, a.variants.split(",") if a.variants else None)
-    elif a.plot:
+    if a.plot:
         print(table(a.plot))
         plot(a.plot)
     else:

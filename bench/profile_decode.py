@@ -174,8 +174,6 @@ def main() -> None:
     ap.add_argument("--mode", default="mlp")
     ap.add_argument("--max-num-seqs", type=int, help="state pool slots (default: the largest batch)")
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--token-window", action=argparse.BooleanOptionalAction, default=True,
-                    help="low levels as raw tokens (kernels/window; default) or every level a block")
     ap.add_argument("--sync-debug", action="store_true", help="also list the host syncs of a prompt step")
     ap.add_argument("--python-profile", action="store_true", help="also cProfile a prompt step's host time")
     a = ap.parse_args()
@@ -195,11 +193,11 @@ def main() -> None:
                   max_num_seqs=a.max_num_seqs or max(a.batches),
                   max_model_len=prompt_len + new, long_prefill_chunk=prompt_len,
                   max_num_batched_tokens=8192, cuda_graph_batch_sizes=tuple(a.batches),
-                  enforce_eager=a.enforce_eager or device.type != "cuda", token_window=a.token_window)
+                  enforce_eager=a.enforce_eager or device.type != "cuda")
     core = llm.engine
     runner, model, state = core.runner, core.model, core.pool.state
     log(f"device {device}, dtype {dtype}, mode {a.mode}, levels {state.levels[0].shape}, "
-        f"token window {a.token_window}")
+        f"token window {state.all_window is not None}")
     if a.python_profile:
         for bs in a.batches:
             python_profile(llm, bs, prompt_len, shape["vocab_size"], log)

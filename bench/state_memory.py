@@ -101,7 +101,7 @@ class Row:
     mean_live_levels: float  # popcount+1 averaged over positions 0..T-1
     state_bytes: int  # L(T) levels: what the state pool holds per request
     paged_state_bytes: int  # mean live levels only: what a paged block pool would hold on average
-    conv_bytes: int  # conv window, in the state dtype
+    conv_bytes: int  # conv state, in the state dtype
     kv_bytes: int  # same-size Transformer, bf16
     fit_h200: int  # requests whose allocated state fits beside the bf16 weights
     fit_h200_kv: int
@@ -143,7 +143,7 @@ def markdown(s: Shapes, rows: list[Row], state_dtype: str = "float32") -> str:
         f"V = {s.head_dim}, vocab {s.vocab}: {s.num_params() / 1e6:.1f} M parameters, "
         f"{2 * s.num_params() / gb:.2f} GB in bf16. One level of one request: "
         f"{s.layers} x {s.heads} x {s.state_size} x {s.head_dim} x {rows[0].conv_bytes // conv_elems(s)} B = "
-        f"{rows[0].state_bytes / rows[0].levels / 1e6:.3f} MB; conv window "
+        f"{rows[0].state_bytes / rows[0].levels / 1e6:.3f} MB; conv state "
         f"{rows[0].conv_bytes / 1e6:.2f} MB per request.\n\n"
         f"| T | L(T) | Fenwick state / request ({state_dtype}) | live levels at T | mean live levels "
         "| mean live state | Transformer KV / request (bf16) | KV / state "

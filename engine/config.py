@@ -43,13 +43,10 @@ class EngineConfig:
     long_prefill_chunk: int = 512  # most prompt tokens one request runs in one step
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests get QueueFullError
     enforce_eager: bool = False  # no CUDA graphs for decode
-    fused_decode: bool = True  # decode and prefill through the fused Triton kernels on CUDA (engine/model.py)
     # queue the next decode step on the device before the host reads this step's tokens (EngineCore);
     # None: on where decode runs from CUDA graphs
     overlap_decode: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
-    # launch the decode step's Triton kernels with programmatic dependent launch on sm90+ (kernels/pdl.py)
-    pdl: bool = True
     # opt-in: prompt steps replayed from CUDA graphs, one per step shape (prompt lengths and start
     # positions) seen twice (engine/prefill_graphs.py): at most this many kept (0: prompt steps eager),
     # of at most so many tokens (None: max_num_batched_tokens)
@@ -58,13 +55,6 @@ class EngineConfig:
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name
     memory_fraction: float = 0.9  # of free GPU memory / available RAM for the state pool
-    # after start-up, collect once and move every object alive then out of the garbage collector's
-    # sight (gc.freeze): a full collection otherwise walks the whole heap (~0.2 s with torch and the
-    # model loaded) and stalls whatever step it lands in
-    gc_freeze: bool = True
-    # keep each sequence's low Fenwick levels as its last <= 32 raw tokens (kernels/window.py): a decode
-    # step moves less state (H200, batch 32: 1.49 ms a step against 2.10 with every level a block)
-    token_window: bool = True
     model_config: ModelConfig = field(init=False, repr=False)  # config.json, parsed
 
     def __post_init__(self) -> None:

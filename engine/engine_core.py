@@ -6,9 +6,6 @@ conditions -> free finished slots -> emit EngineStats to listeners -> return Req
 
 from __future__ import annotations
 
-import atexit
-import functools
-import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -36,18 +33,6 @@ logger = logging.getLogger(__name__)
 StatsListener = Callable[[EngineStats], None]
 
 
-@functools.cache
-def _unfreeze_at_exit() -> None:
-    atexit.register(gc.unfreeze)  # the final collection at exit sees them again (once per process)
-
-
-def _freeze_heap() -> None:
-    """Collect once, then keep every object alive now out of later collections (gc.freeze)."""
-    gc.collect()
-    gc.freeze()
-    _unfreeze_at_exit()
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None) -> None:
         from .runner import ModelRunner
@@ -64,8 +49,7 @@ class EngineCore:
         self.pool = StatePool(mc, max_num_seqs=config.max_num_seqs, device=config.torch_device,
                               dtype=config.torch_dtype, state_dtype=config.torch_state_dtype,
                               memory_fraction=config.memory_fraction, headroom_bytes=headroom,
-                              max_model_len=int(config.max_model_len or mc.max_model_len),
-                              token_window=config.token_window)
+                              max_model_len=int(config.max_model_len or mc.max_model_len))
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=self.pool.num_slots, max_num_batched_tokens=int(config.max_num_batched_tokens or 0),
             long_prefill_chunk=config.long_prefill_chunk, max_waiting=config.max_waiting),
@@ -83,8 +67,6 @@ class EngineCore:
         # the next decode step, queued on the device while the host handled this one (overlap_decode)
         self._speculated: Speculated | None = None
         self.num_steps = 0
-        if config.gc_freeze:
-            _freeze_heap()
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:

@@ -12,6 +12,7 @@ from .engine_core import EngineCore
 from .outputs import RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
+from .startup import freeze_heap
 
 Prompt = str | list[int]
 
@@ -30,6 +31,7 @@ class LLM:
         self.engine = EngineCore(self.config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        freeze_heap()  # the loaded model and engine out of the garbage collector's sight
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -14,9 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels import FenwickState, PooledState, mixer_step, norm
 from ..kernels.ops import mul_to, rms_norm
-from ..kernels.window import write_window
+from ..kernels.state import PooledState
 from .model_config import ModelConfig
 
 
@@ -126,9 +125,6 @@ class LogLinearMamba2Mixer(nn.Module):
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight[:, 0].float()  # (conv_dim, W)
 
-    def _conv_bias(self) -> torch.Tensor | float:
-        return self.conv1d.bias.float() if self.conv1d.bias is not None else 0.0
-
     # ---- full sequence from an empty state --------------------------------------------------------
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, hidden] -> [B, T, hidden]."""
@@ -145,50 +141,13 @@ class LogLinearMamba2Mixer(nn.Module):
         bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
         return F.conv1d(F.pad(xf, (W - 1, 0)), self._conv_weight()[:, None], bias, groups=xf.shape[1])
 
-    # ---- packed sequences continuing from saved state ---------------------------------------------
-    def prefill(self, h: torch.Tensor, cu_seqlens: torch.Tensor, conv_state: torch.Tensor,
-                fenwick: FenwickState | PooledState | None, num_levels: int | None = None,
-                token_window: tuple | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, FenwickState]:
-        """Continue N packed sequences from their state.
-
-        Args:
-            h: [1, T_total, hidden]; cu_seqlens: [N + 1] int64 (every sequence non-empty);
-            conv_state: [N, conv_dim, W - 1], the last conv inputs of each sequence (oldest first);
-            fenwick: the N sequences' state (a FenwickState, or a PooledState: where the pool keeps it), or
-                None: every sequence starts empty.
-            num_levels: Fenwick levels of the state (a pool sized for shorter sequences holds fewer than
-                lambda_levels; the λ of the levels it never reaches are dropped); None: lambda_levels.
-            token_window: (the layer's token window, its WindowRows): each sequence's last block is
-                written there (kernels.window).
-        Returns:
-            (out [1, T_total, hidden], new conv_state [N, conv_dim, W - 1], final FenwickState).
-        """
-        W = self.config.conv_kernel
-        z, xBC, dt, dl = self._split(self.in_proj(h))
-        # Extended rows: each sequence's W - 1 saved inputs followed by its new tokens, addressed by index.
-        saved = conv_state.transpose(1, 2).flatten(0, 1).to(xBC.dtype)  # (N * (W-1), conv_dim)
-        ext = torch.cat([saved, xBC[0]])  # (N * (W-1) + T_total, conv_dim)
-        T = xBC.shape[1]
-        idx = _window_index(cu_seqlens, T, W)  # (T_total + N * (W-1), W)
-        weight, bias = self._conv_weight(), self._conv_bias()
-        acc = sum(ext[idx[:T, w]].float() * weight[:, w] for w in range(W)) + bias  # (T_total, conv_dim)
-        xBC = F.silu(acc).to(h.dtype)[None]  # (1, T_total, conv_dim)
-        new_conv = ext[idx[T:, -1]].view(-1, W - 1, ext.shape[-1]).transpose(1, 2)  # (N, conv_dim, W-1)
-        q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
-        lam = lam[..., :num_levels]
-        o, final = kernels.chunk_log_linear_attn(q, k, v, g, lam, scale=1.0, initial_state=fenwick,
-                                                 output_final_state=True, cu_seqlens=cu_seqlens)
-        if token_window is not None:
-            write_window(*token_window, k[0], v[0], g[0])
-        return self._output(o, x, z), new_conv, final
-
-    def prefill_fused(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
-                      levels_pool: torch.Tensor, slots: torch.Tensor, initial: PooledState | None,
-                      token_window: tuple | None = None, num_levels: int | None = None) -> torch.Tensor:
-        """``prefill`` between in_proj and out_proj in the fused kernels: conv + Δ + g + λ of the packed
-        rows in one call (kernels.mixer_step, which also writes each slot's new conv window), the chunked
-        attention, and D skip + gated norm in one kernel (kernels.norm).
+    # ---- packed sequences continuing from the pool ----------------------------------------------
+    def prefill(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
+                levels_pool: torch.Tensor, slots: torch.Tensor, initial: PooledState | None,
+                token_window: tuple | None = None, num_levels: int | None = None) -> torch.Tensor:
+        """Continue N packed sequences from their slots, between in_proj and out_proj: conv + Δ + g + λ of
+        the packed rows in one call (kernels.mixer_prefill_inputs, which also writes each slot's new
+        conv state), the chunked attention, and D skip + gated norm in one kernel (kernels.gated_rmsnorm).
 
         proj: [T_total, in_proj_size] = in_proj(normed input); initial: the sequences' states, or None
         when every sequence starts empty. The final levels go straight into levels_pool[slots] (in its
@@ -198,7 +157,7 @@ class LogLinearMamba2Mixer(nn.Module):
         """
         c = self.config
         I, GK, H = c.intermediate_size, c.n_groups * c.state_size, c.num_heads
-        xBC, v, g, lam = mixer_step.mixer_prefill_inputs(
+        xBC, v, g, lam = kernels.mixer_prefill_inputs(
             proj, cu_seqlens, conv_pool, slots, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias,
             self.A_log, intermediate_size=I, n_groups=c.n_groups, state_size=c.state_size, num_heads=H,
             head_dim=c.head_dim, lambda_levels=c.lambda_levels, lambda_mode=c.lambda_mode,
@@ -211,46 +170,26 @@ class LogLinearMamba2Mixer(nn.Module):
                                              initial_state=initial, cu_seqlens=cu_seqlens,
                                              final_into=(levels_pool, slots))
         if token_window is not None:  # (the layer's token window, its WindowRows)
-            write_window(*token_window, k, v, g)
+            kernels.write_window(*token_window, k, v, g)
         weight = self.norm.weight if c.rmsnorm else None
-        y = norm.gated_rmsnorm(o[0], x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
-                               c.norm_before_gate, self.out_proj.weight.dtype)
-        return y
+        return kernels.gated_rmsnorm(o[0], x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
+                                     c.norm_before_gate, self.out_proj.weight.dtype)
 
     # ---- one token per sequence, state pools updated in place -------------------------------------
-    def decode(self, h: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor, slots: torch.Tensor,
-               positions: torch.Tensor, decay_pool: torch.Tensor | None = None,
+    def decode(self, proj: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor,
+               slots: torch.Tensor, positions: torch.Tensor, decay_pool: torch.Tensor | None = None,
                token_window: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """h: [N, hidden]; conv_pool: [P, conv_dim, W-1]; levels_pool: [P, L, H, K, V]; slots, positions: [N];
-        decay_pool: [P, 2, L, H] when the pool defers the decay (``kernels.fused_recurrent_step``).
-
-        Returns [N, hidden]. Writes conv_pool[slots] and levels_pool[slots]; no host synchronisation.
-        """
-        z, xBC, dt, dl = self._split(self.in_proj(h))
-        window = torch.cat([conv_pool[slots], xBC[:, :, None].to(conv_pool.dtype)], -1)  # (N, conv_dim, W)
-        conv_pool[slots] = window[:, :, 1:]
-        # float32 products and sum; the conv weight and bias (model dtype) promote without a cast of their own
-        acc = (window.float() * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            acc = acc + self.conv1d.bias
-        xBC = F.silu(acc).to(h.dtype)  # (N, conv_dim)
-        q, k, v, g, lam, x = self._attn_inputs(xBC, dt, dl)
-        o = self._step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window)
-        return self._output(o, x, z)
-
-    def decode_fused(self, proj: torch.Tensor, conv_pool: torch.Tensor, levels_pool: torch.Tensor,
-                     slots: torch.Tensor, positions: torch.Tensor, decay_pool: torch.Tensor | None = None,
-                     token_window: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """``decode`` between in_proj and out_proj in three launches: conv step + Δ + g + λ
-        (kernels.mixer_step), the Fenwick step (its per-block read-outs left unsummed), and their sum +
-        D skip + gated norm (kernels.norm). On the CPU the same calls run their PyTorch references.
+        """One token per sequence between in_proj and out_proj, in three launches: conv step + Δ + g + λ
+        (kernels.mixer_decode_inputs), the Fenwick step, and D skip + gated norm (kernels.gated_rmsnorm).
+        On the CPU the same calls run their PyTorch references. Writes conv_pool[slots] and the slots'
+        levels; no host synchronisation.
 
         proj: [N, in_proj_size] = in_proj(normed input). Returns y: [N, I] in the model dtype, the
         input of out_proj.
         """
         c = self.config
         I, GK, H = c.intermediate_size, c.n_groups * c.state_size, c.num_heads
-        xBC, v, g, lam = mixer_step.mixer_decode_inputs(
+        xBC, v, g, lam = kernels.mixer_decode_inputs(
             proj, conv_pool, slots, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log,
             intermediate_size=I, n_groups=c.n_groups, state_size=c.state_size, num_heads=H,
             head_dim=c.head_dim, lambda_levels=c.lambda_levels, lambda_mode=c.lambda_mode,
@@ -258,15 +197,13 @@ class LogLinearMamba2Mixer(nn.Module):
         x = xBC[:, :I].unflatten(-1, (H, c.head_dim))  # (N, H, V)
         k = xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size))  # (N, G, K)
         q = xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size))
-        o = self._step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window,
-                       partials=True)  # (NK, N, H, V) fp32 from the tiled kernel
+        o = self._step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window)
         weight = self.norm.weight if c.rmsnorm else None
-        return norm.gated_rmsnorm(o, x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
-                                  c.norm_before_gate, self.out_proj.weight.dtype)
-
+        return kernels.gated_rmsnorm(o, x, self.D, proj[:, :I], weight, c.norm_eps, I // c.n_groups,
+                                     c.norm_before_gate, self.out_proj.weight.dtype)
 
     @staticmethod
-    def _step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window, partials=False):
+    def _step(q, k, v, g, lam, levels_pool, slots, positions, decay_pool, token_window):
         """The Fenwick step on the pool (λ of the levels the pool holds; a token window if it has one)."""
         L = levels_pool.shape[1] if decay_pool is None else decay_pool.shape[2]  # (a window: fewer blocks)
         lam = lam[..., :L]  # the pool's levels (fewer for a shorter max_model_len)
@@ -274,34 +211,10 @@ class LogLinearMamba2Mixer(nn.Module):
             return kernels.window_step(q, k, v, g, lam, levels_pool, decay_pool, token_window, slots,
                                        positions, scale=1.0)
         return kernels.fused_recurrent_step(q, k, v, g, lam, levels_pool, slots, positions, scale=1.0,
-                                            partials=partials, level_decay=decay_pool)
+                                            level_decay=decay_pool)
 
 
 def _mlp_weights(mlp: LambdaMLP | None) -> dict[str, torch.Tensor | None]:
     if mlp is None:
         return {}
     return dict(fc1_w=mlp.fc1.weight, fc1_b=mlp.fc1.bias, fc2_w=mlp.fc2.weight, fc2_b=mlp.fc2.bias)
-
-
-def _window_index(cu_seqlens: torch.Tensor, T: int, W: int) -> torch.Tensor:
-    """Row indices into ``ext`` = [saved windows of N sequences (W-1 rows each); packed tokens].
-
-    Row r < T_total of the result lists the W extended rows that the conv output at packed token r reads
-    (oldest first); the N * (W - 1) rows after it list, in their last column, the rows that become each
-    sequence's new saved window.
-    """
-    device = cu_seqlens.device
-    cu = cu_seqlens.long()
-    N = cu.numel() - 1
-    lens = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(N, device=device), lens, output_size=T)  # (T,)
-    offs = torch.arange(T, device=device) - cu[:-1][seq]  # token offset within its sequence
-    # The new window of sequence n ends at its last token: offsets len-W+1 .. len-1, one row each.
-    tail_seq = torch.arange(N, device=device).repeat_interleave(W - 1)
-    tail_off = lens[tail_seq] - (W - 1) + torch.arange(W - 1, device=device).repeat(N)
-    seq = torch.cat([seq, tail_seq])
-    offs = torch.cat([offs, tail_off])
-    rel = offs[:, None] + torch.arange(-(W - 1), 1, device=device)  # (rows, W) offsets, may be negative
-    token_row = N * (W - 1) + cu[:-1][seq][:, None] + rel
-    saved_row = seq[:, None] * (W - 1) + (W - 1) + rel
-    return torch.where(rel >= 0, token_row, saved_row)

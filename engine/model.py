@@ -3,6 +3,9 @@
 Three entry points share the layers: ``forward`` (full sequences from an empty state, for tests and
 training), ``prefill`` (packed chunks continuing from the state pool) and ``decode`` (one token per
 sequence, in place on the pool, free of host synchronisation so that it can be CUDA-graph captured).
+``prefill`` and ``decode`` call the fused ops of ``kernels`` (residual adds inside the next norm, one
+GEMM for gate and up, the mixer's fused inputs and output gate), which run Triton on CUDA and their
+PyTorch references on the CPU.
 """
 
 from __future__ import annotations
@@ -14,12 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels import gemv, norm
 from ..kernels.ops import mul_to
-from ..kernels.window import WindowPlan, WindowRows, window_plan
+from ..kernels.state import WindowPlan, window_plan
 from .mixer import LogLinearMamba2Mixer, RMSNorm
 from .model_config import ModelConfig
-from .state import ModelState, device_int_parts
+from .model_state import ModelState, device_int_parts
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,8 @@ class PrefillPlan:
         return not any(self.starts)
 
 
-# Rows up to which decode takes kernels.gemv: on the H200 (bench/gemv.py, 768-wide model) the four fused
-# GEMVs of a layer take 15.8 / 17.0 / 17.9 / 27.9 us at 1 / 2 / 4 / 8 rows, against about 20 us for
-# cuBLAS plus the separate norm and activation kernels.
+# Rows up to which decode on CUDA takes the fused GEMVs (kernels.rmsnorm_linear, ...) instead of cuBLAS
+# and separate norm kernels: faster up to 4 rows (bench/gemv.py; docs/kernels-notes.md)
 GEMV_MAX_ROWS = 4
 
 
@@ -64,8 +65,9 @@ class GatedMLP(nn.Module):
         return self.down_proj(mul_to(F.silu(self.gate_proj(x).float()), self.up_proj(x), x.dtype))
 
     def fuse_gate_up(self) -> None:
-        """Store gate_proj and up_proj as the two halves of one [2 * I, hidden] weight, so decode runs
-        one GEMM for both (the parameters become views of it; names and values are unchanged)."""
+        """Store gate_proj and up_proj as the two halves of one [2 * I, hidden] weight, so that
+        ``forward_fused`` runs one GEMM for both (the parameters become views of it; names and values
+        are unchanged). The engine does it once after loading."""
         if self.gate_up_weight is not None:
             return
         w = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
@@ -74,9 +76,15 @@ class GatedMLP(nn.Module):
         self.up_proj.weight.data = w[I:]
         self.gate_up_weight = w
 
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """[gate_proj(x) | up_proj(x)]: [..., 2 * I], one GEMM once ``fuse_gate_up`` has run."""
+        if self.gate_up_weight is None:
+            return torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return F.linear(x, self.gate_up_weight)
+
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` with one GEMM for gate and up (``fuse_gate_up`` first) and one SiLU-mul kernel."""
-        return self.down_proj(norm.silu_mul(F.linear(x, self.gate_up_weight)))
+        """``forward`` with gate and up from ``gate_up`` and one SiLU-mul kernel."""
+        return self.down_proj(kernels.silu_mul(self.gate_up(x)))
 
 
 class LogLinearMamba2Block(nn.Module):
@@ -116,14 +124,11 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device,
                                  dtype=dtype)
         self.tie_weights()
-        self.fused_decode = False  # decode and prefill through the fused kernels (set by the engine on CUDA)
 
-    def enable_fused_decode(self, enabled: bool = True) -> None:
-        """Route ``decode`` and ``prefill`` through the fused kernels (one GEMM for gate and up)."""
-        if enabled:
-            for layer in self.backbone.layers:
-                layer.mlp.fuse_gate_up()
-        self.fused_decode = enabled
+    def fuse_gate_up(self) -> None:
+        """One GEMM for gate and up in every layer's MLP (``GatedMLP.fuse_gate_up``)."""
+        for layer in self.backbone.layers:
+            layer.mlp.fuse_gate_up()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -196,46 +201,27 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         cu, start = plan.cu, plan.starts_dev
         h = self.backbone.embeddings(input_ids.to(self.device))  # (T_total, hidden)
         rows = None if plan.window is None else plan.window.bind(slots)
+        initial = None if plan.fresh else start
+        eps = self.config.norm_eps
+        delta = None
         # cu and start are the same, unchanged, in every layer; their values are known here
         with kernels.chunk_plan_cache(self.device, known=[(cu, plan.bounds), (start, plan.starts)]):
-            if self.fused_decode:
-                h = self._prefill_fused(h, cu, state, slots, None if plan.fresh else start, rows)
-            else:
-                h = h[None]
-                for i, layer in enumerate(self.backbone.layers):
-                    fenwick = None if plan.fresh else state.pooled(i, slots, start)
-                    window = None if rows is None else (state.window(i), rows)
-                    out, conv, final = layer.mixer.prefill(layer.mixer_input(h), cu, state.conv[i][slots],
-                                                           fenwick, state.num_levels, window)
-                    state.conv[i][slots] = conv.to(state.conv[i].dtype)
-                    high = final.levels[:, state.low_level:]  # a windowed pool stores only these
-                    state.levels[i].index_copy_(0, slots, high.to(state.levels[i].dtype))
-                    h = layer.add_mlp(h + out)
-                h = self.backbone.norm_f(h[0, cu[1:] - 1], h.dtype)
+            for i, layer in enumerate(self.backbone.layers):
+                x, h = kernels.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
+                mixer = layer.mixer
+                pooled = None if initial is None else state.pooled(i, slots, initial)  # read in the kernel
+                window = None if rows is None else (state.window(i), rows)
+                y = mixer.prefill(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, pooled, window,
+                                  state.num_levels)
+                delta = mixer.out_proj(y)
+                x, h = kernels.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
+                delta = layer.mlp.forward_fused(x)
+        last = cu[1:] - 1
+        x = kernels.add_rmsnorm(h[last], delta[last], self.backbone.norm_f.weight, eps)[0]
         end = start + plan.lens_dev
         state.settle(slots, end)
         state.positions[slots] = end
-        return self.lm_head(h).float()
-
-    def _prefill_fused(self, h: torch.Tensor, cu: torch.Tensor, state: ModelState, slots: torch.Tensor,
-                       start: torch.Tensor | None, rows: WindowRows | None = None) -> torch.Tensor:
-        """``prefill``'s layers in the fused kernels of ``_decode_fused`` (residual adds inside the next
-        norm, one GEMM for gate and up) and the mixer's ``prefill_fused``; start None: fresh sequences.
-        Returns the final-normed hidden rows of each sequence's last token: [N, hidden]."""
-        eps = self.config.norm_eps
-        delta = None
-        for i, layer in enumerate(self.backbone.layers):
-            x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
-            mixer = layer.mixer
-            initial = None if start is None else state.pooled(i, slots, start)  # read in the kernel
-            window = None if rows is None else (state.window(i), rows)
-            y = mixer.prefill_fused(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, initial,
-                                    window, state.num_levels)
-            delta = mixer.out_proj(y)
-            x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
-            delta = layer.mlp.forward_fused(x)
-        last = cu[1:] - 1
-        return norm.add_rmsnorm(h[last], delta[last], self.backbone.norm_f.weight, eps)[0]
+        return self.lm_head(x).float()
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, state: ModelState, slots: torch.Tensor) -> torch.Tensor:
@@ -244,58 +230,47 @@ class LogLinearMamba2ForCausalLM(nn.Module):
         Args:
             input_ids: [N]; state: the pool; slots: [N] int64 distinct slot indices on the model's device.
         Returns:
-            logits [N, vocab] float32. Updates the slots' levels and conv windows in place and advances
-            state.positions[slots]; no host synchronisation (CUDA-graph capturable for a fixed N).
+            logits [N, vocab] float32. Updates the slots' levels and conv states in place and advances
+            state.positions[slots]; no host synchronisation (CUDA-graph capturable for a fixed N). Each
+            residual add rides in the next norm: about ten launches per layer.
         """
         positions = state.positions[slots]  # (N,)
         h = self.backbone.embeddings(input_ids)  # (N, hidden)
-        if self.fused_decode:
-            return self._decode_fused(h, state, slots, positions)
-        for i, layer in enumerate(self.backbone.layers):
-            h = h + layer.mixer.decode(layer.mixer_input(h), state.conv[i], state.levels[i], slots, positions,
-                                       state.decay[i], state.window(i))
-            h = layer.add_mlp(h)
-        state.positions[slots] = positions + 1
-        return self._logits(h).float()
-
-    def _decode_fused(self, h: torch.Tensor, state: ModelState, slots: torch.Tensor,
-                      positions: torch.Tensor) -> torch.Tensor:
-        """``decode`` with each residual add fused into the next norm and the mixer and MLP in their
-        fused forms: about ten launches per layer instead of fifty (same math; the roundings differ
-        only where a fused kernel keeps float32 longer)."""
         if self.small_batch_gemv(h):
             return self._decode_gemv(h, state, slots, positions)
         eps = self.config.norm_eps
         delta = None
         for i, layer in enumerate(self.backbone.layers):
-            x, h = norm.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
+            x, h = kernels.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
             mixer = layer.mixer
-            y = mixer.decode_fused(mixer.in_proj(x), state.conv[i], state.levels[i], slots, positions,
-                                   state.decay[i], state.window(i))
+            y = mixer.decode(mixer.in_proj(x), state.conv[i], state.levels[i], slots, positions,
+                             state.decay[i], state.window(i))
             delta = mixer.out_proj(y)
-            x, h = norm.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
+            x, h = kernels.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
             delta = layer.mlp.forward_fused(x)
-        x, _ = norm.add_rmsnorm(h, delta, self.backbone.norm_f.weight, eps)
+        x, _ = kernels.add_rmsnorm(h, delta, self.backbone.norm_f.weight, eps)
         state.positions[slots] = positions + 1
         return self.lm_head(x).float()
 
     def small_batch_gemv(self, h: torch.Tensor) -> bool:
-        """Whether ``_decode_fused`` takes the GEMV path: a few rows on CUDA, bias-free projections."""
-        return h.is_cuda and h.shape[0] <= GEMV_MAX_ROWS and not self.config.use_bias
+        """Whether ``decode`` takes the GEMV path: a few rows on CUDA, bias-free projections, gate and
+        up fused."""
+        return (h.is_cuda and h.shape[0] <= GEMV_MAX_ROWS and not self.config.use_bias
+                and self.backbone.layers[0].mlp.gate_up_weight is not None)
 
     def _decode_gemv(self, h: torch.Tensor, state: ModelState, slots: torch.Tensor,
                      positions: torch.Tensor) -> torch.Tensor:
-        """The fused decode for a few rows: each norm rides in the GEMV after it and each residual add
-        in the GEMV before it (kernels.gemv), so a layer is seven launches. Same math as ``decode``."""
+        """``decode`` for a few rows: each norm rides in the GEMV after it and each residual add in the
+        GEMV before it (kernels.rmsnorm_linear, ...), so a layer is seven launches. Same math."""
         eps = self.config.norm_eps
         for i, layer in enumerate(self.backbone.layers):
             mixer = layer.mixer
-            proj = gemv.rmsnorm_linear(h, layer.mixer_norm.weight, eps, mixer.in_proj.weight)
-            y = mixer.decode_fused(proj, state.conv[i], state.levels[i], slots, positions, state.decay[i],
-                                   state.window(i))
-            h = gemv.linear_residual(y, mixer.out_proj.weight, h)
-            a = gemv.rmsnorm_linear_silu_mul(h, layer.mlp_norm.weight, eps, layer.mlp.gate_up_weight)
-            h = gemv.linear_residual(a, layer.mlp.down_proj.weight, h)
+            proj = kernels.rmsnorm_linear(h, layer.mixer_norm.weight, eps, mixer.in_proj.weight)
+            y = mixer.decode(proj, state.conv[i], state.levels[i], slots, positions, state.decay[i],
+                             state.window(i))
+            h = kernels.linear_residual(y, mixer.out_proj.weight, h)
+            a = kernels.rmsnorm_linear_silu_mul(h, layer.mlp_norm.weight, eps, layer.mlp.gate_up_weight)
+            h = kernels.linear_residual(a, layer.mlp.down_proj.weight, h)
         state.positions[slots] = positions + 1
-        x, _ = norm.add_rmsnorm(h, None, self.backbone.norm_f.weight, eps)
-        return self.lm_head(x).float()  # cuBLAS beats the GEMV on the 32000-row head (bench/gemv.py)
+        x, _ = kernels.add_rmsnorm(h, None, self.backbone.norm_f.weight, eps)
+        return self.lm_head(x).float()  # cuBLAS beats the GEMV on the wide vocabulary head (bench/gemv.py)

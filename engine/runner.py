@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..kernels import pdl
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .model_state import device_ints
 from .prefill_graphs import PrefillGraphs
 from .scheduler import SchedulerOutput
-from .state import device_ints
 from .state_pool import StatePool
 
 Speculated = tuple[list[int], torch.Tensor]  # (seq ids in row order, logits [N, vocab]) of a decode_next
@@ -34,17 +33,14 @@ class ModelRunner:
         self.num_prefill_calls = 0  # model.prefill calls so far (tests count forks against it)
         self.num_decode_calls = 0
         self.graphs: DecodeGraphs | None = None
-        pdl.configure(enabled=config.pdl)  # before any kernel is compiled or captured
-        if self.device.type == "cuda" and config.fused_decode and hasattr(model, "enable_fused_decode"):
-            model.enable_fused_decode()
+        model.fuse_gate_up()  # one GEMM for gate and up
         if self.device.type == "cuda":
             self._warm_up_prefill(int(config.max_model_len or model.config.max_model_len))
         if config.use_cuda_graphs:
             sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
             self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
         self.prefill_graphs: PrefillGraphs | None = None
-        if config.use_cuda_graphs and config.fused_decode and config.prefill_graphs \
-                and kernels.has_triton_prefill():
+        if config.use_cuda_graphs and config.prefill_graphs and kernels.has_triton():
             self.prefill_graphs = PrefillGraphs(model, self.state, self.device, config.prefill_graphs,
                                                 config.prefill_graph_max_tokens, pool.num_slots)
 
@@ -68,7 +64,7 @@ class ModelRunner:
     def _reset(self, slots: list[int], rewritten: set[int]) -> None:
         """Zero new requests' slots before the step. A prefill whose sequences all start empty writes
         every level of its slots (``model.prefill``'s fresh path), so slots in ``rewritten`` only get
-        their conv windows and positions zeroed: a fresh 512-token batch of 16 would otherwise also
+        their conv states and positions zeroed: a fresh 512-token batch of 16 would otherwise also
         write 16 x 11 MiB of zeros per layer just before overwriting them."""
         keep = [s for s in slots if s in rewritten]
         zero = [s for s in slots if s not in rewritten]

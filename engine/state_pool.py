@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .model_state import ModelState
+
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -52,10 +54,8 @@ class SlotAllocator:
 
 
 def state_bytes_per_slot(model_config: Any, dtype: torch.dtype, state_dtype: torch.dtype,
-                         num_levels: int | None = None, token_window: bool = False) -> int:
+                         num_levels: int | None = None, token_window: bool = True) -> int:
     """Bytes one slot of ModelState takes, measured on the meta device (no memory touched)."""
-    from .state import ModelState
-
     kw = dict(state_dtype=state_dtype, num_levels=num_levels, token_window=token_window)
     try:
         probe = ModelState.allocate(model_config, 1, torch.device("meta"), dtype, **kw)
@@ -91,13 +91,11 @@ class StatePool:
 
     def __init__(self, model_config: Any, *, max_num_seqs: int, device: torch.device, dtype: torch.dtype,
                  state_dtype: torch.dtype, memory_fraction: float, headroom_bytes: int = 0,
-                 max_model_len: int | None = None, token_window: bool = False) -> None:
+                 max_model_len: int | None = None) -> None:
         """max_model_len: the longest sequence the engine admits; slots then hold only the Fenwick levels
         such sequences reach (num_levels_for(max_model_len), at most the model's lambda_levels)."""
-        from .state import ModelState
-
         levels = None if max_model_len is None else ModelState.levels_for(model_config, max_model_len)
-        self.bytes_per_slot = state_bytes_per_slot(model_config, dtype, state_dtype, levels, token_window)
+        self.bytes_per_slot = state_bytes_per_slot(model_config, dtype, state_dtype, levels)
         budget = memory_budget(device, memory_fraction, headroom_bytes)
         fit = budget // self.bytes_per_slot - 1  # minus the dummy slot
         if fit < 1:
@@ -109,7 +107,7 @@ class StatePool:
             logger.warning("state pool: memory fits %d slots, fewer than max_num_seqs=%d", num_slots,
                            max_num_seqs)
         self.state = ModelState.allocate(model_config, num_slots + 1, device, dtype, state_dtype=state_dtype,
-                                         num_levels=levels, token_window=token_window)
+                                         num_levels=levels)
         self.allocator = SlotAllocator(num_slots)
         self.dummy_slot = num_slots  # CUDA-graph padding rows write here
         self.state.reset(torch.arange(num_slots + 1, device=device))

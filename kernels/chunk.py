@@ -29,51 +29,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .naive import check_shapes
-from .pool_state import PooledState, check_initial_state, initial_levels, merge_for_query
-from .state import FenwickState, check_final_into, max_positions
+from .pool_torch import initial_levels, merge_for_query
+from .pool_triton import pooled_merged_levels
+from .state import (
+    FenwickState,
+    PooledState,
+    check_final_into,
+    check_initial_state,
+    check_shapes,
+    max_positions,
+)
+from .triton_utils import bitlen, bitlen_fast, dot, log2_pow2, popcount
 
 CHUNK_SIZE = 64  # BT: levels <= log2(BT) are intra-chunk
 DIRECT_LEVELS = 3  # Z0: nodes of up to 2^Z0 chunks are summed straight from k and v
-LEVEL_LOOPS = {"scale_q": 0, "row_scale": 1, "live": 2}  # _chunk_output_kernel's LEVEL_LOOP
-
-
-@triton.jit
-def _bitlen(x, NBITS: tl.constexpr):
-    """bitlen(x) for 0 <= x < 2^NBITS, elementwise; bitlen(0) = 0."""
-    n = tl.zeros_like(x)
-    for b in tl.static_range(NBITS):
-        n += ((x >> b) > 0).to(n.dtype)
-    return n
-
-
-@triton.jit
-def _bitlen_fast(x, NBITS: tl.constexpr):
-    """``_bitlen`` from the exponent of float(2x + 1): exact while 2^(NBITS+1) <= 2^24."""
-    tl.static_assert(NBITS <= 22)
-    xs = tl.minimum(x, (1 << NBITS) - 1).to(tl.int32)
-    return (((2 * xs + 1).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127).to(x.dtype)
-
-
-@triton.jit
-def log2_pow2(x):
-    """log2(x) for a power of two x (a scalar), exact: the exponent of float(x)."""
-    return (x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
-
-
-@triton.jit
-def _popcount(x, NBITS: tl.constexpr):
-    """Set bits of a scalar 0 <= x < 2^NBITS."""
-    n = x * 0
-    for b in tl.static_range(NBITS):
-        n += (x >> b) & 1
-    return n
-
-
-@triton.jit
-def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
-    """a @ b on operands cast to DT, accumulated in fp32."""
-    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -83,12 +53,9 @@ def _chunk_node_kernel(
     s_kt, s_kg, s_vt, s_vh, s_gt,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, Z0: tl.constexpr,
-    IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    if HEADS_FIRST:
-        i_hv, i_c = tl.program_id(0), tl.program_id(1)
-    else:
-        i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_hv, i_c = tl.program_id(0), tl.program_id(1)
     i_h, i_v = i_hv // NV, i_hv % NV
     i_g = i_h // (H // G)
     i_n = tl.load(chunk_seq + i_c).to(tl.int64)
@@ -120,7 +87,7 @@ def _chunk_node_kernel(
                 b_gl = tl.cumsum(b_g, axis=0)
                 b_last = tl.sum(b_g, axis=0)
                 b_vd = b_v.to(tl.float32) * tl.exp(b_last - b_gl)[:, None]
-                b_s = b_s * tl.exp(b_last) + _dot(tl.trans(b_k), b_vd, ST_DT, PREC)
+                b_s = b_s * tl.exp(b_last) + dot(tl.trans(b_k), b_vd, ST_DT, PREC)
                 b_a += b_last
         p_s = nodes + (i_c * H + i_h) * (K * V) + o_k[:, None] * V + o_v[None, :]
         tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
@@ -136,8 +103,9 @@ def _node_fold_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, Z0: tl.constexpr,
 ):
-    i_hv, i_x = tl.program_id(0), tl.program_id(1)
-    i_h, i_v = i_hv // NV, i_hv % NV
+    """One program per (head, node) folds its children into every V tile of the node, then stores the
+    node's decay: once, after every tile has read the node's own (a program per tile would race on it)."""
+    i_h, i_x = tl.program_id(0), tl.program_id(1)
     i_c = tl.load(fold_idx + i_x).to(tl.int64)
     i_n = tl.load(chunk_seq + i_c).to(tl.int64)
     p0 = tl.load(seq_start + i_n).to(tl.int64)
@@ -145,21 +113,23 @@ def _node_fold_kernel(
     cf = p0 // BT
     c = cf + i_c - node0
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    b_s = tl.load(nodes + (i_c * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-    b_a = tl.load(node_decay + i_c * H + i_h)
-    for zz in range(Z0, z):
-        cc = c - (1 << zz)
-        if cc >= cf:
-            i_cc = node0 + cc - cf
-            b_n = tl.load(nodes + (i_cc * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
-            b_s += tl.exp(b_a) * b_n
-            b_a += tl.load(node_decay + i_cc * H + i_h)
-    tl.store(nodes + (i_c * H + i_h) * (K * V) + o_kv, b_s.to(nodes.dtype.element_ty), mask=m_kv)
-    if i_v == 0:
-        tl.store(node_decay + i_c * H + i_h, b_a)
+    b_a0 = tl.load(node_decay + i_c * H + i_h)
+    b_a = b_a0
+    for i_v in range(NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        o_kv = o_k[:, None] * V + o_v[None, :]
+        b_s = tl.load(nodes + (i_c * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+        b_a = b_a0
+        for zz in range(Z0, z):
+            cc = c - (1 << zz)
+            if cc >= cf:
+                i_cc = node0 + cc - cf
+                b_n = tl.load(nodes + (i_cc * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+                b_s += tl.exp(b_a) * b_n
+                b_a += tl.load(node_decay + i_cc * H + i_h)
+        tl.store(nodes + (i_c * H + i_h) * (K * V) + o_kv, b_s.to(nodes.dtype.element_ty), mask=m_kv)
+    tl.store(node_decay + i_c * H + i_h, b_a)
 
 
 @triton.jit
@@ -194,18 +164,11 @@ def _chunk_output_kernel(
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BT: tl.constexpr, BTLOG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
     CBITS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
-    LEVEL_LOOP: tl.constexpr, LOOP_STAGES: tl.constexpr, FAST_BITLEN: tl.constexpr, HB: tl.constexpr,
-    LAM_GATHER: tl.constexpr, BL: tl.constexpr, LO: tl.constexpr,
+    IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, LO: tl.constexpr,
 ):
-    # LEVEL_LOOP: 0 scale q per level; 1 scale the product's rows; 2 as 1 over the live levels only,
-    # pipelined loads. HB heads share one q/k tile.
-    if HEADS_FIRST:
-        i_hv, i_c = tl.program_id(0), tl.program_id(1)
-    else:
-        i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_hb, i_v = i_hv // NV, i_hv % NV
-    i_g = (i_hb * HB) // (H // G)
+    i_hv, i_c = tl.program_id(0), tl.program_id(1)
+    i_h, i_v = i_hv // NV, i_hv % NV
+    i_g = i_h // (H // G)
     i_n = tl.load(chunk_seq + i_c).to(tl.int64)
     bos = tl.load(seq_bos + i_n).to(tl.int64)
     p0 = tl.load(seq_start + i_n).to(tl.int64)
@@ -226,148 +189,105 @@ def _chunk_output_kernel(
     t_abs = c * BT + o_i
     m_t = (t_abs >= p0) & (t_abs < pe)
     row = bos + t_abs - p0
-    p_lam0 = lam + row * s_lt + (i_hb * HB) * s_lh  # (BT,) row starts of level_scales, first head
+    p_lam = lam + row * s_lt + i_h * s_lh  # (BT,) row starts of level_scales
 
     m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
     b_q = tl.load(q + row[:, None] * s_qt + i_g * s_qg + o_k[None, :], mask=m_tk, other=0.0)
     b_k = tl.load(k + row[:, None] * s_kt + i_g * s_kg + o_k[None, :], mask=m_tk, other=0.0)
-    for i_hh in tl.static_range(HB):
-        i_h = i_hb * HB + i_hh
-        p_lam = p_lam0 + i_hh * s_lh
-        b_v = tl.load(v + row[:, None] * s_vt + i_h * s_vh + o_v[None, :], mask=m_tv, other=0.0)
-        b_g = tl.load(g + row * s_gt + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_gl = tl.cumsum(b_g, axis=0)
-        b_glast = tl.sum(b_g, axis=0)
+    b_v = tl.load(v + row[:, None] * s_vt + i_h * s_vh + o_v[None, :], mask=m_tv, other=0.0)
+    b_g = tl.load(g + row * s_gt + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_gl = tl.cumsum(b_g, axis=0)
+    b_glast = tl.sum(b_g, axis=0)
 
-        # intra-chunk: levels 0..BTLOG, lambda gathered per (t, s)
-        if FAST_BITLEN:
-            b_lvl = _bitlen_fast(o_i[:, None] ^ o_i[None, :], BTLOG)
-        else:
-            b_lvl = _bitlen(o_i[:, None] ^ o_i[None, :], BTLOG)
-        m_s = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
-        if LAM_GATHER:  # lambda levels 0..BTLOG of each row in one tile, gathered in registers
-            o_l = tl.arange(0, BL)
-            b_lt = tl.load(p_lam[:, None] + o_l[None, :], mask=m_t[:, None] & (o_l[None, :] < L), other=0.0)
-            b_ls = tl.gather(b_lt, b_lvl, axis=1).to(tl.float32)
-        else:
-            b_ls = tl.load(p_lam[:, None] + b_lvl, mask=m_s, other=0.0).to(tl.float32)
-        if i_hh == 0:  # q k^T is shared by the HB heads
-            b_qk = _dot(b_q, tl.trans(b_k), IN_DT, PREC)
-        b_s = tl.where(m_s, b_qk * tl.exp(b_gl[:, None] - b_gl[None, :]) * b_ls, 0.0)
-        b_o = _dot(b_s, b_v, IN_DT, PREC)
+    # intra-chunk: levels 0..BTLOG; lambda levels 0..BTLOG of each row in one tile, gathered per (t, s)
+    b_lvl = bitlen_fast(o_i[:, None] ^ o_i[None, :], BTLOG)
+    m_s = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    o_l = tl.arange(0, BL)
+    b_lt = tl.load(p_lam[:, None] + o_l[None, :], mask=m_t[:, None] & (o_l[None, :] < L), other=0.0)
+    b_ls = tl.gather(b_lt, b_lvl, axis=1).to(tl.float32)
+    b_qk = dot(b_q, tl.trans(b_k), IN_DT, PREC)
+    b_s = tl.where(m_s, b_qk * tl.exp(b_gl[:, None] - b_gl[None, :]) * b_ls, 0.0)
+    b_o = dot(b_s, b_v, IN_DT, PREC)
 
-        # inter-chunk: one Fenwick node per live chunk level, plus the initial state's levels
-        b_eg = tl.exp(b_gl)
-        b_acc = 0.0  # log-decay from the end of the node being read to the start of chunk c
-        if HAS_INIT:  # lc: the level of [0, p0)
-            lc = BTLOG + tl.sum(_bitlen(tl.full([1], 0, tl.int64) + (c ^ cf), CBITS), axis=0)
-        else:
-            lc = L
-        if LEVEL_LOOP == 0:
+    # inter-chunk: one Fenwick node per live chunk level, plus the initial state's levels; q (input
+    # dtype) meets each state tile as stored, exp(g) * decay * lambda scale the product's rows after
+    b_eg = tl.exp(b_gl)
+    b_acc = 0.0  # log-decay from the end of the node being read to the start of chunk c
+    if HAS_INIT:  # lc: the level of [0, p0)
+        lc = BTLOG + tl.sum(bitlen(tl.full([1], 0, tl.int64) + (c ^ cf), CBITS), axis=0)
+    else:
+        lc = L
+    b_qd = b_q.to(ST_DT)
+    # live node levels: the set bits of c below bitlen(c ^ cf), lowest (nearest) first; bit b is node
+    # (c & -b) - 1 at level BTLOG + 1 + log2(b)
+    if HAS_INIT:
+        rem = c & ((1 << (lc - BTLOG)) - 1)
+    else:
+        rem = c
+    n_live = popcount(rem, CBITS)
+    for _i_live in tl.range(0, n_live, num_stages=3):
+        b = rem & -rem
+        rem = rem ^ b
+        i_e = node0 + (c & -b) - 1 - cf
+        b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0)
+        b_lam = tl.load(p_lam + BTLOG + 1 + log2_pow2(b), mask=m_t, other=0.0).to(tl.float32)
+        b_o += dot(b_qd, b_n, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
+        b_acc += tl.load(node_decay + i_e * H + i_h)
+    if HAS_INIT:
+        # every live node lies at a level <= lc: the initial state sees the whole decay
+        for l in range(BTLOG + 1, L):
+            if (l == lc) | ((l > lc) & (((p0 >> (l - 1)) & 1) == 1)):
+                p_m = tl.where(l == lc, cm_lv, m_lv) + ((i_n * L + l) * H + i_h) * (K * V) + o_kv
+                b_m = tl.load(p_m, mask=m_kv, other=0.0)
+                b_lam = tl.load(p_lam + l, mask=m_t, other=0.0).to(tl.float32)
+                b_o += dot(b_qd, b_m, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
+    if STORE_FINAL:
+        if c == ce:
+            b_fa = 0.0
             for l in range(BTLOG + 1, L):
-                b_h, b_acc, live = _level_state(nodes, node_decay, m_lv, cm_lv, l, c, cf, lc, p0, node0, i_n,
-                                                i_h, b_acc, o_kv, m_kv, H, K, V, L, BTLOG, BK, BV, HAS_INIT)
-                if live:
-                    b_lam = tl.load(p_lam + l, mask=m_t, other=0.0).to(tl.float32)
-                    b_o += _dot(b_q.to(tl.float32) * (b_eg * b_lam)[:, None], b_h, ST_DT, PREC)
-                if STORE_FINAL:
-                    if (c == ce) & (l >= LO):
-                        p_f = final_lv + ((i_f * (L - LO) + l - LO) * H + i_h) * (K * V) + o_kv
-                        tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
-        else:
-            # q (input dtype) meets each state tile as stored; exp(g) * decay * lambda scale the rows after
-            b_qd = b_q.to(ST_DT)
-            if LEVEL_LOOP == 1:
-                for l in range(BTLOG + 1, L):
-                    j = l - BTLOG
-                    e = (c >> (j - 1)) << (j - 1)
-                    if (((c >> (j - 1)) & 1) == 1) & (e > cf):
-                        i_e = node0 + e - 1 - cf
-                        b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0)
-                        b_lam = tl.load(p_lam + l, mask=m_t, other=0.0).to(tl.float32)
-                        b_o += _dot(b_qd, b_n, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
-                        b_acc += tl.load(node_decay + i_e * H + i_h)
+                b_h, b_fa, live_f = _level_state(nodes, node_decay, m_lv, cm_lv, l, c, cf, lc, p0, node0, i_n,
+                                                 i_h, b_fa, o_kv, m_kv, H, K, V, L, BTLOG, BK, BV, HAS_INIT)
+                if l >= LO:
+                    p_f = final_lv + ((i_f * (L - LO) + l - LO) * H + i_h) * (K * V) + o_kv
+                    tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
+
+    if HAS_INIT:
+        if c == cf:
+            # the initial state's levels <= BTLOG meet the first chunk's queries at a per-token level
+            b_tl = bitlen(t_abs ^ p0, BTLOG)
+            for li in tl.static_range(1, BTLOG + 1):
+                if li < L:
+                    if ((p0 >> (li - 1)) & 1) == 1:
+                        p_m = m_lv + ((i_n * L + li) * H + i_h) * (K * V) + o_kv
+                        b_m = tl.load(p_m, mask=m_kv, other=0.0)
+                        b_lam = tl.load(p_lam + tl.maximum(b_tl, li), mask=m_t, other=0.0).to(tl.float32)
+                        b_o += dot(b_qd, b_m, ST_DT, PREC) * (b_eg * b_lam)[:, None]
+
+    p_o = o + row[:, None] * s_ot + i_h * s_oh + o_v[None, :]
+    tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+    if STORE_FINAL:
+        if c == ce:
+            # levels 0..BTLOG of the last token te: masked sums over the last chunk
+            i_te = (pe - 1) - c * BT
+            b_le = bitlen(o_i ^ i_te, BTLOG)
+            b_w = tl.where(m_t & (o_i <= i_te), tl.exp(b_glast - b_gl), 0.0)
+            le = tl.sum(bitlen(tl.full([1], 0, tl.int64) + ((pe - 1) ^ p0), BTLOG), axis=0)
+            for lf in tl.static_range(0, BTLOG + 1):
+                if (lf < L) and (lf >= LO):  # a pool may hold only its top L - LO levels
+                    b_vd = b_v.to(tl.float32) * tl.where(b_le == lf, b_w, 0.0)[:, None]
+                    b_f = dot(tl.trans(b_k), b_vd, ST_DT, PREC)
                     if HAS_INIT:
-                        if (l == lc) | ((l > lc) & (((p0 >> (l - 1)) & 1) == 1)):
-                            p_m = tl.where(l == lc, cm_lv, m_lv) + ((i_n * L + l) * H + i_h) * (K * V) + o_kv
-                            b_m = tl.load(p_m, mask=m_kv, other=0.0)
-                            b_lam = tl.load(p_lam + l, mask=m_t, other=0.0).to(tl.float32)
-                            b_o += _dot(b_qd, b_m, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
-            else:
-                # live node levels: the set bits of c below bitlen(c ^ cf), lowest (nearest) first;
-                # bit b is node (c & -b) - 1 at level BTLOG + 1 + log2(b)
-                if HAS_INIT:
-                    rem = c & ((1 << (lc - BTLOG)) - 1)
-                else:
-                    rem = c
-                n_live = _popcount(rem, CBITS)
-                for _i_live in tl.range(0, n_live, num_stages=LOOP_STAGES):
-                    b = rem & -rem
-                    rem = rem ^ b
-                    i_e = node0 + (c & -b) - 1 - cf
-                    b_n = tl.load(nodes + (i_e * H + i_h) * (K * V) + o_kv, mask=m_kv, other=0.0)
-                    b_lam = tl.load(p_lam + BTLOG + 1 + log2_pow2(b), mask=m_t, other=0.0).to(tl.float32)
-                    b_o += _dot(b_qd, b_n, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
-                    b_acc += tl.load(node_decay + i_e * H + i_h)
-                if HAS_INIT:
-                    # every live node lies at a level <= lc: the initial state sees the whole decay
-                    for l in range(BTLOG + 1, L):
-                        if (l == lc) | ((l > lc) & (((p0 >> (l - 1)) & 1) == 1)):
-                            p_m = tl.where(l == lc, cm_lv, m_lv) + ((i_n * L + l) * H + i_h) * (K * V) + o_kv
-                            b_m = tl.load(p_m, mask=m_kv, other=0.0)
-                            b_lam = tl.load(p_lam + l, mask=m_t, other=0.0).to(tl.float32)
-                            b_o += _dot(b_qd, b_m, ST_DT, PREC) * (tl.exp(b_gl + b_acc) * b_lam)[:, None]
-            if STORE_FINAL:
-                if c == ce:
-                    b_fa = 0.0
-                    for l in range(BTLOG + 1, L):
-                        b_h, b_fa, live_f = _level_state(nodes, node_decay, m_lv, cm_lv, l, c, cf, lc, p0,
-                                                         node0, i_n, i_h, b_fa, o_kv, m_kv, H, K, V, L, BTLOG,
-                                                         BK, BV, HAS_INIT)
-                        if l >= LO:
-                            p_f = final_lv + ((i_f * (L - LO) + l - LO) * H + i_h) * (K * V) + o_kv
-                            tl.store(p_f, (b_h * tl.exp(b_glast)).to(p_f.dtype.element_ty), mask=m_kv)
-
-        if HAS_INIT:
-            if c == cf:
-                # the initial state's levels <= BTLOG meet the first chunk's queries at a per-token level
-                b_tl = _bitlen(t_abs ^ p0, BTLOG)
-                for li in tl.static_range(1, BTLOG + 1):
-                    if li < L:
-                        if ((p0 >> (li - 1)) & 1) == 1:
-                            p_m = m_lv + ((i_n * L + li) * H + i_h) * (K * V) + o_kv
-                            b_m = tl.load(p_m, mask=m_kv, other=0.0)
-                            b_lam = tl.load(p_lam + tl.maximum(b_tl, li), mask=m_t, other=0.0).to(tl.float32)
-                            if LEVEL_LOOP == 0:
-                                b_o += _dot(b_q.to(tl.float32) * (b_eg * b_lam)[:, None], b_m, ST_DT, PREC)
-                            else:
-                                b_o += _dot(b_q.to(ST_DT), b_m, ST_DT, PREC) * (b_eg * b_lam)[:, None]
-
-        p_o = o + row[:, None] * s_ot + i_h * s_oh + o_v[None, :]
-        tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-
-        if STORE_FINAL:
-            if c == ce:
-                # levels 0..BTLOG of the last token te: masked sums over the last chunk
-                i_te = (pe - 1) - c * BT
-                b_le = _bitlen(o_i ^ i_te, BTLOG)
-                b_w = tl.where(m_t & (o_i <= i_te), tl.exp(b_glast - b_gl), 0.0)
-                le = tl.sum(_bitlen(tl.full([1], 0, tl.int64) + ((pe - 1) ^ p0), BTLOG), axis=0)
-                for lf in tl.static_range(0, BTLOG + 1):
-                    if (lf < L) and (lf >= LO):  # a pool may hold only its top L - LO levels
-                        b_vd = b_v.to(tl.float32) * tl.where(b_le == lf, b_w, 0.0)[:, None]
-                        b_f = _dot(tl.trans(b_k), b_vd, ST_DT, PREC)
-                        if HAS_INIT:
-                            if c == cf:
-                                if lf == le:
-                                    b_f += tl.load(cm_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
+                        if c == cf:
+                            if lf == le:
+                                b_f += tl.load(cm_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
+                                               mask=m_kv, other=0.0) * tl.exp(b_glast)
+                            elif lf > 0:
+                                if (lf > le) & (((p0 >> (lf - 1)) & 1) == 1):
+                                    b_f += tl.load(m_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
                                                    mask=m_kv, other=0.0) * tl.exp(b_glast)
-                                elif lf > 0:
-                                    if (lf > le) & (((p0 >> (lf - 1)) & 1) == 1):
-                                        b_f += tl.load(m_lv + ((i_n * L + lf) * H + i_h) * (K * V) + o_kv,
-                                                       mask=m_kv, other=0.0) * tl.exp(b_glast)
-                        p_f = final_lv + ((i_f * (L - LO) + lf - LO) * H + i_h) * (K * V) + o_kv
-                        tl.store(p_f, b_f.to(p_f.dtype.element_ty), mask=m_kv)
+                    p_f = final_lv + ((i_f * (L - LO) + lf - LO) * H + i_h) * (K * V) + o_kv
+                    tl.store(p_f, b_f.to(p_f.dtype.element_ty), mask=m_kv)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -410,13 +330,13 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
         level_scales: [B, T, H, L] (lambda); scale: defaults to K ** -0.5.
         initial_state: FenwickState(levels [N, L, H, K, V], positions [N]) with N = B, or
             N = len(cu_seqlens) - 1; any positions. Or a PooledState: the sequences' slots in the
-            engine's pool, read there by one kernel (kernels/pool_triton.py).
+            engine's pool, read there by one kernel (pool_triton.py).
         output_final_state: also return the state after each sequence (levels fp32).
         cu_seqlens: [N + 1] cumulative lengths of sequences packed along T (B must be 1).
         final_into: (pool [P, L, H, K, V] contiguous, slots [N] int64 on the device): the kernel writes
             each sequence's final levels straight into pool[slots] in the pool's dtype (no float32
             copy); a sequence with no new token keeps its row. The call then returns no state. A pool
-            of L' < L levels holds the top L' (a windowed pool, kernels/window.py): the rest are dropped.
+            of L' < L levels holds the top L' (a windowed pool, state.py): the rest are dropped.
     Returns:
         o: [B, T, H, V] in v's dtype; FenwickState(levels [N, L, H, K, V] fp32, positions [N] int64)
         if output_final_state (and no final_into) else None.
@@ -428,36 +348,12 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
 
 def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_state=None,
                                output_final_state=False, cu_seqlens=None, final_into=None,
-                               chunk_size: int = CHUNK_SIZE, direct_levels: int = DIRECT_LEVELS,
-                               num_warps: int = 4, heads_first: bool = True,
-                               node_dtype: torch.dtype | None = None, stage_ms: list | None = None,
-                               level_loop: str = "live", loop_stages: int = 3, fast_bitlen: bool = True,
-                               lam_gather: bool = True, heads_per_program: int = 1,
-                               node_block_v: int | None = None,
-                               out_num_warps: int | None = None, out_num_stages: int | None = None):
-    """``chunk_log_linear_attn`` with its tiling exposed (tests use small chunks).
-
-    Variants (bench/kernels.py ``VARIANTS``); every one computes the same function. The defaults are
-    the fastest on the H200 at 2K-64K tokens (``out_best`` in docs/kernels-notes.md):
-        level_loop: "scale_q" (q scaled per live level, then the product), "row_scale" (raw q times the
-            stored state tile, rows scaled after), "live" (row_scale over the live levels only, loads
-            pipelined ``loop_stages`` deep).
-        fast_bitlen: intra-chunk levels from a float exponent instead of a bit loop.
-        lam_gather: intra-chunk lambda from one [BT, 8] tile per row gathered in registers.
-        heads_per_program: value heads per output program sharing one q/k tile and q k^T.
-        node_block_v: the node kernel's V tile (default: the output kernel's).
-        out_num_warps, out_num_stages: launch options of the output kernel alone.
-        stage_ms: filled with the node, fold and output times in ms (CUDA).
-    """
+                               chunk_size: int = CHUNK_SIZE, direct_levels: int = DIRECT_LEVELS):
+    """``chunk_log_linear_attn`` with its tiling exposed (tests use small chunks)."""
     check_shapes(q, k, v, g, level_scales)
     B, T, G, K = q.shape
     H, V = v.shape[-2:]
     L = level_scales.shape[-1]
-    loop_id = LEVEL_LOOPS.get(level_loop)
-    if loop_id is None:
-        raise ValueError(f"level_loop must be one of {sorted(LEVEL_LOOPS)}, got {level_loop!r}")
-    if (H // G) % heads_per_program:
-        raise ValueError(f"heads_per_program ({heads_per_program}) must divide H / G ({H // G})")
     scale = K ** -0.5 if scale is None else scale
     dev = q.device
     if cu_seqlens is not None and B != 1:
@@ -486,52 +382,32 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
         final = final_rows = None
     has_init = initial_state is not None
     if isinstance(initial_state, PooledState):  # read from the engine's pool in one launch
-        from .pool_triton import pooled_merged_levels  # (it imports this module's helpers)
         m_lv, cm_lv = pooled_merged_levels(initial_state)
     elif has_init:
         m_lv = merge_for_query(initial_state.levels, initial_state.positions).contiguous()
         cm_lv = m_lv.cumsum(1).contiguous()
-    if node_dtype is None:  # nodes meet q in bf16 anyway for bf16 inputs: store them so, at half the bytes
-        node_dtype = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32
+    # nodes meet q in bf16 anyway for bf16 inputs: stored so, at half the bytes
+    node_dtype = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32
     nodes = torch.empty(max(NC, 1), H, K, V, dtype=node_dtype, device=dev)
     node_decay = torch.empty(max(NC, 1), H, dtype=torch.float32, device=dev)
-
-    marks = []
-
-    def mark():
-        if stage_ms is not None:
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
 
     if NC:
         # bits of any chunk index below max_positions(L): fixed per model, so a prompt reaching a new
         # power of two never compiles a new output kernel in the middle of serving
         cbits = max(((max_positions(L) - 1) // BT).bit_length(), 1)
-        fold_sizes, fold_idx = plan.fold_sizes, plan.fold_idx
-        NBV = BV if node_block_v is None else node_block_v
-        NNV = triton.cdiv(V, NBV)
-        grid_n = (H * NNV, NC)
-        grid = (H // heads_per_program * NV, NC)
-        out_launch = {"num_warps": num_warps if out_num_warps is None else out_num_warps}
-        if out_num_stages is not None:
-            out_launch["num_stages"] = out_num_stages
-        mark()
-        _chunk_node_kernel[grid_n if heads_first else grid_n[::-1]](
+        _chunk_node_kernel[(H * NV, NC)](
             kr, vr, gr, nodes, node_decay, t_seq, t_bos, t_start, t_len, t_node0,
             kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), gr.stride(0),
-            H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=NBV, NV=NNV, Z0=direct_levels,
-            IN_DT=in_dt, ST_DT=st_dt, PREC=prec, HEADS_FIRST=heads_first,
-            num_warps=num_warps,
+            H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels,
+            IN_DT=in_dt, ST_DT=st_dt, PREC=prec, num_warps=NUM_WARPS,
         )
-        mark()
-        for z, idx in zip(fold_sizes, fold_idx, strict=True):
-            _node_fold_kernel[(H * NV, len(idx))](
+        for z, idx in zip(plan.fold_sizes, plan.fold_idx, strict=True):
+            _node_fold_kernel[(H, len(idx))](
                 nodes, node_decay, idx, t_seq, t_start, t_node0, z,
-                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels, num_warps=num_warps,
+                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels, num_warps=NUM_WARPS,
             )
         dummy = nodes
-        mark()
-        _chunk_output_kernel[grid if heads_first else grid[::-1]](
+        _chunk_output_kernel[(H * NV, NC)](
             qr, kr, vr, gr, lr, o, nodes, node_decay,
             m_lv if has_init else dummy, cm_lv if has_init else dummy, final if final is not None else dummy,
             final_rows if final is not None else dummy,
@@ -541,14 +417,8 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
             o.stride(0), o.stride(1), scale,
             H=H, G=G, K=K, V=V, L=L, BT=BT, BTLOG=BTLOG, BK=BK, BV=BV, NV=NV, CBITS=cbits,
             HAS_INIT=has_init, STORE_FINAL=final is not None, IN_DT=in_dt, ST_DT=st_dt, PREC=prec,
-            HEADS_FIRST=heads_first, LEVEL_LOOP=loop_id, LOOP_STAGES=loop_stages, FAST_BITLEN=fast_bitlen,
-            HB=heads_per_program, LAM_GATHER=lam_gather, BL=triton.next_power_of_2(BTLOG + 1), LO=low,
-            **out_launch,
+            BL=triton.next_power_of_2(BTLOG + 1), LO=low, num_warps=NUM_WARPS,
         )
-        mark()
-        if stage_ms is not None:
-            torch.cuda.synchronize()
-            stage_ms.extend(a.elapsed_time(b) for a, b in zip(marks[:-1], marks[1:], strict=True))
     o = o.view(B, T, H, V)
     if final is None or final_into is not None:
         return o, None

@@ -20,9 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .naive import check_shapes
-from .pool_state import PooledState, check_initial_state, initial_levels
-from .state import FenwickState, check_final_into, ctz, level_matrix, max_positions
+from .pool_torch import initial_levels
+from .state import (
+    FenwickState,
+    PooledState,
+    check_final_into,
+    check_initial_state,
+    check_shapes,
+    ctz,
+    level_matrix,
+    max_positions,
+)
 
 CHUNK_SIZE = 64
 _MIN_AUTO_CHUNK = 16  # batches of short sequences (decode-like continuations) use chunks this small

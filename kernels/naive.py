@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from .state import FenwickState, check_level_decay, ctz, level_matrix, max_positions, true_levels
+from .state import (
+    FenwickState,
+    check_level_decay,
+    check_shapes,
+    ctz,
+    level_matrix,
+    max_positions,
+    true_levels,
+)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                 level_scales: torch.Tensor) -> tuple[int, int]:
-    """Validate [..., G, K] / [..., H, V] / [..., H] / [..., H, L] shapes; returns (H // G, L)."""
-    G, K = q.shape[-2:]
-    H = v.shape[-2]
-    lead = q.shape[:-2]
-    if k.shape != q.shape:
-        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:-2] != lead or g.shape != (*lead, H) or level_scales.shape[:-1] != (*lead, H):
-        raise ValueError(
-            f"inconsistent shapes: q {tuple(q.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
-            f"level_scales {tuple(level_scales.shape)}"
-        )
-    if H % G != 0:
-        raise ValueError(f"value heads ({H}) must be a multiple of q/k groups ({G})")
-    return H // G, level_scales.shape[-1]
 
 
 def log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -7,18 +7,17 @@ programmatic edge) the next kernel is launched while the previous one runs:
 
 - every kernel launched this way waits (``griddepcontrol.wait``) for the previous kernel to finish and
   flush its memory before it reads anything that kernel wrote, and only then lets its own successor
-  launch (``griddepcontrol.launch_dependents``): both in ``kernels.pdl_triton.wait_then_release``. So at
+  launch (``griddepcontrol.launch_dependents``): both in ``triton_utils.wait_then_release``. So at
   most two kernels overlap, and a kernel's wait covers everything before it in the stream, transitively;
   what was written two or more launches back may therefore be read before the wait;
 - before its wait, a one-row GEMV loads its slice of the weights (constants the chain never writes) into
   registers, and a wider GEMV asks L2 for it; the other step kernels load their constants, their own
   state and older outputs there too.
 
-Kernels take a ``USE_PDL`` constexpr (and the GEMV a ``PREFETCH`` one); ``options(t)`` gives the launch
-keyword arguments for a tensor's device. The setting is the process's: the engine applies its
-``EngineConfig.pdl`` with ``configure`` at start-up (``--no-pdl``), before it compiles or captures
-anything; benchmarks may also turn the prefetch off alone. The interpreter and GPUs before sm90 never
-use it.
+Kernels take a ``USE_PDL`` constexpr; ``options(t)`` gives the launch keyword arguments for a tensor's
+device. The setting is the process's: ``LLM`` and ``fenwick serve`` apply ``EngineConfig.pdl`` with
+``configure`` once at start-up (``--no-pdl``), before anything is compiled or captured. The interpreter
+and GPUs before sm90 never use it.
 """
 
 from __future__ import annotations
@@ -29,17 +28,14 @@ from functools import cache
 import torch
 
 ENABLED = True  # see configure()
-PREFETCH = True
 LINE_BYTES = 128  # an L2 prefetch brings one cache line
 
 
-def configure(enabled: bool | None = None, prefetch: bool | None = None) -> None:
-    """Launch with PDL where the device supports it (``enabled``), and let the GEMVs prefetch their
-    weights before their wait (``prefetch``); None leaves a setting as it is. Kernels compiled or graphs
-    captured before keep the setting they were built with."""
-    global ENABLED, PREFETCH
-    ENABLED = ENABLED if enabled is None else enabled
-    PREFETCH = PREFETCH if prefetch is None else prefetch
+def configure(enabled: bool) -> None:
+    """Launch with PDL where the device supports it. Kernels compiled or graphs captured before keep the
+    setting they were built with."""
+    global ENABLED
+    ENABLED = enabled
     _supported.cache_clear()
 
 
@@ -71,7 +67,7 @@ def options(t: torch.Tensor) -> dict:
 
 
 def prefetch_lines(rows: int, row_elems: int, itemsize: int) -> int:
-    """The power-of-two number of cache lines that covers ``rows`` contiguous rows (the PREFETCH
+    """The power-of-two number of cache lines that covers ``rows`` contiguous rows (the GEMV's prefetch
     kernels' NL constexpr)."""
     lines = -(-rows * row_elems * itemsize // LINE_BYTES)
     return 1 << max(lines - 1, 0).bit_length()

@@ -1,10 +1,29 @@
-"""The per-sequence Fenwick-tree hidden state and level arithmetic shared by every op."""
+"""Data layout and validation shared by every op: the Fenwick state, the engine's pooled state, the
+token window's constants and host plan, level arithmetic and the shape checks.
+
+A leaf: it imports torch only. ``naive.py`` is the specification built on it; the ``*_torch.py`` and
+``*_triton.py`` modules are the two implementations of each op.
+
+The token window (``window_torch.py``, ``window_triton.py``): at position t (tokens absorbed), levels
+0..BW hold exactly the tokens of the aligned W-token block of the last token t - 1 (bitlen((t - 1) ^ s)
+<= BW). A windowed pool keeps those tokens raw instead of as K x V blocks, per slot:
+
+    win_k [P, 2, W, G, K], win_v [P, 2, W, H, V] (any float dtype),
+    win_g [P, 2, W, H] float32: gc[j] = g[B W + 1] + ... + g[B W + j], the log-decay since the block's
+        first token (gc[0] = 0),
+
+in two buffers by block parity (block B in buffer B % 2), so a step that starts a block writes one
+buffer while it folds the other; levels above BW stay blocks with deferred decay.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+BW = 5  # levels 0..BW of a windowed pool are its last block's tokens
+W = 1 << BW  # tokens in a window block
 
 
 @dataclass
@@ -38,6 +57,45 @@ class FenwickState:
         return FenwickState(self.levels.clone(), self.positions.clone())
 
 
+@dataclass
+class PooledState:
+    """The state of N sequences where the engine keeps it.
+
+    levels: [P, L, H, K, V] pool (any float dtype), stored with the decay deferred; with a window only
+        levels BW+1..L-1 are blocks ([P, L - BW - 1, H, K, V], ``check_pool_levels``);
+    decay: [P, 2, L, H] float32, the log-decay each stored level owes (-inf: empty);
+    slots, positions: [N] int64 on the pool's device; window: (win_k, win_v, win_g) of the pool, or None.
+    """
+
+    levels: torch.Tensor
+    decay: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+    window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.slots.shape[0]
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                 level_scales: torch.Tensor) -> tuple[int, int]:
+    """Validate [..., G, K] / [..., H, V] / [..., H] / [..., H, L] shapes; returns (H // G, L)."""
+    G, K = q.shape[-2:]
+    H = v.shape[-2]
+    lead = q.shape[:-2]
+    if k.shape != q.shape:
+        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:-2] != lead or g.shape != (*lead, H) or level_scales.shape[:-1] != (*lead, H):
+        raise ValueError(
+            f"inconsistent shapes: q {tuple(q.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+            f"level_scales {tuple(level_scales.shape)}"
+        )
+    if H % G != 0:
+        raise ValueError(f"value heads ({H}) must be a multiple of q/k groups ({G})")
+    return H // G, level_scales.shape[-1]
+
+
 def check_final_into(pool: torch.Tensor, slots: torch.Tensor, n: int, level_shape: tuple[int, ...],
                      device: torch.device) -> int:
     """Validate a prefill's ``final_into=(pool, slots)``: pool [P, L', H, K, V] contiguous on ``device``
@@ -53,6 +111,42 @@ def check_final_into(pool: torch.Tensor, slots: torch.Tensor, n: int, level_shap
         raise ValueError(f"final_into slots must be [{n}] int64 on {device}, got {tuple(slots.shape)} "
                          f"{slots.dtype} on {slots.device}")
     return L - pool.shape[1]
+
+
+def check_level_decay(level_decay: torch.Tensor, levels: torch.Tensor) -> None:
+    """Validate a decode pool's ``level_decay``: [P, 2, L, H] float32 (float64 in checks), contiguous,
+    beside ``levels`` [P, L, H, K, V]."""
+    P, L, H = levels.shape[:3]
+    if (level_decay.shape != (P, 2, L, H) or level_decay.dtype not in (torch.float32, torch.float64)
+            or not level_decay.is_contiguous() or level_decay.device != levels.device):
+        raise ValueError(f"level_decay must be a contiguous float32 [{P}, 2, {L}, {H}] tensor on "
+                         f"{levels.device}, got {tuple(level_decay.shape)} {level_decay.dtype} "
+                         f"on {level_decay.device}")
+
+
+def check_pool_levels(levels: torch.Tensor, num_levels: int, window: tuple | None) -> int:
+    """The first level a pool stores as blocks: BW + 1 with a token window (levels 0..BW are its tokens;
+    the pool is [P, num_levels - BW - 1, H, K, V]), else 0 (all num_levels)."""
+    low = BW + 1 if window is not None else 0
+    if levels.dim() != 5 or levels.shape[1] != num_levels - low:
+        raise ValueError(f"a pool of {num_levels} levels{' with a token window' if low else ''} stores "
+                         f"{num_levels - low} level blocks per slot, got levels {tuple(levels.shape)}")
+    return low
+
+
+def check_initial_state(state: FenwickState | PooledState | None, n: int,
+                        level_shape: tuple[int, ...]) -> None:
+    """A prefill's initial state must hold the call's N sequences with levels of ``level_shape``."""
+    if state is None:
+        return
+    if isinstance(state, PooledState):  # the pool's decay has every level; a window's pool stores the top
+        rows, shape = state.num_seqs, (state.decay.shape[2], *state.levels.shape[2:])
+        check_pool_levels(state.levels, state.decay.shape[2], state.window)
+    else:
+        rows, shape = state.levels.shape[0], tuple(state.levels.shape[1:])
+    if rows != n or tuple(shape) != tuple(level_shape):
+        raise ValueError(f"initial_state must hold {n} sequences of levels {tuple(level_shape)}, got "
+                         f"{rows} of {tuple(shape)}")
 
 
 def num_levels_for(length: int) -> int:
@@ -91,17 +185,6 @@ def ctz(t: torch.Tensor) -> torch.Tensor:
     return bitlen(torch.bitwise_and(t, -t)) - 1
 
 
-def check_level_decay(level_decay: torch.Tensor, levels: torch.Tensor) -> None:
-    """Validate a decode pool's ``level_decay``: [P, 2, L, H] float32 (float64 in checks), contiguous,
-    beside ``levels`` [P, L, H, K, V]."""
-    P, L, H = levels.shape[:3]
-    if (level_decay.shape != (P, 2, L, H) or level_decay.dtype not in (torch.float32, torch.float64)
-            or not level_decay.is_contiguous() or level_decay.device != levels.device):
-        raise ValueError(f"level_decay must be a contiguous float32 [{P}, 2, {L}, {H}] tensor on "
-                         f"{levels.device}, got {tuple(level_decay.shape)} {level_decay.dtype} "
-                         f"on {level_decay.device}")
-
-
 def true_levels(levels: torch.Tensor, level_decay: torch.Tensor, slots: torch.Tensor,
                 positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The levels S[l] of ``slots`` at ``positions`` from a pool with deferred decay:
@@ -124,3 +207,80 @@ def step_level_blocks(t: int, deferred: bool = True) -> tuple[int, int]:
     above = bin(t).count("1") - 1  # live levels above z + 1
     reads = z + 1 + above
     return reads, 2 if deferred else 2 + above + z
+
+
+def window_step_traffic(t: int) -> tuple[int, int, int]:
+    """(level blocks read, level blocks written, window rows read) per head by the windowed step at
+    position t, for the benches' byte counts (``kernels.state.step_level_blocks`` is the block layout's).
+
+    Within a block (t % W > 0): the rows 0..t%W-1 of the token's block and the live levels above BW
+    (bit l - 1 of t set); nothing but the token's row is written. At a block's first token: the W rows
+    of the finished block, the levels BW+1..z (z = ctz(t)) folded with it and the live levels above
+    z + 1; level z + 1 is written.
+    """
+    row = t % W
+    if t == 0 or row:
+        return bin(t >> BW).count("1"), 0, row
+    z = (t & -t).bit_length() - 1
+    return z - BW + bin(t >> (z + 1)).count("1"), 1, W
+
+
+@dataclass
+class WindowRows:
+    """Where a prefill's packed rows land in the windows: the rows of each sequence's last block."""
+
+    src: torch.Tensor  # [M] packed row
+    seq: torch.Tensor  # [M] sequence index
+    slot: torch.Tensor  # [M]
+    buf: torch.Tensor  # [M] block parity
+    row: torch.Tensor  # [M] row in the block
+    first: torch.Tensor  # [N] first row written per sequence (> 0: the block began before this call)
+    seq_slot: torch.Tensor  # [N]
+    seq_buf: torch.Tensor  # [N]
+    seq_count: torch.Tensor  # [N] rows written per sequence
+    seq_src: torch.Tensor  # [N] packed row of the first of them
+
+
+def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> WindowRows:
+    """The plan of ``write_window`` for sequences continuing from ``starts`` (host values) by ``lens``
+    tokens into ``slots`` (a device tensor): one upload, no read-back."""
+    return window_plan(starts, lens, slots.device).bind(slots)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """``WindowRows`` before the slots are known: the host-built rows, on the device. ``bind`` adds the
+    slots with device ops only, so a CUDA graph can capture it over a static slots buffer."""
+
+    rows: tuple[torch.Tensor, ...]  # src, seq, buf, row [M]; first, seq_buf, count, seq_src [N]
+
+    def bind(self, slots: torch.Tensor) -> WindowRows:
+        src, seq, buf, row, first, seq_buf, count, seq_src = self.rows
+        slots = slots.long()
+        return WindowRows(src, seq, slots[seq], buf, row, first, slots, seq_buf, count, seq_src)
+
+
+def window_plan(starts: list[int], lens: list[int], device: torch.device) -> WindowPlan:
+    """``window_rows`` without the slots: one upload (pinned and queued on CUDA: no wait)."""
+    src, seq, buf, row, first, seq_buf, count, seq_src = [], [], [], [], [], [], [], []
+    bos = 0
+    for i, (s, n) in enumerate(zip(starts, lens, strict=True)):
+        end = s + n
+        block = (end - 1) >> BW
+        lo = max(s, block << BW)
+        src += [bos + q - s for q in range(lo, end)]
+        row += [q - (block << BW) for q in range(lo, end)]
+        seq += [i] * (end - lo)
+        buf += [block % 2] * (end - lo)
+        first.append(lo - (block << BW))
+        seq_buf.append(block % 2)
+        count.append(end - lo)
+        seq_src.append(bos + lo - s)
+        bos += n
+
+    def up(rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        t = torch.tensor(rows, dtype=torch.int64)
+        t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+        return t.unbind(0)
+
+    return WindowPlan((*up([src, seq, buf, row]), *up([first, seq_buf, count, seq_src])))

@@ -1,10 +1,15 @@
-"""Triton decode step on a windowed pool (kernels/window.py; the engine's token_window).
+"""The token window in Triton (layout in ``state.py``, references in ``window_torch.py``).
+
+``window_step``: the decode step on a windowed pool.
 
 One program per (request, head, V block). The query reads its block's earlier rows from the window (a
 [W, K] and a [W, BV] tile), its own token, and the live levels above BW one after the other; it stores
 one row of the window and, at a block's first token, the fold of the finished block (one [K, W] x
 [W, BV] product) and of the levels BW + 1..z as level z + 1. Same contract as
-``kernels.window.fused_recurrent_step_window``.
+``window_torch.fused_recurrent_step_window``.
+
+``write_window_triton``: after a prefill, each sequence's last block of k, v and in-block log-decay into
+its token window; one program per (sequence, column block), the log-decay as one cumulative sum.
 """
 
 from __future__ import annotations
@@ -14,12 +19,9 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .chunk import _bitlen, log2_pow2
-from .fused_recurrent import _program_ids, _token_inputs
-from .naive import check_shapes
 from .ops import unit_last
-from .pdl_triton import wait_then_release
-from .window import BW, W, check_pool_levels
+from .state import BW, W, WindowRows, check_pool_levels, check_shapes
+from .triton_utils import bitlen, log2_pow2, program_ids, token_inputs, wait_then_release
 
 # With PDL, batches of up to PREWAIT_MAX_ROWS read the window rows before waiting for the previous kernel
 # (H200: batch-1 step 0.476 -> 0.471 ms; at batch 32 the early programs cost 0.12 ms a step instead)
@@ -39,7 +41,7 @@ def _window_step_kernel(
     # (this kernel's own state, from earlier steps; read past L1) load before the wait; the token's
     # inputs after it
     wait_then_release(USE_PDL and not PREWAIT)
-    i_n, i_h, i_v, i_g, i_s, t = _program_ids(slots, positions, H, G, NV)
+    i_n, i_h, i_v, i_g, i_s, t = program_ids(slots, positions, H, G, NV)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_w = tl.arange(0, WN)
@@ -62,12 +64,12 @@ def _window_step_kernel(
     b_wg = tl.load(p_wg + buf * (WN * H) + o_w * H, mask=m_w, other=0.0, cache_modifier=".cg")
     g_prev = tl.load(p_wg + buf * (WN * H) + tl.maximum(row - 1, 0) * H, cache_modifier=".cg")
     wait_then_release(USE_PDL and PREWAIT)
-    b_q, b_k, b_v, b_decay = _token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
+    b_q, b_k, b_v, b_decay = token_inputs(q, k, v, g, i_n, i_g, i_h, o_k, o_v, m_k, m_v,
                                            s_qn, s_qg, s_kn, s_kg, s_vn, s_vh, s_gn)
     b_g = tl.load(g + i_n * s_gn + i_h).to(tl.float32)
     p_lam = lam + i_n * s_ln + i_h * s_lh
     g_t = tl.where(row > 0, g_prev + b_g, 0.0)
-    lev = _bitlen(t ^ ((block << BWL) + o_w), BWL)
+    lev = bitlen(t ^ ((block << BWL) + o_w), BWL)
     b_lr = tl.load(p_lam + lev, mask=m_w, other=0.0).to(tl.float32)
     b_wt = tl.where(m_w, b_lr * tl.exp(g_t - b_wg), 0.0)
     b_sc = tl.sum(b_wk * b_q[None, :], axis=1) * b_wt  # (WN,)
@@ -121,7 +123,7 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
                 level_scales: torch.Tensor, levels: torch.Tensor, level_decay: torch.Tensor,
                 window: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor,
                 scale: float | None = None, block_v: int = 16) -> torch.Tensor:
-    """``kernels.window.fused_recurrent_step_window`` in one launch; window tensors contiguous. With PDL
+    """``window_torch.fused_recurrent_step_window`` in one launch; window tensors contiguous. With PDL
     (kernels.pdl) and up to PREWAIT_MAX_ROWS rows, slots, positions and the window are read before the
     wait: the kernel launched just before this one must not write them."""
     check_shapes(q, k, v, g, level_scales)
@@ -149,3 +151,63 @@ def window_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         PREWAIT=N <= PREWAIT_MAX_ROWS, num_warps=4, **pdl.options(o),
     )
     return o
+
+
+@triton.jit
+def _write_window_kernel(
+    k, v, g, win_k, win_v, win_g, seq_slot, seq_buf, seq_first, seq_count, seq_src, s_k, s_v, s_g,
+    GK: tl.constexpr, HV: tl.constexpr, H: tl.constexpr, BGK: tl.constexpr, BH: tl.constexpr,
+    BC: tl.constexpr, WN: tl.constexpr,
+):
+    """Program (sequence, column block): block 0 writes the rows' k and their in-block log-decay gc,
+    block c > 0 the v columns (c - 1) * BC .. c * BC of the same rows."""
+    i_n, i_c = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(seq_slot + i_n).to(tl.int64)
+    buf = tl.load(seq_buf + i_n).to(tl.int64)
+    first = tl.load(seq_first + i_n).to(tl.int64)
+    count = tl.load(seq_count + i_n).to(tl.int64)
+    o_w = tl.arange(0, WN)
+    m_w = (o_w >= first) & (o_w < first + count)
+    src = tl.load(seq_src + i_n).to(tl.int64) + (o_w - first)  # packed row of window row o_w
+    dst = (slot * 2 + buf) * WN + o_w  # window row
+    if i_c == 0:
+        o_gk = tl.arange(0, BGK)
+        m_k = m_w[:, None] & (o_gk < GK)[None, :]
+        b_k = tl.load(k + src[:, None] * s_k + o_gk[None, :], mask=m_k, other=0.0)
+        tl.store(win_k + dst[:, None] * GK + o_gk[None, :], b_k.to(win_k.dtype.element_ty), mask=m_k)
+        o_h = tl.arange(0, BH)
+        m_h = o_h < H
+        # gc[j] = gc[j - 1] + g[j], from the row before the first written one (0 at a block's row 0)
+        b_inc = tl.load(g + src[:, None] * s_g + o_h[None, :], mask=(m_w & (o_w > 0))[:, None] & m_h[None, :],
+                        other=0.0).to(tl.float32)
+        b_base = tl.load(win_g + ((slot * 2 + buf) * WN + tl.maximum(first - 1, 0)) * H + o_h,
+                         mask=m_h, other=0.0)
+        b_base = tl.where(first > 0, b_base, 0.0)
+        b_gc = b_base[None, :] + tl.cumsum(b_inc, axis=0)
+        tl.store(win_g + dst[:, None] * H + o_h[None, :], b_gc, mask=m_w[:, None] & m_h[None, :])
+    else:
+        o_c = (i_c - 1) * BC + tl.arange(0, BC)
+        m_v = m_w[:, None] & (o_c < HV)[None, :]
+        b_v = tl.load(v + src[:, None] * s_v + o_c[None, :], mask=m_v, other=0.0)
+        tl.store(win_v + dst[:, None] * HV + o_c[None, :], b_v.to(win_v.dtype.element_ty), mask=m_v)
+
+
+def write_window_triton(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torch.Tensor,
+                        v: torch.Tensor, g: torch.Tensor, block_cols: int = 256) -> None:
+    """``window_torch.write_window_ref`` in one launch (window tensors contiguous)."""
+    win_k, win_v, win_g = window
+    if not all(t.is_contiguous() for t in window):
+        raise ValueError("write_window needs contiguous window tensors")
+    _, G, K = k.shape
+    H, V = v.shape[1:]
+    k, v, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (k.flatten(1), v.flatten(1), g))
+    N = rows.first.numel()
+    if N == 0:
+        return
+    BC = min(block_cols, triton.next_power_of_2(H * V))
+    _write_window_kernel[(N, 1 + triton.cdiv(H * V, BC))](
+        k, v, g, win_k, win_v, win_g, rows.seq_slot, rows.seq_buf, rows.first, rows.seq_count, rows.seq_src,
+        k.stride(0), v.stride(0), g.stride(0),
+        GK=G * K, HV=H * V, H=H, BGK=triton.next_power_of_2(G * K), BH=max(2, triton.next_power_of_2(H)),
+        BC=BC, WN=W, num_warps=4,
+    )

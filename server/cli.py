@@ -64,32 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=None, help="sampling seed of requests without their own")
     serve.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     serve.add_argument(
-        "--no-fused-decode", action="store_true",
-        help="decode and prefill op by op instead of through the fused Triton kernels (CUDA)",
-    )
-    serve.add_argument(
         "--no-overlap-decode", action="store_true",
         help="wait for each step's tokens before queueing the next decode step (default: queue it "
              "ahead with CUDA graphs)",
     )
     serve.add_argument(
-        "--no-token-window", action="store_true",
-        help="keep every Fenwick level as a K x V block (default: the low levels as each request's last "
-             "<= 32 raw tokens, less state traffic per decode step)",
-    )
-    serve.add_argument(
         "--prefill-graphs", type=int, default=None,
         help="opt-in: prompt steps replayed from CUDA graphs, at most this many kept, one per step shape "
              "(prompt lengths and start positions) seen twice (default 0: prompt steps eager)",
-    )
-    serve.add_argument(
-        "--no-pdl", action="store_true",
-        help="launch the decode step's kernels one after the other, without programmatic dependent "
-             "launch (default: PDL on sm90+ GPUs)",
-    )
-    serve.add_argument(
-        "--no-gc-freeze", action="store_true",
-        help="leave the objects alive after start-up to Python's garbage collector (default: gc.freeze)",
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -143,15 +125,8 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager
-    engine_kwargs["fused_decode"] = not args.no_fused_decode
     if args.no_overlap_decode:
         engine_kwargs["overlap_decode"] = False
-    if args.no_gc_freeze:
-        engine_kwargs["gc_freeze"] = False
-    if args.no_token_window:
-        engine_kwargs["token_window"] = False
-    if args.no_pdl:
-        engine_kwargs["pdl"] = False
     name = args.served_model_name or model_dir.name
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
     server_config = ServerConfig(
@@ -179,9 +154,11 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..engine.async_llm import AsyncLLM
+    from ..engine.startup import freeze_heap
     from .app import create_app
 
     engine = AsyncLLM(engine_config)
+    freeze_heap()  # the loaded model and engine out of the garbage collector's sight
     app = create_app(engine, server_config)
     uvicorn_config = uvicorn.Config(
         app,

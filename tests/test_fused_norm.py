@@ -1,4 +1,5 @@
-"""kernels/norm.py: the references against the model's code, the Triton kernels against the references.
+"""kernels/norm_torch.py and norm_triton.py: the references against the model's code, the Triton kernels
+against the references.
 
 References: bit for bit the model code they stand for (engine/mixer.py's RMSNorm and ``_output`` before
 out_proj, engine/model.py's residual add and GatedMLP before down_proj), in every dtype.
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fenwick_llm.kernels.norm import add_rmsnorm, gated_rmsnorm, silu_mul
+from fenwick_llm.kernels import add_rmsnorm, gated_rmsnorm, silu_mul
 from interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,20 +131,6 @@ def test_silu_mul_ref_is_the_gated_mlp(dtype, monkeypatch):
         assert torch.equal(silu_mul(torch.cat([gate, up], -1), torch.float32), F.silu(gate.float()) * up)
 
 
-def test_imports_and_dispatches_without_triton(monkeypatch):
-    import importlib.util
-
-    from fenwick_llm.kernels import norm
-
-    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
-    spec = importlib.util.spec_from_file_location("norm_without_triton", norm.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
-    assert fresh._triton() is None
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(fresh.silu_mul(x), fresh.silu_mul_ref(x))
-
-
 # ----------------------------------------------------------------------------------------------
 # CPU: Triton kernels under the interpreter, in a subprocess
 
@@ -172,12 +158,7 @@ GATED_CASES = {  # H, V, group size, D per channel?, norm?, norm before gate?, N
     "bf16_N5_groups_straddle_heads": dict(N=5, dtype=torch.bfloat16, H=3, V=20, group_size=30, D_hdim=True),
     "fp32_N3_groups_straddle_heads": dict(N=3, dtype=torch.float32, H=3, V=20, group_size=30, before=True),
     "fp16_N3_after_gate_2groups": dict(N=3, dtype=torch.float16, group_size=36),
-    # o as the tiled decode step's unsummed float32 read-outs: [NK, N, H, V], NK past one chunk of loads
-    "bf16_N3_partials_NK32": dict(N=3, dtype=torch.bfloat16, o_dtype=torch.float32, group_size=36, nk=32),
-    "fp32_N2_partials_NK5_before_gate": dict(N=2, dtype=torch.float32, o_dtype=torch.float32, group_size=72,
-                                             before=True, nk=5),
-    "fp32_N2_partials_NK10_wide_group": dict(N=2, dtype=torch.float32, o_dtype=torch.float32, H=8, V=160,
-                                             group_size=1280, nk=10),  # 4 partials per load, 3 loads
+    "fp32_N2_wide_group": dict(N=2, dtype=torch.float32, o_dtype=torch.float32, H=8, V=160, group_size=1280),
 }
 
 SILU_CASES = {  # N, I, dtype, strided rows?
@@ -198,7 +179,8 @@ def _rows(N: int, width: int, dtype: torch.dtype, gen: torch.Generator, strided:
 
 
 def _case_add(*, N, D, dtype, residual=True, strided=False, seed=0) -> dict:
-    from fenwick_llm.kernels.norm import add_rmsnorm_ref, add_rmsnorm_triton
+    from fenwick_llm.kernels.norm_torch import add_rmsnorm_ref
+    from fenwick_llm.kernels.norm_triton import add_rmsnorm_triton
 
     gen = torch.Generator().manual_seed(seed)
     h0 = _rows(N, D, dtype, gen, strided, scale=4.0)
@@ -215,14 +197,15 @@ def _case_add(*, N, D, dtype, residual=True, strided=False, seed=0) -> dict:
 
 
 def _case_gated(*, N, dtype, H=6, V=12, group_size=72, D_hdim=False, norm=True, before=False, o_dtype=None,
-                nk=0, seed=0) -> dict:
-    from fenwick_llm.kernels.norm import gated_rmsnorm_ref, gated_rmsnorm_triton
+                seed=0) -> dict:
+    from fenwick_llm.kernels.norm_torch import gated_rmsnorm_ref
+    from fenwick_llm.kernels.norm_triton import gated_rmsnorm_triton
 
     gen = torch.Generator().manual_seed(seed)
     I = H * V
     proj = (2 * torch.randn(N, 2 * I + 9, generator=gen)).to(dtype)  # [z | x | rest], as in_proj's output
     z, x = proj[:, :I], proj[:, I:2 * I].unflatten(-1, (H, V))
-    o = torch.randn(*((nk,) if nk else ()), N, H, V, generator=gen).to(o_dtype or dtype)
+    o = torch.randn(N, H, V, generator=gen).to(o_dtype or dtype)
     D = 1 + 0.5 * torch.randn(I if D_hdim else H, generator=gen)
     w = 1 + 0.2 * torch.randn(I, generator=gen) if norm else None
     before_call = proj.clone()
@@ -236,7 +219,8 @@ def _case_gated(*, N, dtype, H=6, V=12, group_size=72, D_hdim=False, norm=True, 
 
 
 def _case_silu(*, N, I, dtype, strided=False, seed=0) -> dict:
-    from fenwick_llm.kernels.norm import silu_mul_ref, silu_mul_triton
+    from fenwick_llm.kernels.norm_torch import silu_mul_ref
+    from fenwick_llm.kernels.norm_triton import silu_mul_triton
 
     gen = torch.Generator().manual_seed(seed)
     gate_up = _rows(N, 2 * I, dtype, gen, strided, scale=3.0)
@@ -292,7 +276,9 @@ def test_silu_mul_interpreted(interpret_results, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 def test_gpu_kernels_match_references_in_a_cuda_graph(dtype):
-    from fenwick_llm.kernels import norm
+    from fenwick_llm.kernels import norm_torch
+
+    from fenwick_llm import kernels
 
     N, hidden, H, V, G, I_mlp = 512, 2048, 64, 64, 8, 5632
     I = H * V
@@ -311,13 +297,14 @@ def test_gpu_kernels_match_references_in_a_cuda_graph(dtype):
     gate_up = randn(N, 2 * I_mlp, scale=3.0)
 
     def step() -> tuple[torch.Tensor, ...]:
-        normed, h = norm.add_rmsnorm(delta, h0, w_h, 1e-5)
-        y = norm.gated_rmsnorm(o, x, D, z, w_y, 1e-5, I // G, False, dtype)
-        return normed, h, y, norm.silu_mul(gate_up)
+        normed, h = kernels.add_rmsnorm(delta, h0, w_h, 1e-5)
+        y = kernels.gated_rmsnorm(o, x, D, z, w_y, 1e-5, I // G, False, dtype)
+        return normed, h, y, kernels.silu_mul(gate_up)
 
     eager = step()  # also compiles the kernels before the capture
-    refs = (*norm.add_rmsnorm_ref(delta, h0, w_h, 1e-5),
-            norm.gated_rmsnorm_ref(o, x, D, z, w_y, 1e-5, I // G, False, dtype), norm.silu_mul_ref(gate_up))
+    refs = (*norm_torch.add_rmsnorm_ref(delta, h0, w_h, 1e-5),
+            norm_torch.gated_rmsnorm_ref(o, x, D, z, w_y, 1e-5, I // G, False, dtype),
+            norm_torch.silu_mul_ref(gate_up))
     assert torch.equal(eager[1], refs[1])
     for got, want in zip(eager, refs, strict=True):
         _assert_close(_compare(got, want))

@@ -1,4 +1,5 @@
-"""kernels/gemv.py: the references against the model's modules, the Triton kernel against the references.
+"""kernels/gemv_torch.py, gemv_triton.py: the references against the model's modules, the Triton
+kernel against the references.
 
 References: bit for bit the model code they stand for (mixer_norm + in_proj, norm_f + lm_head, the
 residual adds of out_proj and down_proj, mlp_norm + GatedMLP before down_proj) in every dtype.
@@ -20,14 +21,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from fenwick_llm.kernels import gemv
+from fenwick_llm.kernels import gemv_torch, gemv_triton
 from interpreted import DT_ID, round_bf16_to_nearest_even, run_interpreted, ulps
+
+from fenwick_llm import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = list(DT_ID)
@@ -69,10 +71,10 @@ def test_rmsnorm_linear_ref_is_in_proj_and_lm_head(dtype):
     assert block.mixer.in_proj.bias is None and model.lm_head.bias is None
     with torch.no_grad():
         norm, in_proj = block.mixer_norm, block.mixer.in_proj
-        got = gemv.rmsnorm_linear_ref(h, norm.weight, norm.eps, in_proj.weight)
+        got = gemv_torch.rmsnorm_linear_ref(h, norm.weight, norm.eps, in_proj.weight)
         assert got.dtype == dtype and torch.equal(got, block.mixer.in_proj(block.mixer_input(h)))
         norm_f = model.backbone.norm_f
-        got = gemv.rmsnorm_linear_ref(h, norm_f.weight, norm_f.eps, model.lm_head.weight)
+        got = gemv_torch.rmsnorm_linear_ref(h, norm_f.weight, norm_f.eps, model.lm_head.weight)
         assert torch.equal(got, model._logits(h))
 
 
@@ -84,7 +86,7 @@ def test_rmsnorm_linear_silu_mul_ref_is_the_gated_mlp(dtype, monkeypatch):
     w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
     h = _hidden(5, dtype)
     with torch.no_grad():
-        got = gemv.rmsnorm_linear_silu_mul_ref(h, block.mlp_norm.weight, block.mlp_norm.eps, w_gu)
+        got = gemv_torch.rmsnorm_linear_silu_mul_ref(h, block.mlp_norm.weight, block.mlp_norm.eps, w_gu)
         assert got.dtype == dtype and torch.equal(got, mlp(block.mlp_norm(h, h.dtype)))
 
 
@@ -96,13 +98,13 @@ def test_linear_residual_ref_is_the_residual_add(dtype):
     y = torch.randn(5, block.mixer.config.intermediate_size, generator=gen).to(dtype)
     out_w = block.mixer.out_proj.weight
     with torch.no_grad():
-        got = gemv.linear_residual_ref(y, out_w, h)
+        got = gemv_torch.linear_residual_ref(y, out_w, h)
         assert got.dtype == dtype and torch.equal(got, h + block.mixer.out_proj(y))
         assert torch.equal(got, h + F.linear(y, out_w))
         # the MLP half of a layer in two calls == LogLinearMamba2Block.add_mlp
         w_gu = torch.cat([block.mlp.gate_proj.weight, block.mlp.up_proj.weight])
-        a = gemv.rmsnorm_linear_silu_mul_ref(h, block.mlp_norm.weight, block.mlp_norm.eps, w_gu)
-        assert torch.equal(gemv.linear_residual_ref(a, block.mlp.down_proj.weight, h), block.add_mlp(h))
+        a = gemv_torch.rmsnorm_linear_silu_mul_ref(h, block.mlp_norm.weight, block.mlp_norm.eps, w_gu)
+        assert torch.equal(gemv_torch.linear_residual_ref(a, block.mlp.down_proj.weight, h), block.add_mlp(h))
         if dtype != torch.float32:  # the comparison sees where the product is rounded
             unrounded = (h.float() + F.linear(y.float(), out_w.float())).to(dtype)
             assert not torch.equal(unrounded, got)
@@ -112,65 +114,54 @@ def test_dispatch_takes_the_reference_on_cpu():
     gen = torch.Generator().manual_seed(3)
     h, nw, w = (torch.randn(*s, generator=gen) for s in ((3, 16), (16,), (10, 16)))
     r = torch.randn(3, 10, generator=gen)
-    assert torch.equal(gemv.rmsnorm_linear(h, nw, 1e-5, w), gemv.rmsnorm_linear_ref(h, nw, 1e-5, w))
-    assert torch.equal(gemv.linear_residual(h, w, r), gemv.linear_residual_ref(h, w, r))
-    assert torch.equal(gemv.rmsnorm_linear_silu_mul(h, nw, 1e-5, w),
-                       gemv.rmsnorm_linear_silu_mul_ref(h, nw, 1e-5, w))
+    assert torch.equal(kernels.rmsnorm_linear(h, nw, 1e-5, w), gemv_torch.rmsnorm_linear_ref(h, nw, 1e-5, w))
+    assert torch.equal(kernels.linear_residual(h, w, r), gemv_torch.linear_residual_ref(h, w, r))
+    assert torch.equal(kernels.rmsnorm_linear_silu_mul(h, nw, 1e-5, w),
+                       gemv_torch.rmsnorm_linear_silu_mul_ref(h, nw, 1e-5, w))
 
 
 def test_triton_forms_reject_bad_arguments():
     """Checked before the launch (so on the CPU too): wrong widths, rows, dtypes and layouts."""
     h, nw, w = torch.randn(3, 16), torch.ones(16), torch.randn(10, 16)
     with pytest.raises(ValueError):
-        gemv.rmsnorm_linear_triton(h, nw, 1e-5, torch.randn(10, 17))
+        gemv_triton.rmsnorm_linear_triton(h, nw, 1e-5, torch.randn(10, 17))
     with pytest.raises(ValueError):
-        gemv.rmsnorm_linear_triton(torch.randn(9, 16), nw, 1e-5, w)  # M > 8
+        gemv_triton.rmsnorm_linear_triton(torch.randn(9, 16), nw, 1e-5, w)  # M > 8
     with pytest.raises(ValueError):
-        gemv.rmsnorm_linear_triton(h, nw, 1e-5, torch.randn(16, 10).T)  # not contiguous
+        gemv_triton.rmsnorm_linear_triton(h, nw, 1e-5, torch.randn(16, 10).T)  # not contiguous
     with pytest.raises(ValueError):
-        gemv.rmsnorm_linear_triton(h, nw, 1e-5, w.double())
+        gemv_triton.rmsnorm_linear_triton(h, nw, 1e-5, w.double())
     with pytest.raises(ValueError):
-        gemv.linear_residual_triton(h, w, torch.randn(3, 11))
+        gemv_triton.linear_residual_triton(h, w, torch.randn(3, 11))
     with pytest.raises(ValueError):
-        gemv.rmsnorm_linear_silu_mul_triton(h, nw, 1e-5, torch.randn(9, 16))  # odd 2 * I
+        gemv_triton.rmsnorm_linear_silu_mul_triton(h, nw, 1e-5, torch.randn(9, 16))  # odd 2 * I
 
 
 def test_default_configs_fit_the_register_and_pipeline_budgets():
     for M in range(1, 9):
         for K in (200, 768, 1536, 2048):
             for itemsize, norm, silu in ((2, True, False), (2, False, False), (2, True, True), (4, 1, 1)):
-                c = gemv.default_config(M, K, itemsize, norm, silu)
+                c = gemv_triton.default_config(M, K, itemsize, norm, silu)
                 m_pad = 1 << (M - 1).bit_length()
                 tile = m_pad * c.block_n * (1 << (K - 1).bit_length()) * (2 if silu else 1)
-                assert tile <= gemv.PRELOAD_ELEMS or not c.preload, (M, K, c)
+                assert tile <= gemv_triton.PRELOAD_ELEMS or not c.preload, (M, K, c)
                 if c.preload:  # registers: at most 64 float32 products a thread
-                    assert tile <= 64 * 32 * c.num_warps and c.block_n >= gemv.PRELOAD_MIN_BN, (M, K, c)
+                    assert tile <= 64 * 32 * c.num_warps, (M, K, c)
+                    assert c.block_n >= gemv_triton.PRELOAD_MIN_BN, (M, K, c)
                     continue
                 assert c.block_k & (c.block_k - 1) == 0 and 32 <= c.block_k <= 512
-                assert m_pad * c.block_n * c.block_k * (2 if silu else 1) <= gemv.ACC_ELEMS
+                assert m_pad * c.block_n * c.block_k * (2 if silu else 1) <= gemv_triton.ACC_ELEMS
                 assert 2 <= c.num_stages <= 8
-    assert -(-768 // gemv.default_config(8, 1536, 2, False, False).block_n) >= 96  # out_proj fills the SMs
+    out_proj = gemv_triton.default_config(8, 1536, 2, False, False)
+    assert -(-768 // out_proj.block_n) >= 96  # out_proj fills the SMs
     for K in (768, 1536, 2048):  # batch 1 of the bench model: every layer's GEMV preloads its weights
-        assert gemv.default_config(1, K, 2, True, K == 768).preload
-
-
-def test_imports_and_dispatches_without_triton(monkeypatch):
-    import importlib.util
-
-    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
-    spec = importlib.util.spec_from_file_location("gemv_without_triton", gemv.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, fresh)  # dataclasses look their module up
-    spec.loader.exec_module(fresh)
-    assert fresh._triton() is None
-    h, w, r = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 4)
-    assert torch.equal(fresh.linear_residual(h, w, r), fresh.linear_residual_ref(h, w, r))
+        assert gemv_triton.default_config(1, K, 2, True, K == 768).preload
 
 
 # ----------------------------------------------------------------------------------------------
 # CPU: the Triton kernel under the interpreter, in a subprocess
 
-PRELOAD = gemv.GemvConfig(8, 32, 1, preload=True)
+PRELOAD = gemv_triton.GemvConfig(8, 32, 1, preload=True)
 
 # op, M, K, N (I for silu_mul), dtype, launch config (None: default_config), strided rows?
 CASES = {
@@ -182,11 +173,11 @@ CASES = {
     "norm_bf16_M8": dict(op="rmsnorm_linear", M=8, dtype=torch.bfloat16),
     "norm_fp16_M5": dict(op="rmsnorm_linear", M=5, dtype=torch.float16),
     "norm_bf16_M8_K1100_two_norm_passes": dict(op="rmsnorm_linear", M=8, K=1100, N=24, dtype=torch.bfloat16,
-                                                config=gemv.GemvConfig(8, 128, 4)),
+                                                config=gemv_triton.GemvConfig(8, 128, 4)),
     "norm_bf16_M2_K600_default_config": dict(op="rmsnorm_linear", M=2, K=600, dtype=torch.bfloat16,
                                              config=None),
     "norm_fp32_M3_BN16_BK32": dict(op="rmsnorm_linear", M=3, dtype=torch.float32,
-                                   config=gemv.GemvConfig(16, 32, 2)),
+                                   config=gemv_triton.GemvConfig(16, 32, 2)),
     "res_fp32_M1": dict(op="linear_residual", M=1, dtype=torch.float32),
     "res_fp32_M3_strided": dict(op="linear_residual", M=3, dtype=torch.float32, strided=True),
     "res_fp32_M8": dict(op="linear_residual", M=8, dtype=torch.float32),
@@ -212,15 +203,15 @@ CASES = {
     "preload_silu_bf16_M1_I45": dict(op="rmsnorm_linear_silu_mul", M=1, N=45, dtype=torch.bfloat16,
                                      config=PRELOAD),
     "preload_res_bf16_M1_BN2": dict(op="linear_residual", M=1, dtype=torch.bfloat16,
-                                    config=gemv.GemvConfig(2, 32, 1, preload=True)),
+                                    config=gemv_triton.GemvConfig(2, 32, 1, preload=True)),
     "preload_silu_bf16_M1_I45_BN2": dict(op="rmsnorm_linear_silu_mul", M=1, N=45, dtype=torch.bfloat16,
-                                         config=gemv.GemvConfig(2, 32, 1, preload=True)),
+                                         config=gemv_triton.GemvConfig(2, 32, 1, preload=True)),
     "preload_silu_fp32_M1_I45_default_config": dict(op="rmsnorm_linear_silu_mul", M=1, N=45,
                                                     dtype=torch.float32, config=None),
     "preload_norm_bf16_M1_K768_default_config": dict(op="rmsnorm_linear", M=1, K=768, N=20,
                                                      dtype=torch.bfloat16, config=None),
 }
-SMALL = gemv.GemvConfig(8, 64, 3)  # K = 200: three full K steps and a partial one
+SMALL = gemv_triton.GemvConfig(8, 64, 3)  # K = 200: three full K steps and a partial one
 
 
 def _rows(M: int, K: int, dtype: torch.dtype, gen: torch.Generator, strided: bool) -> torch.Tensor:
@@ -238,7 +229,7 @@ def _nan_empty(*shape, **kw) -> torch.Tensor:
 
 
 def _case(*, op: str, M: int, dtype: torch.dtype, K: int = 200, N: int = 90,
-          config: gemv.GemvConfig | None = SMALL, strided: bool = False, seed: int = 0) -> dict:
+          config: gemv_triton.GemvConfig | None = SMALL, strided: bool = False, seed: int = 0) -> dict:
     from unittest import mock
 
     gen = torch.Generator().manual_seed(seed)
@@ -250,8 +241,8 @@ def _case(*, op: str, M: int, dtype: torch.dtype, K: int = 200, N: int = 90,
     if op == "rmsnorm_linear_silu_mul":
         w[:3] *= 40  # gates of +-30..100: SiLU's exp overflows and saturates
     w = w.to(dtype)
-    ref = getattr(gemv, f"{op}_ref")
-    tri = getattr(gemv, f"{op}_triton")
+    ref = getattr(gemv_torch, f"{op}_ref")
+    tri = getattr(gemv_triton, f"{op}_triton")
     if op == "linear_residual":
         r = (4 * torch.randn(M, N + 5, generator=gen)).to(dtype)
         r = r[:, 2:2 + N] if strided else r[:, :N].contiguous()

@@ -13,8 +13,8 @@ import pytest
 import torch
 from fenwick_llm.kernels import naive
 from fenwick_llm.kernels.chunk_torch import chunk_log_linear_attn
+from fenwick_llm.kernels.fused_recurrent_torch import fused_recurrent_step
 from fenwick_llm.kernels.state import FenwickState, num_levels_for
-from fenwick_llm.kernels.step_torch import fused_recurrent_step
 
 from fenwick_llm import kernels
 
@@ -327,5 +327,24 @@ def test_cpu_routing_is_the_torch_path_and_import_is_lazy():
     xs = _inputs(1, 70, 1, 2, 4, 3, 8, dtype=torch.float32)
     o, _ = kernels.chunk_log_linear_attn(*xs)
     assert torch.equal(o, chunk_log_linear_attn(*xs)[0])
-    code = "import sys, kernels; assert 'triton' not in sys.modules and 'kernels.chunk' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    code = ("import sys, fenwick_llm.kernels\n"
+            "assert 'triton' not in sys.modules and 'fenwick_llm.kernels.chunk' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+def test_kernels_import_and_dispatch_without_triton():
+    """Where triton cannot be imported, the package imports and every op takes its reference."""
+    code = """
+import sys
+sys.modules["triton"] = None  # `import triton` raises ImportError
+import torch
+from fenwick_llm import kernels
+from fenwick_llm.kernels import gemv_torch, norm_torch
+assert not kernels.has_triton()
+x, w, r = torch.randn(3, 8), torch.randn(6, 8), torch.randn(3, 6)
+assert torch.equal(kernels.silu_mul(x), norm_torch.silu_mul_ref(x))
+assert torch.equal(kernels.linear_residual(x, w, r), gemv_torch.linear_residual_ref(x, w, r))
+with kernels.chunk_plan_cache(torch.device("cpu")):
+    assert kernels.held_chunk_plan() is None
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

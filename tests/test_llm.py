@@ -38,9 +38,18 @@ def forward_logprobs(llm: LLM, out: RequestOutput, sample: int = 0) -> torch.Ten
     return torch.log_softmax(logits[len(out.prompt_token_ids) - 1:], dim=-1)
 
 
-def assert_greedy(llm: LLM, out: RequestOutput) -> None:
-    lp = forward_logprobs(llm, out)
-    assert out.outputs[0].token_ids == lp.argmax(-1).tolist()
+# Greedy tokens of two code paths may differ at near-ties: a chosen token within this many nats of the
+# best one counts as greedy (different sum orders move fp32 logits by ~1e-6 here)
+GREEDY_EPS = 1e-4
+
+
+def assert_greedy(llm: LLM, out: RequestOutput, eps: float = GREEDY_EPS, sample: int = 0) -> None:
+    """Every generated token of ``out.outputs[sample]`` is the full forward's argmax, or within ``eps`` of
+    it, along the sequence the engine generated."""
+    lp = forward_logprobs(llm, out, sample)
+    ids = torch.tensor(out.outputs[sample].token_ids)
+    gap = lp.max(-1).values - lp.gather(-1, ids[:, None].to(lp.device))[:, 0]
+    assert bool((gap <= eps).all()), f"tokens {ids.tolist()} trail the argmax by {gap.tolist()} nats"
 
 
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
@@ -298,13 +307,16 @@ def test_state_pool_holds_the_levels_max_model_len_reaches(tiny_model_dir: Path)
     assert_greedy(llm, out)
 
 
-def test_engine_freezes_the_heap_it_starts_with_unless_told_not_to(tiny_model_dir: Path) -> None:
-    """gc_freeze: objects alive after start-up leave the collector's sight (a full collection would walk
-    them all and stall a step), unless gc_freeze=False."""
+def test_llm_freezes_the_heap_it_starts_with(tiny_model_dir: Path) -> None:
+    """The LLM edge freezes the heap: objects alive after start-up leave the collector's sight (a full
+    collection would walk them all and stall a step); the engine core alone does not (tests build many)."""
     import gc
+
+    from fenwick_llm.engine.config import EngineConfig
+    from fenwick_llm.engine.engine_core import EngineCore
     gc.unfreeze()
     try:
-        LLM(str(tiny_model_dir), max_num_seqs=2, gc_freeze=False)
+        EngineCore(EngineConfig(str(tiny_model_dir), max_num_seqs=2))
         assert gc.get_freeze_count() == 0
         LLM(str(tiny_model_dir), max_num_seqs=2)
         assert gc.get_freeze_count() > 10_000

@@ -1,14 +1,14 @@
-"""``kernels.mixer_step``: the decode inputs (conv step, Δ, g, λ) of one token per sequence, and the
-prefill inputs of sequences packed along the rows.
+"""kernels/mixer_torch.py and mixer_triton.py: the decode inputs (conv step, Δ, g, λ) of one token per
+sequence, and the prefill inputs of sequences packed along the rows.
 
-The decode reference is checked bit for bit against what ``LogLinearMamba2Mixer.decode`` hands to
-``kernels.fused_recurrent_step`` (captured by a stand-in) and against the conv pool it leaves; the prefill
-reference likewise against ``LogLinearMamba2Mixer.prefill`` and ``kernels.chunk_log_linear_attn``, and
-against the decode reference run one token at a time. The Triton kernels run under
-``TRITON_INTERPRET=1`` in one subprocess (this file run as a script, as in test_triton_kernels.py) and
-are compared with the references: odd head counts, a head_dim that is not a power of two, conv channel
-and row blocks that end part-way, strided pools, dt / λ inputs on both sides of softplus's threshold, and
-(prefill) sequences shorter than the conv window, of one token, and in slots out of order.
+The prefill reference is checked against what ``LogLinearMamba2Mixer.forward`` hands to
+``kernels.chunk_log_linear_attn`` (captured by a stand-in) from an empty conv state, and against the
+decode reference run one token at a time (the conv states they leave are copies of the same rows: equal).
+The Triton kernels run under ``TRITON_INTERPRET=1`` in one subprocess (this file run as a script, as in
+test_triton_kernels.py) and are compared with the references: odd head counts, a head_dim that is not a
+power of two, conv channel and row blocks that end part-way, strided pools, dt / λ inputs on both sides
+of softplus's threshold, and (prefill) sequences shorter than the conv state, of one token, and in slots
+out of order.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The reference against the mixer's decode
+# The references against the mixer's forward and against each other
 
 
 def _mixer_args(mixer) -> tuple[tuple, dict]:
@@ -51,72 +51,27 @@ def _mixer_args(mixer) -> tuple[tuple, dict]:
     return args, kw
 
 
-
-def _assert_equals_seen(c, outs, seen, dtype):
-    """The kernel-contract outputs (xBC, v, g, lam) equal, bit for bit, what the mixer computed (``seen``:
-    x, k, q, v, g, lam captured from its own path)."""
+def _assert_close_to_seen(c, outs, seen, dtype):
+    """The kernel-contract outputs (xBC, v, g, lam) against what the mixer computed (``seen``: x, k, q,
+    v, g, lam captured from its forward): the conv sums in another order, so float32 to 1e-5 relative and
+    16-bit values at most one ulp apart."""
     xBC, v, g, lam = outs
     I, GK = c.intermediate_size, c.n_groups * c.state_size
+    pairs = {"x": (xBC[:, :I].unflatten(-1, (c.num_heads, c.head_dim)), seen["x"]),
+             "k": (xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size)), seen["k"]),
+             "q": (xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size)), seen["q"]),
+             "v": (v, seen["v"]), "g": (g, seen["g"]), "lam": (lam, seen["lam"])}
     assert xBC.dtype == v.dtype == dtype and g.dtype == lam.dtype == torch.float32
-    assert torch.equal(xBC[:, :I].unflatten(-1, (c.num_heads, c.head_dim)), seen["x"])
-    assert torch.equal(xBC[:, I:I + GK].unflatten(-1, (c.n_groups, c.state_size)), seen["k"])
-    assert torch.equal(xBC[:, I + GK:].unflatten(-1, (c.n_groups, c.state_size)), seen["q"])
-    for name, got in (("v", v), ("g", g), ("lam", lam)):
-        assert got.dtype == seen[name].dtype and torch.equal(got, seen[name]), name
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
-@pytest.mark.parametrize("n_groups", [1, 2], ids=lambda g: f"G{g}")
-@pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
-def test_reference_matches_mixer_decode(monkeypatch, lambda_mode, conv_bias, n_groups, dtype):
-    from fenwick_llm.engine.mixer import LogLinearMamba2Mixer
-    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs_ref
-    from tiny import randomize_, tiny_config
-
-    from fenwick_llm import kernels
-
-    c = tiny_config(lambda_mode, hidden_size=48, head_dim=24, state_size=16, n_groups=n_groups,
-                    lambda_levels=9, lambda_mlp_hidden=20, use_conv_bias=conv_bias)  # 4 heads of 24 channels
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        mixer = LogLinearMamba2Mixer(c, dtype=dtype)
-        randomize_(mixer)
-    N, P, W = 3, 7, c.conv_kernel
-    gen = torch.Generator().manual_seed(1)
-    h = torch.randn(N, c.hidden_size, generator=gen).to(dtype)
-    pool = torch.randn(P, c.conv_dim, W - 1, generator=gen).to(dtype)
-    slots = torch.randperm(P, generator=gen)[:N]
-    levels = torch.zeros(P, c.lambda_levels, c.num_heads, c.state_size, c.head_dim)
-
-    seen = {}
-
-    def fake_step(q, k, v, g, lam, levels, slots, positions, scale=None, **kw):
-        seen.update(q=q.clone(), k=k.clone(), v=v.clone(), g=g.clone(), lam=lam.clone())
-        return torch.zeros_like(v)
-
-    output = mixer._output
-
-    def spy_output(o, x, z):
-        seen["x"] = x.clone()
-        return output(o, x, z)
-
-    monkeypatch.setattr(kernels, "fused_recurrent_step", fake_step)
-    monkeypatch.setattr(mixer, "_output", spy_output)
-    mixer.in_proj.register_forward_hook(lambda m, i, out: seen.__setitem__("proj", out.clone()))
-    mixer_pool = pool.clone()
-    args, kw = _mixer_args(mixer)
-    with torch.no_grad():
-        mixer.decode(h, mixer_pool, levels, slots, torch.zeros(N, dtype=torch.int64))
-        ref_pool = pool.clone()
-        xBC, v, g, lam = mixer_decode_inputs_ref(seen["proj"], ref_pool, slots, *args, **kw)
-
-    _assert_equals_seen(c, (xBC, v, g, lam), seen, dtype)
-    assert torch.equal(ref_pool, mixer_pool)
-    assert not torch.equal(ref_pool, pool)
+    for name, (got, want) in pairs.items():
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if got.dtype == torch.float32:
+            assert _rel(got, want) < 1e-5, name
+        else:
+            assert _bf16_ulps(got, want) <= 1, name
 
 
 def test_reference_rejects_missing_lambda_params():
-    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs_ref
+    from fenwick_llm.kernels.mixer_torch import mixer_decode_inputs_ref
     H, V, Lv, D = 2, 8, 3, 16 + 2 * 4
     proj = torch.zeros(1, H * V + D + H * (1 + Lv))
     args = (torch.zeros(2, D, 3), torch.tensor([0]), torch.zeros(D, 4), None, torch.zeros(H), torch.zeros(H))
@@ -142,9 +97,11 @@ def _cu(lens: list[int], dtype: torch.dtype = torch.int64, device: str = "cpu") 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
-def test_prefill_reference_matches_mixer_prefill(monkeypatch, lambda_mode, conv_bias, dtype):
+def test_prefill_reference_matches_mixer_forward(monkeypatch, lambda_mode, conv_bias, dtype):
+    """Sequences from an empty conv state: the prefill reference's rows equal the mixer's forward over
+    each sequence, and each slot's new conv state holds its last W - 1 inputs (zero-padded)."""
     from fenwick_llm.engine.mixer import LogLinearMamba2Mixer
-    from fenwick_llm.kernels.mixer_step import mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_torch import mixer_prefill_inputs_ref
     from tiny import randomize_, tiny_config
 
     from fenwick_llm import kernels
@@ -156,47 +113,51 @@ def test_prefill_reference_matches_mixer_prefill(monkeypatch, lambda_mode, conv_
         mixer = LogLinearMamba2Mixer(c, dtype=dtype)
         randomize_(mixer)
     lens, P, W = PREFILL_LENS, 9, c.conv_kernel
-    N, T = len(lens), sum(lens)
     gen = torch.Generator().manual_seed(1)
-    h = torch.randn(1, T, c.hidden_size, generator=gen).to(dtype)
+    hs = [torch.randn(1, n, c.hidden_size, generator=gen).to(dtype) for n in lens]
     pool = torch.randn(P, c.conv_dim, W - 1, generator=gen).to(dtype)
-    slots = torch.randperm(P, generator=gen)[:N]
-    cu = _cu(lens)
-
-    seen = {}
+    slots = torch.randperm(P, generator=gen)[:len(lens)]
+    pool[slots] = 0  # empty conv states: what forward starts from
+    parts: dict[str, list[torch.Tensor]] = {}
 
     def fake_chunk(q, k, v, g, lam, **kw):
-        seen.update(q=q[0].clone(), k=k[0].clone(), v=v[0].clone(), g=g[0].clone(), lam=lam[0].clone())
+        for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("lam", lam)):
+            parts.setdefault(name, []).append(t[0].clone())
         return torch.zeros_like(v), None
 
     output = mixer._output
 
     def spy_output(o, x, z):
-        seen["x"] = x[0].clone()
+        parts.setdefault("x", []).append(x[0].clone())
         return output(o, x, z)
 
     monkeypatch.setattr(kernels, "chunk_log_linear_attn", fake_chunk)
     monkeypatch.setattr(mixer, "_output", spy_output)
-    mixer.in_proj.register_forward_hook(lambda m, i, out: seen.__setitem__("proj", out[0].clone()))
+    mixer.in_proj.register_forward_hook(lambda m, i, out: parts.setdefault("proj", []).append(out[0].clone()))
     args, kw = _mixer_args(mixer)
     with torch.no_grad():
-        _, new_conv, _ = mixer.prefill(h, cu, pool[slots], None)
+        for h in hs:
+            mixer(h)
+        seen = {name: torch.cat(ts) for name, ts in parts.items()}
         ref_pool = pool.clone()
-        xBC, v, g, lam = mixer_prefill_inputs_ref(seen["proj"], cu, ref_pool, slots, *args, **kw)
+        outs = mixer_prefill_inputs_ref(seen["proj"], _cu(lens), ref_pool, slots, *args, **kw)
 
-    _assert_equals_seen(c, (xBC, v, g, lam), seen, dtype)
+    _assert_close_to_seen(c, outs, seen, dtype)
+    conv_in = seen["proj"][:, c.intermediate_size:c.intermediate_size + c.conv_dim]  # (T, conv_dim)
+    for n, (slot, start) in enumerate(zip(slots.tolist(), _cu(lens)[:-1].tolist(), strict=True)):
+        rows = torch.cat([torch.zeros(W - 1, c.conv_dim, dtype=dtype), conv_in[start:start + lens[n]]])
+        assert torch.equal(ref_pool[slot], rows[-(W - 1):].T), n  # copies of input rows
     untouched = [i for i in range(P) if i not in slots.tolist()]
-    assert torch.equal(ref_pool[slots], new_conv.to(pool.dtype))
     assert torch.equal(ref_pool[untouched], pool[untouched])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("lambda_mode", LAMBDA_MODES)
 def test_prefill_reference_matches_decode_steps(lambda_mode, dtype):
-    # Row t of a sequence is the t-th of one-token decode steps from the sequence's saved window, and the
-    # window the steps leave is the prefill's. The steps see fewer rows at a time, so Δ, g and λ
-    # (vectorised exp / log) may differ from the prefill's by an ulp; the conv and the windows may not.
-    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs_ref, mixer_prefill_inputs_ref
+    # Row t of a sequence is the t-th of one-token decode steps from the sequence's saved conv state, and
+    # the conv state the steps leave is the prefill's (copies of the same rows: equal). The steps sum the
+    # conv taps and take exp / log over other shapes, so their values may differ by float32 rounding.
+    from fenwick_llm.kernels.mixer_torch import mixer_decode_inputs_ref, mixer_prefill_inputs_ref
     lens = PREFILL_LENS
     (proj, pool, slots, *args), kw = _inputs(N=sum(lens), S=len(lens), H=3, V=8, G=1, K=8, mode=lambda_mode,
                                              Lv=5, hidden=12, dtype=dtype)
@@ -211,15 +172,14 @@ def test_prefill_reference_matches_decode_steps(lambda_mode, dtype):
                              strict=True):
             got[rows] = part
     assert torch.equal(prefill_pool, step_pool) and not torch.equal(prefill_pool, pool)
-    assert torch.equal(out[0], steps[0])
-    for name, a, b in zip(("v", "g", "lam"), out[1:], steps[1:], strict=True):
+    for name, a, b in zip(("xBC", "v", "g", "lam"), out, steps, strict=True):
         assert _rel(a, b) < (1e-6 if a.dtype == torch.float32 else 1e-2), name
         if a.dtype == torch.bfloat16:
             assert _bf16_ulps(a, b) <= 1, name
 
 
 def test_prefill_reference_rejects_bad_cu_seqlens():
-    from fenwick_llm.kernels.mixer_step import mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_torch import mixer_prefill_inputs_ref
     H, V, Lv, D = 2, 8, 3, 16 + 2 * 4
     proj = torch.zeros(3, H * V + D + H * (1 + Lv))
     rest = (torch.zeros(4, D, 3), torch.tensor([2, 0]), torch.zeros(D, 4), None, torch.zeros(H),
@@ -297,11 +257,12 @@ def _compare(out, ref, pool, new_pool, ref_pool, slots) -> dict:
 
 
 def _case_triton(name, *, block_c=32, **kw):
-    from fenwick_llm.kernels.mixer_step import _triton, mixer_decode_inputs_ref
+    from fenwick_llm.kernels.mixer_torch import mixer_decode_inputs_ref
+    from fenwick_llm.kernels.mixer_triton import mixer_decode_inputs_triton
     (proj, pool, *args), kwargs = _inputs(**kw)
     ref_pool, new_pool = pool.clone(), pool.clone()
     ref = mixer_decode_inputs_ref(proj, ref_pool, *args, **kwargs)
-    out = _triton().decode(proj, new_pool, *args, block_c=block_c, **kwargs)
+    out = mixer_decode_inputs_triton(proj, new_pool, *args, block_c=block_c, **kwargs)
     return {name: _compare(out, ref, pool, new_pool, ref_pool, args[0])}
 
 
@@ -318,13 +279,14 @@ CASES = {
 
 
 def _case_prefill(name, *, lens, cu_dtype=torch.int64, block_t=8, block_c=16, block_m=16, **kw):
-    from fenwick_llm.kernels.mixer_step import _triton, mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_torch import mixer_prefill_inputs_ref
+    from fenwick_llm.kernels.mixer_triton import mixer_prefill_inputs_triton
     (proj, pool, *args), kwargs = _inputs(N=sum(lens), S=len(lens), **kw)
     cu = _cu(lens, cu_dtype)
     ref_pool, new_pool = pool.clone(), pool.clone()
     ref = mixer_prefill_inputs_ref(proj, cu, ref_pool, *args, **kwargs)
-    out = _triton().prefill(proj, cu, new_pool, *args, block_t=block_t, block_c=block_c, block_m=block_m,
-                            **kwargs)
+    out = mixer_prefill_inputs_triton(proj, cu, new_pool, *args, block_t=block_t, block_c=block_c,
+                                      block_m=block_m, **kwargs)
     return {name: _compare(out, ref, pool, new_pool, ref_pool, args[0])}
 
 
@@ -398,7 +360,8 @@ def test_triton_prefill_interpreted_matches_reference(interpret_results, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("mode", LAMBDA_MODES)
 def test_gpu_matches_reference_and_replays_in_a_graph(mode, dtype):
-    from fenwick_llm.kernels.mixer_step import mixer_decode_inputs, mixer_decode_inputs_ref
+    from fenwick_llm.kernels import mixer_decode_inputs
+    from fenwick_llm.kernels.mixer_torch import mixer_decode_inputs_ref
     (proj, pool, *args), kw = _inputs(N=512, H=64, V=64, G=1, K=128, mode=mode, Lv=15, hidden=64, dtype=dtype,
                                       device="cuda")
     ref_pool = pool.clone()
@@ -426,7 +389,8 @@ def test_gpu_matches_reference_and_replays_in_a_graph(mode, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 @pytest.mark.parametrize("mode", LAMBDA_MODES)
 def test_gpu_prefill_matches_reference(mode, dtype):
-    from fenwick_llm.kernels.mixer_step import mixer_prefill_inputs, mixer_prefill_inputs_ref
+    from fenwick_llm.kernels import mixer_prefill_inputs
+    from fenwick_llm.kernels.mixer_torch import mixer_prefill_inputs_ref
     lens = [700, 1, 1297, 2, 1000]
     (proj, pool, *args), kw = _inputs(N=sum(lens), S=len(lens), H=24, V=64, G=1, K=128, mode=mode, Lv=15,
                                       hidden=64, dtype=dtype, device="cuda")  # D = 1792 conv channels

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
 from fenwick_llm.engine.model_config import ModelConfig
-from fenwick_llm.engine.state import ModelState, device_int_parts
+from fenwick_llm.engine.model_state import ModelState, device_int_parts
 from tiny import randomize_, tiny_config
 
 MODES = ["linear", "mlp", "none"]
@@ -124,7 +124,7 @@ def test_fork_with_copy() -> None:
 
 def test_state_reset_and_sizes() -> None:
     config = tiny_config("mlp")
-    state = ModelState.allocate(config, 4, state_dtype=torch.bfloat16)
+    state = ModelState.allocate(config, 4, state_dtype=torch.bfloat16, token_window=False)
     c = config
     level_bytes = c.lambda_levels * c.num_heads * c.state_size * c.head_dim * 2
     conv_bytes = c.conv_dim * (c.conv_kernel - 1) * 4
@@ -144,7 +144,7 @@ def test_state_reset_and_sizes() -> None:
     state.reset([1], levels=False)  # for a prefill that rewrites the levels: the rest is zeroed
     assert state.levels[0][1].min() == 1
     assert state.conv[0][1].abs().sum() == state.decay[0][1].abs().sum() == 0
-    short = ModelState.allocate(config, 2, num_levels=ModelState.levels_for(config, 100))
+    short = ModelState.allocate(config, 2, num_levels=ModelState.levels_for(config, 100), token_window=False)
     assert short.num_levels == 8 and short.levels[0].shape[1] == short.decay[0].shape[2] == 8
     with pytest.raises(ValueError, match="num_levels"):
         ModelState.allocate(config, 2, num_levels=c.lambda_levels + 1)
@@ -241,7 +241,11 @@ def test_decode_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
         levels[slots] = levels[slots] * torch.exp(g)[:, None, :, None, None]
         return v * level_scales.sum(-1, keepdim=True)
 
+    def window_stub(q, k, v, g, level_scales, levels, level_decay, window, slots, positions, scale=None):
+        return step_stub(q, k, v, g, level_scales, levels, slots, positions)
+
     monkeypatch.setattr(kernels, "fused_recurrent_step", step_stub)
+    monkeypatch.setattr(kernels, "window_step", window_stub)
     model = make_model("mlp")
     config = model.config
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

@@ -17,18 +17,16 @@ from fenwick_llm.kernels import pdl
 
 @pytest.fixture(autouse=True)
 def _restore_setting():
-    saved = pdl.ENABLED, pdl.PREFETCH
+    saved = pdl.ENABLED
     yield
-    pdl.configure(*saved)  # a test's setting must not outlive it
+    pdl.configure(saved)  # a test's setting must not outlive it
 
 
-def test_configure_sets_and_keeps():
-    pdl.configure(enabled=False)
-    assert not pdl.ENABLED and pdl.PREFETCH
-    pdl.configure(prefetch=False)
-    assert not pdl.ENABLED and not pdl.PREFETCH  # None keeps the other setting
-    pdl.configure(enabled=True, prefetch=True)
-    assert pdl.ENABLED and pdl.PREFETCH
+def test_configure_sets_the_process_setting():
+    pdl.configure(False)
+    assert not pdl.ENABLED
+    pdl.configure(True)
+    assert pdl.ENABLED
 
 
 def test_cpu_tensors_never_launch_with_pdl():
@@ -63,9 +61,8 @@ def test_pdl_is_on_for_sm90():
 
 
 def _generate(model_dir: Path, dtype: str, on: bool) -> list:
-    llm = LLM(str(model_dir), device="cuda", dtype=dtype, max_num_seqs=8, cuda_graph_batch_sizes=(1, 2, 4, 8),
-              pdl=on)
-    assert pdl.ENABLED == on  # the engine applied its setting
+    pdl.configure(on)  # before the engine compiles and captures its kernels
+    llm = LLM(str(model_dir), device="cuda", dtype=dtype, max_num_seqs=8, cuda_graph_batch_sizes=(1, 2, 4, 8))
     prompts = [[3 + i] * (5 + 9 * i) for i in range(5)]  # 5 rows: the size-8 graph, positions 5..77
     params = SamplingParams(max_tokens=40, logprobs=3, temperature=0.0, ignore_eos=True)
     outs = [r.outputs[0] for r in llm.generate(prompts, params)]
@@ -76,5 +73,5 @@ def _generate(model_dir: Path, dtype: str, on: bool) -> list:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_graphs_give_the_same_bits_with_and_without_pdl(tiny_model_dir: Path, dtype):
     """The decode step in CUDA graphs (5 rows: the size-8 graph): every Triton kernel of it launched
-    with PDL, or none (``EngineConfig.pdl``); tokens and logprobs identical over 40 steps."""
+    with PDL, or none (``pdl.configure``); tokens and logprobs identical over 40 steps."""
     assert _generate(tiny_model_dir, dtype, True) == _generate(tiny_model_dir, dtype, False)

@@ -69,33 +69,27 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
             "--seed",
             "7",
             "--enforce-eager",
-            "--no-fused-decode",
             "--no-overlap-decode",
-            "--no-gc-freeze",
-            "--no-token-window",
             "--prefill-graphs",
             "2",
-            "--no-pdl",
         ]
     )
     engine_config, server_config = cli.build_configs(args)
     assert engine_config.max_num_seqs == 3 and engine_config.max_model_len == 128
     assert engine_config.state_dtype == "bfloat16" and engine_config.max_num_batched_tokens == 256
     assert engine_config.memory_fraction == 0.5 and engine_config.seed == 7
-    assert engine_config.enforce_eager and not engine_config.fused_decode
+    assert engine_config.enforce_eager
     assert engine_config.overlap_decode is False and not engine_config.use_overlap_decode
-    assert engine_config.gc_freeze is False and not engine_config.token_window
     assert engine_config.prefill_graphs == 2 and engine_config.prefill_graph_max_tokens == 256
-    assert not engine_config.pdl
     assert engine_config.served_model_name == server_config.served_model_name == "my-model"
     assert server_config.api_key == "k" and server_config.port == 9123
     assert dict(server_config.sampling_defaults) == {"temperature": 0.7, "top_k": 40}
     with pytest.raises(dataclasses.FrozenInstanceError):
         server_config.port = 1  # type: ignore[misc]
     defaults, _ = cli.build_configs(cli.build_parser().parse_args(["serve", "--model", str(model)]))
-    assert defaults.state_dtype == "float32" and defaults.fused_decode and not defaults.enforce_eager
-    assert defaults.overlap_decode is None and defaults.gc_freeze and defaults.token_window
-    assert defaults.prefill_graphs == 0 and defaults.pdl  # prompt steps eager unless asked
+    assert defaults.state_dtype == "float32" and not defaults.enforce_eager
+    assert defaults.overlap_decode is None
+    assert defaults.prefill_graphs == 0  # prompt steps eager unless asked
     too_long = cli.build_parser().parse_args(
         ["serve", "--model", str(model), "--max-model-len", str(1 << 30)]
     )

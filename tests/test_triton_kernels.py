@@ -61,19 +61,13 @@ CHUNK_CASES = {  # name -> shapes of _case_chunk: odd T, GQA, varlen, states at 
     "init_aligned_deep": dict(lens=[40], starts=[96], L=9, dense=True, direct_levels=0),
     "bf16": dict(lens=[40, 40], starts=[5, 0], dtype=torch.bfloat16, dense=True),
     "varlen_init_many_levels": dict(lens=[100, 40, 1], starts=[21, 300, 7], L=10),
-}
-# opt-in variants of chunk_log_linear_attn_impl (bench/kernels.py VARIANTS) -> the cases they run here
-CHUNK_VARIANTS = {
-    "v1": list(CHUNK_CASES),
-    "row_scale": ["varlen_init_many_levels"],
-    "hb2": ["dense_gqa_init_odd", "bf16", "varlen_init_many_levels"],
-    "node_bv16": ["varlen_fold_from_zero"],  # here only: V = 24 in two node tiles, the second one partial
+    "v_tiles": dict(lens=[130, 9], starts=[3, 0], chunk_size=16, direct_levels=1, V=80),  # V in 64 + 16
 }
 
 
 def _case_chunk(name, *, lens, starts=None, G=1, H=2, K=16, V=16, L=9, dtype=torch.float32, dense=False,
                 chunk_size=16, direct_levels=1, seed=0):
-    """The default kernel and every variant that lists this case, against one fp64 recurrence."""
+    """The Triton prefill against the fp64 recurrence."""
     from fenwick_llm.kernels import naive
     from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl
     from fenwick_llm.kernels.state import FenwickState
@@ -90,17 +84,10 @@ def _case_chunk(name, *, lens, starts=None, G=1, H=2, K=16, V=16, L=9, dtype=tor
     ref_init = None if init is None else FenwickState(init.levels.double(), init.positions)
     ro, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
                                              initial_state=ref_init, output_final_state=True, cu_seqlens=cu)
-    from bench.kernels import VARIANTS
-    variants = {**VARIANTS, "node_bv16": {"node_block_v": 16}}
-    runs = {name: {}} | {f"{vn}/{name}": variants[vn] for vn, cs in CHUNK_VARIANTS.items() if name in cs}
-    res = {}
-    for key, kw in runs.items():
-        o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
-                                           cu_seqlens=cu, chunk_size=chunk_size, direct_levels=direct_levels,
-                                           **kw)
-        res[key] = {"o": _rel(o, ro), "state": _rel(st.levels, rst.levels),
-                    "positions": bool(torch.equal(st.positions, rst.positions))}
-    return res
+    o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
+                                       cu_seqlens=cu, chunk_size=chunk_size, direct_levels=direct_levels)
+    return {name: {"o": _rel(o, ro), "state": _rel(st.levels, rst.levels),
+                   "positions": bool(torch.equal(st.positions, rst.positions))}}
 
 
 def _case_step(name, *, positions, G=2, H=2, K=16, V=16, L=12, block_v=16, seed=1):
@@ -121,8 +108,8 @@ def _case_step(name, *, positions, G=2, H=2, K=16, V=16, L=12, block_v=16, seed=
                    "others_untouched": bool(torch.isnan(pool[untouched]).all())}}
 
 
-def _case_step_deferred(name, *, positions, tile, dtype=torch.float32, steps=3, G=2, H=2, K=16, V=16, L=12,
-                        seed=5):
+def _case_step_deferred(name, *, positions, dtype=torch.float32, steps=3, G=2, H=2, K=16, V=16, L=12,
+                        seed=5, block_v=None):
     """Steps on a pool with deferred decay (tests/pools.py) against the reference on plain levels; λ is
     a view of a wider tensor (the engine drops the λ of levels its pool cannot reach)."""
     from fenwick_llm.kernels import naive
@@ -142,7 +129,7 @@ def _case_step_deferred(name, *, positions, tile, dtype=torch.float32, steps=3, 
                                                ref, torch.arange(N), pos + i)
         wide = torch.cat([lam, torch.full_like(lam[..., :3], float("nan"))], -1)  # λ of levels past L
         o = fused_recurrent_step(q, k, v, g, wide[..., :L], pool, slots, pos + i, level_decay=decay,
-                                 tile=tile, block_k=4 if tile else None)
+                                 block_v=block_v)
         worst = max(worst, _rel(o, o_ref))
     others = [i for i in range(P) if i not in slots.tolist()]
     state = true_levels(pool, decay, slots, pos + steps, torch.float64)
@@ -227,10 +214,9 @@ def _interpret_cases() -> dict:
     res.update(_case_step("step_wide_block", positions=[3, 64, 127], block_v=32, V=24, seed=2))
     res.update(_case_prefill_then_steps("prefill_then_steps"))
     edges = [0, 1, 6, 7, 8, 255, 1000]
-    res.update(_case_step_deferred("step_deferred_loop", positions=edges, tile=False))
-    res.update(_case_step_deferred("step_deferred_tiles", positions=edges, tile=True))
-    res.update(_case_step_deferred("step_deferred_loop_bf16", positions=edges, tile=False,
-                                   dtype=torch.bfloat16))
+    res.update(_case_step_deferred("step_deferred", positions=edges))
+    res.update(_case_step_deferred("step_deferred_v_tiles", positions=edges, V=40, block_v=16))
+    res.update(_case_step_deferred("step_deferred_bf16", positions=edges, dtype=torch.bfloat16))
     return res
 
 
@@ -249,15 +235,6 @@ def test_chunk_interpreted_matches_recurrence(interpret_results, case):
     assert r["o"] < tol and r["state"] < tol and r["positions"], r
 
 
-@pytest.mark.parametrize("variant,case", [(vn, c) for vn, cs in CHUNK_VARIANTS.items() for c in cs],
-                         ids=lambda x: x)
-def test_chunk_variant_interpreted_matches_recurrence(interpret_results, variant, case):
-    """Each opt-in variant on the default's cases, at the default's tolerances."""
-    r = interpret_results[f"{variant}/{case}"]
-    tol = TOL.get(case, 1e-5)
-    assert r["o"] < tol and r["state"] < tol and r["positions"], r
-
-
 @pytest.mark.parametrize("case", ["step_edges", "step_wide_block"])
 def test_step_interpreted_matches_reference(interpret_results, case):
     r = interpret_results[case]
@@ -270,8 +247,8 @@ def test_chunk_final_into_pool_interpreted(interpret_results, dt):
     assert r["state"] < {"bf16": 1e-2}.get(dt, 1e-5) and r["kept"] and r["none"], r
 
 
-@pytest.mark.parametrize("case,tol", [("step_deferred_loop", 1e-5), ("step_deferred_tiles", 1e-5),
-                                      ("step_deferred_loop_bf16", 1e-2)])
+@pytest.mark.parametrize("case,tol", [("step_deferred", 1e-5), ("step_deferred_v_tiles", 1e-5),
+                                      ("step_deferred_bf16", 1e-2)])
 def test_step_with_deferred_decay_interpreted(interpret_results, case, tol):
     r = interpret_results[case]
     assert r["o"] < tol and r["state"] < tol and r["others_untouched"], r
@@ -341,6 +318,21 @@ def test_chunk_gpu_matches_quadratic(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("V", [128, 200])
+def test_chunk_gpu_wide_heads_match_quadratic(V):
+    """V wider than one tile (2 and 4 tiles of 64, the last partial at 200): every tile's programs see
+    the same folded nodes (direct_levels 1: the fold kernel runs at 1000 tokens in 16-token chunks)."""
+    from fenwick_llm.kernels import naive
+    from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl
+    q, k, v, g, lam = _inputs(2, 1000, 1, 4, 128, V, 15, dtype=torch.float32, device="cuda")
+    _poison_cuda()
+    o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, output_final_state=True, chunk_size=16,
+                                       direct_levels=1)
+    ref = naive.log_linear_attn(*(x.double().cpu() for x in (q, k, v, g, lam)))
+    assert _rel(o.cpu(), ref) < GPU_TOL[torch.float32]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T,H,L", [(65536, 32, 17), (1 << 20, 2, 21)], ids=["64K", "1M"])
 def test_chunk_gpu_long_rows_and_split(T, H, L):
     from fenwick_llm.kernels.chunk import chunk_log_linear_attn
@@ -363,8 +355,7 @@ def test_chunk_gpu_long_rows_and_split(T, H, L):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
-@pytest.mark.parametrize("tile", [False, True], ids=["loop", "tiles"])
-def test_step_gpu_with_deferred_decay_matches_reference(tile, dtype):
+def test_step_gpu_with_deferred_decay_matches_reference(dtype):
     """The engine's pool layout (level_decay) at the engine's shapes: three steps from edge positions."""
     from fenwick_llm.kernels import naive
     from fenwick_llm.kernels.fused_recurrent import fused_recurrent_step
@@ -388,19 +379,20 @@ def test_step_gpu_with_deferred_decay_matches_reference(tile, dtype):
         q, k, v, g, lam = (x[i * N:(i + 1) * N] for x in xs)
         ro = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
                                             ref, torch.arange(N, device="cuda"), pos + i)
-        o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos + i, tile=tile, level_decay=decay)
+        o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos + i, level_decay=decay)
         assert _rel(o, ro) < tol, i
     assert _rel(true_levels(pool, decay, slots, pos + 3, torch.float64), ref) < tol
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [False, True], ids=["loop", "tiles"])
-def test_step_gpu_matches_reference_at_edge_positions(tile):
+@pytest.mark.parametrize("N", [16, 256])  # one program per (head, V tile) at N * H below / above 128
+def test_step_gpu_matches_reference_at_edge_positions(N):
     from fenwick_llm.kernels import naive
     from fenwick_llm.kernels.fused_recurrent import fused_recurrent_step
     H, K, V, L = 32, 128, 64, 15
-    positions = [0, 1, 2, 3, 63, 64, 1023, 1024, 4095, 4096, 8191, 16383, 5000, 9999, 12345, 777]
-    N, P = len(positions), 40
+    edges = [0, 1, 2, 3, 63, 64, 1023, 1024, 4095, 4096, 8191, 16383, 5000, 9999, 12345, 777]
+    positions = (edges * (N // len(edges)))[:N]
+    P = N + 24
     gen = torch.Generator(device="cuda").manual_seed(0)
     slots = torch.randperm(P, device="cuda", generator=gen)[:N]
     pool = torch.randn(P, L, H, K, V, device="cuda", generator=gen)
@@ -415,7 +407,7 @@ def test_step_gpu_matches_reference_at_edge_positions(tile):
     ro = naive.fused_recurrent_step_ref(q.double(), k.double(), v.double(), g.double(), lam.double(),
                                         ref_pool, slots, pos)
     _poison_cuda()
-    o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos, tile=tile)
+    o = fused_recurrent_step(q, k, v, g, lam, pool, slots, pos)
     assert _rel(o, ro) < 1e-5
     assert _rel(pool, ref_pool) < 1e-6
 

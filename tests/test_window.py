@@ -1,4 +1,4 @@
-"""The low levels as a token window (kernels/window.py, the engine's token_window): the windowed
+"""The low levels as a token window (kernels/state.py, window_torch.py, window_triton.py): the windowed
 pool means the same levels S as the plain recurrence, and its steps (reference and PyTorch path) match
 the reference on S, across block boundaries and high-level folds."""
 
@@ -7,13 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from fenwick_llm.kernels import naive
-from fenwick_llm.kernels.window import (
-    BW,
-    W,
-    fused_recurrent_step_window,
-    fused_recurrent_step_window_ref,
-    windowed_levels,
-)
+from fenwick_llm.kernels.pool_torch import windowed_levels
+from fenwick_llm.kernels.state import BW, W
+from fenwick_llm.kernels.window_torch import fused_recurrent_step_window, fused_recurrent_step_window_ref
 from test_kernels_torch import _inputs
 
 F64 = torch.float64
@@ -93,45 +89,43 @@ def test_window_levels_ignore_rows_past_the_last_token():
 
 
 def test_engine_with_token_windows_matches_the_full_forward(tiny_model_dir):
-    """The engine on a windowed pool (token_window=True; on the CPU the PyTorch paths): prompts in
-    16-token chunks that continue mid-block, 40 new tokens across block boundaries, staggered arrivals
-    and n = 2 forks: the same tokens as a pool of blocks only, and greedy equals a full forward."""
+    """The engine on a windowed pool (on the CPU the PyTorch paths): prompts in 16-token chunks that
+    continue mid-block, 40 new tokens across block boundaries, staggered arrivals; greedy equals a full
+    forward, and so do both of n = 2 greedy forks of one prompt (the same tokens)."""
     from fenwick_llm.engine import LLM, SamplingParams
     from test_llm import GREEDY, assert_greedy
     kw = dict(max_num_seqs=6, max_model_len=160, max_num_batched_tokens=48, long_prefill_chunk=16)
     prompts = [[5], list(range(3, 43)), list(range(100, 170)), list(range(7, 40))]
-    outs = {}
-    for window in (False, True):
-        llm = LLM(str(tiny_model_dir), token_window=window, **kw)
-        assert (llm.engine.pool.state.all_window is not None) == window
-        greedy = llm.generate(prompts, SamplingParams(max_tokens=40, **GREEDY))
-        forks = llm.generate(prompts[1], SamplingParams(max_tokens=36, n=2, temperature=0.8, seed=3))[0]
-        outs[window] = ([o.outputs[0].token_ids for o in greedy], [c.token_ids for c in forks.outputs])
-    assert outs[True] == outs[False]
+    llm = LLM(str(tiny_model_dir), **kw)
+    assert llm.engine.pool.state.all_window is not None
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=40, **GREEDY))
     for out in greedy:
         assert_greedy(llm, out)
+    forks = llm.generate(prompts[1], SamplingParams(max_tokens=36, n=2, **GREEDY))[0]
+    assert forks.outputs[0].token_ids == forks.outputs[1].token_ids
+    assert_greedy(llm, forks, sample=1)
 
 
 @pytest.mark.gpu
-def test_engine_with_token_windows_on_cuda_matches_the_block_pool(tiny_model_dir):
+def test_engine_with_token_windows_on_cuda_matches_the_full_forward(tiny_model_dir):
     """The same on the GPU (Triton windowed step under CUDA graphs, the fused prefill writing windows),
-    fp32 weights: the same greedy tokens as a pool of blocks only."""
+    fp32 weights: greedy equals a full forward up to near-ties."""
     from fenwick_llm.engine import LLM, SamplingParams
-    from test_llm import GREEDY
+    from test_llm import GREEDY, assert_greedy
     kw = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=160, max_num_batched_tokens=48,
               long_prefill_chunk=16)
     prompts = [[5], list(range(3, 43)), list(range(100, 170)), list(range(7, 40))]
-    outs = [[o.outputs[0].token_ids for o in LLM(str(tiny_model_dir), token_window=w, **kw).generate(
-        prompts, SamplingParams(max_tokens=40, **GREEDY))] for w in (False, True)]
-    assert outs[0] == outs[1]
+    llm = LLM(str(tiny_model_dir), **kw)
+    for out in llm.generate(prompts, SamplingParams(max_tokens=40, **GREEDY)):
+        assert_greedy(llm, out)
 
 
 @pytest.mark.parametrize("t", [1, 5, 31, 32, 37, 64, 96, 128, 130, 255, 256, 600])
 def test_window_step_traffic_counts_what_the_step_touches(t):
-    """kernels.window.window_step_traffic (the bench's byte count) against the windowed step: its reads
+    """kernels.state.window_step_traffic (the bench's byte count) against the windowed step: its reads
     are the live high levels and the rows the window holds at t; every other block and row is poisoned
     (NaN) and the output stays finite; the blocks that change are its writes."""
-    from fenwick_llm.kernels.window import window_step_traffic
+    from fenwick_llm.kernels.state import window_step_traffic
     G, H, K, V, L = 1, 2, 4, 4, 11
     xs = _inputs(1, t + 1, G, H, K, V, L, seed=t)
     slots = torch.tensor([1])
@@ -155,14 +149,15 @@ def test_window_step_traffic_counts_what_the_step_touches(t):
     assert torch.isfinite(o).all() and len(changed) == writes, (changed, writes)
 
 
-BENCH_SHAPE = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000)
+BENCH_SHAPE = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2,
+                   vocab_size=32000)
 
 
 def test_windowed_slots_store_only_the_high_levels():
     """A windowed slot keeps levels 0..BW as its window's rows and no block for them: fewer bytes than a
     slot of blocks only (the bench model at max_model_len 640: checked against the layout's arithmetic)."""
     from fenwick_llm.engine.model_config import ModelConfig
-    from fenwick_llm.engine.state import ModelState
+    from fenwick_llm.engine.model_state import ModelState
     from fenwick_llm.engine.state_pool import state_bytes_per_slot
 
     c = ModelConfig.from_dict({"model_type": "log_linear_mamba2", **BENCH_SHAPE, "n_groups": 1})

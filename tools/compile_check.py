@@ -1,4 +1,4 @@
-"""Compile the decode step's Triton kernels for an NVIDIA GPU on a machine without one.
+"""Compile the engine's Triton kernels for an NVIDIA GPU on a machine without one.
 
 The interpreter (TRITON_INTERPRET=1) runs a kernel's Python; it does not type-check it as the compiler
 does, so a kernel can pass every interpreter test and still fail to compile on the GPU (a variable of
@@ -7,9 +7,11 @@ launcher on CPU tensors with Triton's active driver replaced by a stand-in that 
 and every launch turned into a warm-up (compile, do not launch), with PDL on (kernels/pdl.py, which the
 decode kernels must then use): each
 kernel goes through the whole pipeline down to a cubin (Triton's bundled ptxas), in the shapes of the
-bench model (hidden 768, 24 heads of 64, state 128) and in fp32 and bf16.
+bench model (hidden 768, 24 heads of 64, state 128) and in fp32 and bf16: the decode step's kernels and
+the prompt step's (the mixer's prefill inputs, the chunked attention from a pooled state, the window
+writer).
 
-    python tools/compile_check.py            # prints one line per launcher; exit status 1 on a failure
+    python -m fenwick_llm.tools.compile_check   # one line per launcher; exit status 1 on a failure
 
 It reaches into Triton's runtime (``driver.set_active``, ``JITFunction.run``): a dev tool, not a test.
 """
@@ -59,9 +61,13 @@ def _compile_only() -> list[tuple[str, bool]]:
 
 
 def _cases(dt: torch.dtype) -> dict[str, Callable[[], object]]:
-    from fenwick_llm.kernels import gemv, mixer_step, norm
+    from fenwick_llm.kernels import gemv_triton as gemv
+    from fenwick_llm.kernels import norm_triton as norm
+    from fenwick_llm.kernels.chunk import chunk_log_linear_attn
     from fenwick_llm.kernels.fused_recurrent import fused_recurrent_step
-    from fenwick_llm.kernels.window_triton import window_step
+    from fenwick_llm.kernels.mixer_triton import mixer_decode_inputs_triton, mixer_prefill_inputs_triton
+    from fenwick_llm.kernels.state import PooledState, window_rows
+    from fenwick_llm.kernels.window_triton import window_step, write_window_triton
 
     r = lambda *s, dtype=dt: torch.randn(*s).to(dtype)  # noqa: E731
     proj, conv_pool = r(N, I + D + H + H * LV), r(P, D, CW - 1)
@@ -73,16 +79,29 @@ def _cases(dt: torch.dtype) -> dict[str, Callable[[], object]]:
                fc2_b=torch.randn(LV))
     lam = {"mlp": mlp, "linear": dict(lambda_L=torch.randn(H, LV)), "none": {}}
     cases = {
-        f"mixer_step decode {mode}": (lambda mode=mode: mixer_step._triton().decode(
+        f"mixer decode {mode}": (lambda mode=mode: mixer_decode_inputs_triton(
             proj, conv_pool, slots, r(D, CW), r(D), torch.randn(H), torch.randn(H), lambda_mode=mode,
             **shape, **lam[mode]))
         for mode in lam
     }
     cases.update({  # the prefill's conv and heads kernels share the decode kernel's helpers
-        f"mixer_step prefill {mode}": (lambda mode=mode: mixer_step._triton().prefill(
+        f"mixer prefill {mode}": (lambda mode=mode: mixer_prefill_inputs_triton(
             r(70, I + D + H + H * LV), torch.tensor([0, 30, 70]), conv_pool, slots, r(D, CW), r(D),
             torch.randn(H), torch.randn(H), lambda_mode=mode, **shape, **lam[mode]))
         for mode in lam
+    })
+    T, lens = 70, [30, 40]
+    pooled = PooledState(torch.zeros(P, L - 6, H, K, V), decay, slots, pos, window)
+    cases.update({  # the prompt step: the chunked attention from the pool, into the pool, and the windows
+        "chunk prefill": lambda: chunk_log_linear_attn(
+            r(1, T, G, K), r(1, T, G, K), r(1, T, H, V), -torch.rand(1, T, H), torch.rand(1, T, H, L),
+            initial_state=pooled, cu_seqlens=torch.tensor([0, *lens]).cumsum(0),
+            final_into=(torch.zeros(P, L - 6, H, K, V), slots)),
+        "chunk prefill with folds": lambda: chunk_log_linear_attn(  # 18 chunks: nodes of 16 fold
+            r(1, 1100, G, K), r(1, 1100, G, K), r(1, 1100, H, V), -torch.rand(1, 1100, H),
+            torch.rand(1, 1100, H, 12), output_final_state=True),
+        "write_window prefill": lambda: write_window_triton(window, window_rows([100, 37], lens, slots),
+                                                            r(T, G, K), r(T, H, V), torch.randn(T, H)),
     })
     cases.update({
         "window_step": lambda: window_step(q, q, v, torch.randn(N, H), torch.rand(N, H, L),

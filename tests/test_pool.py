@@ -1,4 +1,4 @@
-"""A prefill's initial state read from the engine's pool (kernels/pool_state.py, kernels/pool_triton.py):
+"""A prefill's initial state read from the engine's pool (kernels/pool_torch.py, kernels/pool_triton.py):
 the pooled levels equal the recurrence's S, the merged form equals S merged for the first query, and the
 one-launch Triton kernel equals the reference (interpreter on the CPU, and on a GPU)."""
 
@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fenwick_llm.kernels.pool_state import PooledState, merge_for_query, merged_levels_ref
+from fenwick_llm.kernels.pool_torch import merge_for_query, merged_levels_ref, pooled_levels
+from fenwick_llm.kernels.state import PooledState
 from pools import deferred_pool
 from test_kernels_torch import _inputs
 from test_window import STARTS, _windowed_pool
@@ -58,7 +59,7 @@ def _deferred_case(dtype: torch.dtype, H: int = 2, K: int = 8, V: int = 4, L: in
 @pytest.mark.parametrize("case", ["window", "deferred"])
 def test_pooled_levels_and_merge_match_the_state(case: str) -> None:
     state, S = (_windowed_case if case == "window" else _deferred_case)(F64)
-    got = state.fenwick(F64)
+    got = pooled_levels(state, F64)
     assert torch.allclose(got, S, rtol=1e-10, atol=1e-12)
     merged = merge_for_query(got, state.positions)
     assert torch.allclose(merged, _expected_merge(S, state.positions.tolist()), rtol=1e-10, atol=1e-12)
@@ -87,8 +88,9 @@ def _write_case(device: str = "cpu", G: int = 1, H: int = 3, K: int = 8, V: int 
     block, continue one mid-block (gc from the row before), span several blocks or add a single token.
     Rows the call must not write hold random values before it; returns the largest difference per window
     tensor: k and v rows must be equal, gc (index 2) equal up to the order of its float32 sums."""
-    from fenwick_llm.kernels.pool_triton import write_window_triton
-    from fenwick_llm.kernels.window import W, window_rows, write_window_ref
+    from fenwick_llm.kernels.state import W, window_rows
+    from fenwick_llm.kernels.window_torch import write_window_ref
+    from fenwick_llm.kernels.window_triton import write_window_triton
     starts, lens = [0, 3, 30, 64, 100, 31, 7], [5, 40, 2, 33, 28, 1, 1]
     P, T = len(starts) + 2, sum(lens)
     gen = torch.Generator().manual_seed(6)

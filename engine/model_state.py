@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.pool_state import PooledState
-from ..kernels.state import num_levels_for
-from ..kernels.window import BW, W
+from ..kernels.state import BW, PooledState, W, num_levels_for
 from .model_config import ModelConfig
 
 
@@ -53,8 +51,8 @@ class ModelState:
     all_conv: torch.Tensor
     all_decay: torch.Tensor
     positions: torch.Tensor
-    # the low levels as raw tokens (kernels/window.py; token_window, on by default): [layers, P, 2, W, G, K],
-    # [layers, P, 2, W, H, V], [layers, P, 2, W, H]
+    # the low levels as raw tokens (the token window, kernels/state.py; where levels > BW + 1):
+    # [layers, P, 2, W, G, K], [layers, P, 2, W, H, V], [layers, P, 2, W, H]
     all_window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     levels: list[torch.Tensor] = field(init=False, repr=False)
     conv: list[torch.Tensor] = field(init=False, repr=False)
@@ -72,7 +70,7 @@ class ModelState:
     @classmethod
     def allocate(cls, config: ModelConfig, num_slots: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32,
-                 num_levels: int | None = None, token_window: bool = False) -> ModelState:
+                 num_levels: int | None = None, token_window: bool = True) -> ModelState:
         """num_levels: Fenwick levels per slot; None: the model's lambda_levels. Sequences of at most
         n tokens use num_levels_for(n) of them (``levels_for``), so a shorter max_model_len needs fewer."""
         if num_slots < 1:

@@ -1,4 +1,4 @@
-"""Dense layers of a decode step for a few rows (M <= 8), with the norm and the epilogue fused in.
+"""Dense layers of a decode step in Triton for a few rows (M <= 8), with the norm and the epilogue fused in.
 
 At batch 1..8 a decode step is bound by launches and latency, not by FLOPs: each small cuBLAS GEMM
 takes several microseconds and every norm, activation and residual add is a kernel of its own. Here
@@ -9,9 +9,9 @@ the dense part of a layer is four launches:
     rmsnorm_linear_silu_mul  mlp_norm + [gate_proj; up_proj] + silu(gate) * up
     linear_residual          down_proj + the residual add
 
-Each op has a PyTorch reference (``*_ref``: the specification and the CPU path, bit-identical to the
-model's modules), a Triton form (``*_triton``, same signature) and a dispatcher that runs Triton on
-CUDA tensors with 1 <= M <= 8 and the reference otherwise. Weights are ``nn.Linear.weight``
+Each op has a PyTorch reference in ``gemv_torch.py`` (the specification and the CPU path, bit-identical
+to the model's modules) and a Triton form here with the same signature; the package's dispatcher runs
+Triton on CUDA tensors with 1 <= M <= MAX_ROWS and the reference otherwise. Weights are ``nn.Linear.weight``
 ([N_out, K], contiguous, model dtype) and there are no biases: callers check that the Linear has none.
 
 The Triton kernel is a GEMV over blocks of BN output columns (weight rows): each program streams its
@@ -28,29 +28,36 @@ differences left are the order of the float32 sums and rsqrt's last bit. SiLU-mu
 matching columns of the gate and up halves, so the epilogue is local. The kernels allocate nothing but
 their output and never synchronise with the host, so a decode step built from them can be captured in
 a CUDA graph (compile them with one eager call first).
-
-Triton is imported on the first Triton call (``_triton``), so this module imports without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from . import pdl
-from .ops import mul_to, rms_norm, unit_last
+from .ops import unit_last
+from .triton_utils import prefetch_l2, wait_then_release
 
 MAX_ROWS = 8  # the Triton path takes 1 <= M <= MAX_ROWS rows; more go to cuBLAS through the reference
+
 BLOCK_N = 8  # output rows per program: N_out = 768 -> 96 programs
+
 ACC_ELEMS = 8192  # M_PAD * BN * BK (x2 for gate/up): 64 float32 accumulator registers a thread at 4 warps
+
 NORM_ELEMS = 8192  # M_PAD * BK of the RMSNorm prologue's tile: K <= 1024 is one pass even at M = 8
+
 IN_FLIGHT_BYTES = 24 << 10  # weight + input bytes a program keeps in flight through the pipeline's stages
+
 NUM_WARPS = 4
+
 PRELOAD_ELEMS = 4096  # M_PAD * BN * next_pow2(K) (x2 for gate/up) up to which the slice is preloaded
+
 PRELOAD_MIN_BN = 2  # the preloading program narrows BN down to this to fit PRELOAD_ELEMS
+
 PRELOAD_THREAD_ELEMS = 16  # products a thread of a preloading program holds: fewer warps for narrow tiles
 
 
@@ -65,66 +72,15 @@ class GemvConfig:
     num_warps: int = NUM_WARPS
 
 
-# ---- PyTorch references -------------------------------------------------------------------------
-
-
-def rmsnorm_linear_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                       weight: torch.Tensor) -> torch.Tensor:
-    """RMSNorm, then a bias-free linear layer: ``in_proj(mixer_norm(h))`` or ``lm_head(norm_f(h))``.
-
-    Args:
-        h: [M, K] model dtype; norm_weight: [K] float32; weight: [N, K] model dtype.
-    Returns:
-        y: [M, N] model dtype. The normalised input is rounded to h.dtype before the product, as the
-        model does.
-    """
-    return F.linear(rms_norm(h, norm_weight, eps, h.shape[-1], h.dtype), weight)
-
-
-def linear_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """A bias-free linear layer added to the residual stream: ``h + out_proj(y)``, ``h + down_proj(a)``.
-
-    Args:
-        x: [M, K] model dtype; weight: [N, K] model dtype; residual: [M, N] model dtype.
-    Returns:
-        residual + x @ weight.T: [M, N] model dtype; the product is rounded to the model dtype, then the
-        sum is taken in float32 and rounded once.
-    """
-    return residual + F.linear(x, weight)
-
-
-def rmsnorm_linear_silu_mul_ref(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                weight_gate_up: torch.Tensor) -> torch.Tensor:
-    """RMSNorm, then GatedMLP up to (not including) down_proj: ``silu(gate_proj(xn)) * up_proj(xn)``.
-
-    Args:
-        h: [M, K] model dtype; norm_weight: [K] float32;
-        weight_gate_up: [2 * I, K] model dtype, ``torch.cat([gate_proj.weight, up_proj.weight])``.
-    Returns:
-        a: [M, I] model dtype. gate and up are rounded to the model dtype (they are Linear outputs); silu
-        and the product are taken in float32 and rounded once, as ``GatedMLP.forward``.
-    """
-    xn = rms_norm(h, norm_weight, eps, h.shape[-1], h.dtype)
-    gate_w, up_w = weight_gate_up.chunk(2, dim=0)  # row blocks of a contiguous weight stay contiguous
-    gate, up = F.linear(xn, gate_w), F.linear(xn, up_w)
-    return mul_to(F.silu(gate.float()), up, h.dtype)
-
-
-# ---- Triton kernel: a plain function until _triton() jits it ----------------------------------------
-
-tl = None  # triton.language, bound by _triton(); the kernel body reads it as a module global
-_prefetch_l2 = None  # kernels.pdl_triton.prefetch_l2, bound by _triton() too
-_wait_then_release = None  # kernels.pdl_triton.wait_then_release, likewise
-
-
+@triton.jit
 def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, eps,
                  K: tl.constexpr, M_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  BK_NORM: tl.constexpr, NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr, BKP: tl.constexpr,
                  HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, NL: tl.constexpr, LINE: tl.constexpr):
+                 USE_PDL: tl.constexpr, NL: tl.constexpr, LINE: tl.constexpr):
     """USE_PDL (kernels.pdl): wait for the previous kernel before reading anything it may have written
     (x, the residual). Before the wait, PRELOAD: load this program's weight rows whole ([BN, BKP], BKP =
-    next_pow2(K)); otherwise PREFETCH: ask L2 for them, NL lines of LINE elements."""
+    next_pow2(K)); otherwise ask L2 for them, NL lines of LINE elements."""
     i_n = tl.program_id(0)
     o_m = tl.arange(0, M_PAD)
     o_n = i_n * BN + tl.arange(0, BN)
@@ -142,12 +98,12 @@ def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, 
             b_wup = tl.load(p_wu + o_kp, mask=m_n & m_kp, other=0.0)
         if HAS_NORM:
             b_nwp = tl.load(norm_weight + o_kp, mask=m_kp, other=0.0).to(tl.float32)
-    if USE_PDL and PREFETCH and not PRELOAD:  # fetch the weight rows into L2 while the previous kernel drains
+    if USE_PDL and not PRELOAD:  # fetch the weight rows into L2 while the previous kernel drains
         o_l = tl.minimum(i_n * BN * K + tl.arange(0, NL) * LINE, N * K - 1)
-        _prefetch_l2(weight + o_l)
+        prefetch_l2(weight + o_l)
         if SILU_MUL:
-            _prefetch_l2(weight + N * K + o_l)
-    _wait_then_release(USE_PDL)
+            prefetch_l2(weight + N * K + o_l)
+    wait_then_release(USE_PDL)
     m_y = (o_m < M)[:, None] & (o_n < N)[None, :]  # (M_PAD, BN)
     if HAS_RESIDUAL:  # loaded before the K loop so that its latency hides behind the weights'
         b_res = tl.load(residual + o_m[:, None] * s_rm + o_n[None, :], mask=m_y, other=0.0).to(tl.float32)
@@ -192,24 +148,6 @@ def _gemv_kernel(x, norm_weight, weight, residual, out, M, N, s_xm, s_rm, s_om, 
     tl.store(out + o_m[:, None] * s_om + o_n[None, :], b_y.to(out.dtype.element_ty), mask=m_y)
 
 
-@cache
-def _triton():
-    """The jitted kernel, built on first use; None where triton cannot be imported."""
-    global tl, _prefetch_l2, _wait_then_release
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    from .pdl_triton import prefetch_l2 as _prefetch_l2  # the kernel calls them by these names
-    from .pdl_triton import wait_then_release as _wait_then_release
-    return triton.jit(_gemv_kernel)
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and 1 <= x.shape[0] <= MAX_ROWS and _triton() is not None
-
-
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -251,20 +189,17 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, N: int, norm_weight: torch.Tens
     cfg = config or default_config(M, K, x.element_size(), norm_weight is not None, silu_mul)
     m_pad = _pow2(M)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _triton()[(-(-N // cfg.block_n),)](
+    _gemv_kernel[(-(-N // cfg.block_n),)](
         x, norm_weight, weight, residual, out, M, N, x.stride(0),
         0 if residual is None else residual.stride(0), out.stride(0), eps,
         K=K, M_PAD=m_pad, BN=cfg.block_n, BK=cfg.block_k,
         BK_NORM=max(cfg.block_k, min(_pow2(K), NORM_ELEMS // m_pad)), NUM_STAGES=cfg.num_stages,
         PRELOAD=cfg.preload, BKP=_pow2(K), HAS_NORM=norm_weight is not None,
         HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
-        PREFETCH=pdl.PREFETCH, NL=pdl.prefetch_lines(cfg.block_n, K, weight.element_size()),
+        NL=pdl.prefetch_lines(cfg.block_n, K, weight.element_size()),
         LINE=pdl.LINE_BYTES // weight.element_size(), num_warps=cfg.num_warps, **pdl.options(x),
     )
     return out
-
-
-# ---- Triton launchers (same signatures as the references; ``config`` overrides default_config) -------
 
 
 def rmsnorm_linear_triton(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, *,
@@ -287,26 +222,3 @@ def rmsnorm_linear_silu_mul_triton(h: torch.Tensor, norm_weight: torch.Tensor, e
         raise ValueError(f"rmsnorm_linear_silu_mul: weight_gate_up has {weight_gate_up.shape[0]} rows, "
                          "expected 2 * I")
     return _gemv(h, weight_gate_up, weight_gate_up.shape[0] // 2, norm_weight, eps, None, True, config)
-
-
-# ---- dispatch: Triton on CUDA tensors with 1 <= M <= 8, the reference otherwise ---------------------
-
-
-def rmsnorm_linear(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                   weight: torch.Tensor) -> torch.Tensor:
-    """See ``rmsnorm_linear_ref``."""
-    impl = rmsnorm_linear_triton if _use_triton(h) else rmsnorm_linear_ref
-    return impl(h, norm_weight, eps, weight)
-
-
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """See ``linear_residual_ref``."""
-    impl = linear_residual_triton if _use_triton(x) else linear_residual_ref
-    return impl(x, weight, residual)
-
-
-def rmsnorm_linear_silu_mul(h: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                            weight_gate_up: torch.Tensor) -> torch.Tensor:
-    """See ``rmsnorm_linear_silu_mul_ref``."""
-    impl = rmsnorm_linear_silu_mul_triton if _use_triton(h) else rmsnorm_linear_silu_mul_ref
-    return impl(h, norm_weight, eps, weight_gate_up)

@@ -1,4 +1,4 @@
-"""One decode token for a pool of sequences in PyTorch: the CPU decode path.
+"""One decode token for a pool of sequences in PyTorch: the CPU path of ``fused_recurrent.py``.
 
 Only live levels are read and written. Before token t (z = ctz(t)) the levels 0..z fold into z + 1,
 the levels above z + 1 that hold a bucket (bit l-1 of t set) decay, level 0 takes k v^T, and levels 1..z
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .naive import check_shapes
-from .state import check_level_decay, ctz, max_positions
+from .state import check_level_decay, check_shapes, ctz, max_positions
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -1,0 +1,22 @@
+"""Process-wide side effects, applied once at the edge (``fenwick serve``, the ``LLM`` constructor) and
+never in the constructors that tests build many times."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import gc
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)  # the final collection at exit sees them again (once per process)
+
+
+def freeze_heap() -> None:
+    """Collect once, then keep every object alive now out of later collections (gc.freeze): a full
+    collection otherwise walks the whole start-up heap (torch, the model) and stalls the step it lands in
+    (bench/gc_pause.py measures it)."""
+    gc.collect()
+    gc.freeze()
+    _unfreeze_at_exit()
