@@ -102,7 +102,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with add_special_tokens, tokenizer_config's add_bos_token / add_eos_token apply when
         tokenizer.json's post-processor does not add them already."""
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL (encode holds it: seconds for a megabyte of text)
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens:
             bos, eos = self.bos_token_id, self.eos_token_id
             if self.tokenizer_config.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
@@ -119,6 +120,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
+
+    @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token decodes to more (byte-level entries hold
+        one character per byte), so a text longer than n times this has more than n tokens."""
+        return max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     @property
     def vocab_size(self) -> int:
