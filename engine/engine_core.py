@@ -110,8 +110,9 @@ class EngineCore:
                     f"this model's maximum context length is {limit} tokens; a prompt of {len(prompt)} "
                     f"characters is longer than that ({self.max_prompt_chars} characters at most)")
             try:
+                prompt.encode("utf-8")
                 ids = list(self.tokenizer.encode(prompt)) if prompt else []
-            except Exception as e:  # text the tokenizer cannot take (lone surrogates): the request's fault
+            except (UnicodeError, TypeError, ValueError) as e:  # lone surrogates: the request's fault
                 raise InvalidRequestError(f"the prompt cannot be tokenized: {e}") from None
         else:
             text, ids = None, list(prompt)
