@@ -19,11 +19,13 @@ from .config import ServerConfig
 logger = logging.getLogger("fenwick.server")
 
 
-def header_limited_h11(header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing connections whose request line and headers take too long."""
+def header_limited_h11(header_timeout: float, max_header_bytes: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing connections whose request line and headers take too long or
+    are too large (h11's own cap only counts headers that have not fully arrived yet)."""
 
     class HeaderDeadlineH11(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _header_bytes = 0  # bytes of the current request line and headers received so far
 
         def _arm(self) -> None:
             if self._header_timer is None and self.conn.their_state is h11.IDLE:
@@ -40,9 +42,16 @@ def header_limited_h11(header_timeout: float) -> type[H11Protocol]:
 
         def data_received(self, data: bytes) -> None:
             self._arm()  # the next request's headers on a kept-alive connection start a new deadline
+            if self.conn.their_state is h11.IDLE:
+                end = data.find(b"\r\n\r\n")
+                self._header_bytes += len(data) if end < 0 else end + 4
+                if self._header_bytes > max_header_bytes:
+                    self.send_400_response(f"request line and headers exceed {max_header_bytes} bytes")
+                    return
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
                 self._disarm()
+                self._header_bytes = 0
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
@@ -81,7 +90,7 @@ def run(app: FastAPI, engine: Any, config: ServerConfig) -> int:
         port=config.port,
         log_level=config.log_level,
         lifespan="on",
-        http=header_limited_h11(config.header_timeout),
+        http=header_limited_h11(config.header_timeout, config.max_header_bytes),
         h11_max_incomplete_event_size=config.max_header_bytes,
         limit_concurrency=config.max_connections,
         timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]

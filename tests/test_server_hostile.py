@@ -180,3 +180,35 @@ async def test_a_configured_key_with_a_newline_matches() -> None:
         assert ok.status_code == 200
         assert_error(await client.get("/v1/models", headers={"Authorization": "Bearer sekre"}), 401)
         assert_error(await client.get("/v1/models", headers={"Authorization": "Bearer sekret2"}), 401)
+
+
+def test_slow_headers_are_cut_and_the_engine_death_exits_non_zero() -> None:
+    import socket
+    import threading
+
+    import uvicorn
+    from fenwick_llm.server.http_server import FenwickServer, header_limited_h11
+    from server_utils import free_port
+
+    engine = FakeEngine()
+    app = create_app(engine)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            http=header_limited_h11(0.3, 2048), h11_max_incomplete_event_size=2048)
+    server = FenwickServer(config, app)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        started = time.monotonic()
+        assert slow.recv(100) == b"" and time.monotonic() - started < 2.0  # closed by the deadline
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as big:
+        big.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+        assert big.recv(100).startswith(b"HTTP/1.1 400")
+    assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    server.engine_death(RuntimeError("boom"))  # what AsyncLLM's death listener calls
+    thread.join(timeout=10)
+    assert not thread.is_alive() and server.engine_died
