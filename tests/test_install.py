@@ -53,7 +53,7 @@ def test_the_demo_model_is_found_as_installed(tmp_path: Path) -> None:
 from fenwick_llm.models import demo_model_dir
 from fenwick_llm.server.cli import resolve_model_dir
 d = demo_model_dir()
-assert (d / "config.json").is_file() and (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+assert all((d / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 assert resolve_model_dir(None) == d.resolve()
 print(d)
 """, tmp_path)
