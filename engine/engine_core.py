@@ -246,15 +246,16 @@ class EngineCore:
 
     def _speculate(self, sched: SchedulerOutput,
                    seqs: list[request.Sequence]) -> Callable[[torch.Tensor], None] | None:
-        """With overlap_decode, after a pure decode step: a hook for the sampler that queues the next
-        decode of the same sequences on the device from the tokens just sampled, before the host reads
-        them. The next step takes its rows for the decodes it schedules (every running sequence that did
-        not finish; a sequence that finished leaves a step in its freed slot, which is zeroed on reuse)
-        and runs only new prompt chunks. This relies on every decoding sequence decoding in every step
-        (max_num_batched_tokens >= max_num_seqs, checked at start-up): a sequence left out of this step
-        would run later with its token absorbed twice. Not when every sequence is at its max_tokens."""
-        if (not self.config.use_overlap_decode or sched.num_prompt_tokens or sched.reset_slots
-                or sched.forks or any(c.is_prompt for c in sched.chunks)
+        """With overlap_decode: a hook for the sampler that queues the next decode of every sequence that
+        got a token this step (decodes, and prompts that ended: their forks are copied by then) on the
+        device from the tokens just sampled, before the host reads them. The next step takes its rows for
+        the decodes it schedules (every running sequence that did not finish; a sequence that finished
+        leaves a step in its freed slot, which is zeroed on reuse) and runs only prompt chunks, so a
+        mixed step keeps its decodes at graph speed too. This relies on every decoding sequence decoding
+        in every step (max_num_batched_tokens >= max_num_seqs, checked at start-up): a sequence left out
+        of this step would run later with its token absorbed twice. Not when every sequence is at its
+        max_tokens."""
+        if (not self.config.use_overlap_decode
                 or all(len(s.token_ids) + 1 >= s.request.max_tokens for s in seqs)):
             return None
 

@@ -206,7 +206,7 @@ def write_window_triton(window: tuple[torch.Tensor, ...], rows: WindowRows, k: t
         return
     BC = min(block_cols, triton.next_power_of_2(H * V))
     _write_window_kernel[(N, 1 + triton.cdiv(H * V, BC))](
-        k, v, g, win_k, win_v, win_g, rows.seq_slot, rows.seq_buf, rows.first, rows.seq_count, rows.seq_src,
+        k, v, g, win_k, win_v, win_g, rows.slot, rows.buf, rows.first, rows.count, rows.src,
         k.stride(0), v.stride(0), g.stride(0),
         GK=G * K, HV=H * V, H=H, BGK=triton.next_power_of_2(G * K), BH=max(2, triton.next_power_of_2(H)),
         BC=BC, WN=W, num_warps=4,

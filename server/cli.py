@@ -78,11 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait for each step's tokens before queueing the next decode step (default: queue it "
              "ahead with CUDA graphs)",
     )
-    serve.add_argument(
-        "--prefill-graphs", type=int, default=None,
-        help="opt-in: prompt steps replayed from CUDA graphs, at most this many kept, one per step shape "
-             "(prompt lengths and start positions) seen twice (default 0: prompt steps eager)",
-    )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     limits = ServerConfig()
@@ -198,7 +193,7 @@ def build_configs(
         engine_kwargs["max_model_len"] = args.max_model_len
     if args.max_waiting is not None:
         engine_kwargs["max_waiting"] = args.max_waiting
-    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed", "prefill_graphs"):
+    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed"):
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager
