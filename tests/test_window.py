@@ -155,7 +155,9 @@ def test_window_step_traffic_counts_what_the_step_touches(t):
     assert torch.isfinite(o).all() and len(changed) == writes, (changed, writes)
 
 
-BENCH_SHAPE = dict(hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000)
+BENCH_SHAPE = dict(
+    hidden_size=768, num_hidden_layers=24, head_dim=64, state_size=128, expand=2, vocab_size=32000
+)
 
 
 def test_windowed_slots_store_only_the_high_levels():
