@@ -11,8 +11,9 @@
 # 3. `docker build` of the Dockerfile as it is, with only those build arguments changed.
 #
 # Environment: FENWICK_IMAGE (tag; fenwick:cpu or fenwick:cuda-check), FENWICK_BASE_IMAGE
-# (fenwick-base:bookworm), FENWICK_DOCKER_CACHE (wheels and index; ~/.cache/fenwick-docker), DEBIAN_MIRROR,
-# TORCH_VERSION (2.13.0), PYTHON (python3, with pip), DOCKER (a client that builds with BuildKit).
+# (fenwick-base:bookworm), FENWICK_DOCKER_CACHE (wheels and index; ~/.cache/fenwick-docker), FENWICK_INDEX_PORT
+# (3141), DEBIAN_MIRROR, TORCH_VERSION (2.13.0), PYTHON (python3, with pip), DOCKER (a client that builds
+# with BuildKit).
 # With registry access none of this is needed: `docker build` / `docker compose build` as usual.
 set -euo pipefail
 
@@ -58,7 +59,13 @@ make_base() {
 }
 
 make_index() {
-    local pyver=$1 wheels="$cache/wheels" index="$cache/index"
+    local pyver=$1 wheels="$cache/wheels" index="$cache/index" stamp
+    # the same requirements as the last index: reuse it (pip download re-resolves against PyPI: ~20 s)
+    stamp="$(cat "$repo/pyproject.toml" <(echo "torch==$torch_version python$pyver") | sha256sum | cut -c1-16)"
+    if [[ -f "$index/stamp" && "$(cat "$index/stamp")" == "$stamp" ]]; then
+        log "package index: the one in $index (same pyproject.toml, torch and Python)"
+        return
+    fi
     mkdir -p "$wheels"
     log "wheels for torch==$torch_version and $repo (Python $pyver) into $wheels"
     "$python" -m pip download --quiet --dest "$wheels" --only-binary=:all: --python-version "$pyver" \
@@ -71,11 +78,18 @@ make_index() {
         mkdir -p "$index/simple/$name"
         ln -f "$whl" "$index/simple/$name/" 2>/dev/null || cp "$whl" "$index/simple/$name/"
     done
+    echo "$stamp" >"$index/stamp"
 }
 
 serve_index() {
-    local port
-    port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    # the index URL is a build argument: the same port each time keeps Docker's layer cache valid
+    local port="${FENWICK_INDEX_PORT:-3141}"
+    # SO_REUSEADDR as http.server sets it: the last build's connections may still be in TIME_WAIT
+    if ! "$python" -c "import socket as m; s = m.socket(); s.setsockopt(m.SOL_SOCKET, m.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', $port))" 2>/dev/null; then
+        port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+        log "port ${FENWICK_INDEX_PORT:-3141} is taken: the index is on $port, so cached pip layers rebuild"
+    fi
     "$python" -m http.server --bind 127.0.0.1 --directory "$cache/index" "$port" >"$cache/http.log" 2>&1 &
     index_pid=$!
     trap 'kill "$index_pid" 2>/dev/null || true' EXIT

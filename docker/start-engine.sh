@@ -33,6 +33,7 @@ dockerd >"$log_dir/dockerd.log" 2>&1 </dev/null &
 pid=$!
 for _ in $(seq 60); do
     if "$client" info >/dev/null 2>&1; then
+        echo "start-engine: dockerd answers, $SECONDS s after this script started" >&2
         echo "$pid"
         exit 0
     fi

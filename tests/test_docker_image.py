@@ -76,7 +76,10 @@ def build(pytestconfig: pytest.Config, variant: str, tag: str) -> None:
                        capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, f"docker/build-local.sh {variant} failed:\n{(p.stdout + p.stderr)[-6000:]}"
     size = int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
-    report(pytestconfig, f"{variant} image {tag}: built in {time.monotonic() - start:.0f} s "
+    for line in p.stderr.splitlines():
+        if line.startswith("[build-local]"):
+            report(pytestconfig, line)
+    report(pytestconfig, f"{variant} image {tag}: {time.monotonic() - start:.0f} s in all "
                          f"(base image and wheels included where not cached), {size / 1e9:.2f} GB")
 
 
