@@ -11,9 +11,9 @@
 # 3. `docker build` of the Dockerfile as it is, with only those build arguments changed.
 #
 # Environment: FENWICK_IMAGE (tag; fenwick:cpu or fenwick:cuda-check), FENWICK_BASE_IMAGE
-# (fenwick-base:bookworm), FENWICK_DOCKER_CACHE (wheels and index; ~/.cache/fenwick-docker), FENWICK_INDEX_PORT
-# (3141), DEBIAN_MIRROR, TORCH_VERSION (2.13.0), PYTHON (python3, with pip), DOCKER (a client that builds
-# with BuildKit).
+# (fenwick-base:bookworm), FENWICK_DOCKER_CACHE (wheels and index; ~/.cache/fenwick-docker),
+# FENWICK_INDEX_PORT (3141), DEBIAN_MIRROR, TORCH_VERSION (2.13.0), PYTHON (python3, with pip), DOCKER (a
+# client that builds with BuildKit).
 # With registry access none of this is needed: `docker build` / `docker compose build` as usual.
 set -euo pipefail
 
@@ -34,7 +34,8 @@ python="${PYTHON:-python3}"
 # BuildKit builds only the stages the target needs (the classic builder would pull the other base too).
 # A client without the buildx plugin cannot use it; Debian's docker.io client talks to the engine's own.
 if [[ -z "${DOCKER:-}" ]]; then
-    if docker buildx version >/dev/null 2>&1 || [[ ! -x /usr/bin/docker ]]; then DOCKER=docker; else DOCKER=/usr/bin/docker; fi
+    DOCKER=docker
+    if ! docker buildx version >/dev/null 2>&1 && [[ -x /usr/bin/docker ]]; then DOCKER=/usr/bin/docker; fi
 fi
 export DOCKER_BUILDKIT=1
 
@@ -61,7 +62,8 @@ make_base() {
 make_index() {
     local pyver=$1 wheels="$cache/wheels" index="$cache/index" stamp
     # the same requirements as the last index: reuse it (pip download re-resolves against PyPI: ~20 s)
-    stamp="$(cat "$repo/pyproject.toml" <(echo "torch==$torch_version python$pyver") | sha256sum | cut -c1-16)"
+    stamp="$(cat "$repo/pyproject.toml" <(echo "torch==$torch_version python$pyver") | sha256sum)"
+    stamp="${stamp:0:16}"
     if [[ -f "$index/stamp" && "$(cat "$index/stamp")" == "$stamp" ]]; then
         log "package index: the one in $index (same pyproject.toml, torch and Python)"
         return
@@ -87,7 +89,8 @@ serve_index() {
     # SO_REUSEADDR as http.server sets it: the last build's connections may still be in TIME_WAIT
     if ! "$python" -c "import socket as m; s = m.socket(); s.setsockopt(m.SOL_SOCKET, m.SO_REUSEADDR, 1)
 s.bind(('127.0.0.1', $port))" 2>/dev/null; then
-        port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+        port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')"
         log "port ${FENWICK_INDEX_PORT:-3141} is taken: the index is on $port, so cached pip layers rebuild"
     fi
     "$python" -m http.server --bind 127.0.0.1 --directory "$cache/index" "$port" >"$cache/http.log" 2>&1 &
@@ -95,7 +98,7 @@ s.bind(('127.0.0.1', $port))" 2>/dev/null; then
     trap 'kill "$index_pid" 2>/dev/null || true' EXIT
     local i
     for i in $(seq 50); do
-        "$python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/simple/', timeout=1)" \
+        "$python" -c "import urllib.request as r; r.urlopen('http://127.0.0.1:$port/simple/', timeout=1)" \
             2>/dev/null && break
         [[ $i == 50 ]] && { log "the index did not start: $(cat "$cache/http.log")"; return 1; }
         sleep 0.1
@@ -109,7 +112,7 @@ if ! "$DOCKER" image inspect "$base" >/dev/null 2>&1; then
     make_base
     log "base image $base made in $((SECONDS - start)) s"
 fi
-pyver="$("$DOCKER" run --rm --network none "$base" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+pyver="$("$DOCKER" run --rm --network none "$base" python3 -c 'import sys; print(*sys.version_info[:2], sep=".")')"
 start=$SECONDS
 make_index "$pyver"
 log "package index ready in $((SECONDS - start)) s"
