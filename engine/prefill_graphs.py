@@ -1,10 +1,10 @@
 """CUDA graphs of prompt steps, captured at start-up, one per bucket of padded shape (``PrefillShape``).
 
-Run eagerly, a prompt step costs a few hundred launches from Python whatever its size (tens of ms of
-host time for ~1 ms of device work at batch 1). What a step launches depends only on its padded
-token count, its padded sequence count and whether any sequence continues from a stored state: the
-lengths, start positions, slots and tokens are data that the kernels read from one device buffer
-(engine/prefill_batch.py). So a step runs as: fill the bucket's plan on the host (O(chunks)), one copy
+Run eagerly, a prompt step costs a few hundred launches from Python whatever its size: at small
+batches, host time many times the device's (docs/benchmarks.md). What a step launches depends only on
+its padded token count, its padded sequence count and whether any sequence continues from a stored
+state: the lengths, start positions, slots and tokens are data that the kernels read from one device
+buffer (engine/prefill_batch.py). So a step runs as: fill the bucket's plan on the host (O(chunks)), one copy
 into the static buffer, one graph replay.
 
 Buckets: token counts of powers of two and the halfway points above 256 (a step pads at most a third

@@ -24,7 +24,7 @@ from .state import BW, W, WindowRows, check_pool_levels, check_shapes
 from .triton_utils import bitlen, log2_pow2, program_ids, token_inputs, wait_then_release
 
 # With PDL, batches of up to PREWAIT_MAX_ROWS read the window rows before waiting for the previous kernel
-# (H200: batch-1 step 0.476 -> 0.471 ms; at batch 32 the early programs cost 0.12 ms a step instead)
+# (faster at batch 1, slower at batch 32: docs/kernels-notes.md)
 PREWAIT_MAX_ROWS = 4
 
 
