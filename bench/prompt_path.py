@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -105,6 +106,7 @@ def main() -> None:
                     help="max_num_batched_tokens:long_prefill_chunk pairs for the serving rows")
     ap.add_argument("--no-eager", action="store_true", help="graph rows only")
     a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # capture time and memory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TINY if a.tiny else BIG
     a.prompt_lens = a.prompt_lens or ([16, 48] if a.tiny else [128, 512, 1024, 4096, 16383])

@@ -94,10 +94,10 @@ class PrefillGraphs:
     def _capture_all(self) -> None:
         start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         for shape in sorted(self.shapes, key=lambda s: (-s.num_tokens, -s.num_seqs)):  # largest first
-            n = shape.num_seqs - 1  # a step that fills the bucket, all in the dummy slot
-            lens = [shape.num_tokens // n] * (n - 1) + [shape.num_tokens - (shape.num_tokens // n) * (n - 1)]
-            batch = self._load(*self._arrays([0] * shape.num_tokens, [self.pad_slot] * n,
-                                             [int(shape.continuing)] * n, lens, shape))
+            n = shape.num_seqs - 1  # a step of the bucket (any fits: the launches are the same), in the dummy
+            start = int(shape.continuing)  # slot; continuing from position 1, so it ends within the levels
+            lens = [(shape.num_tokens - start * n) // n] * n
+            batch = self._load(*self._arrays([0] * sum(lens), [self.pad_slot] * n, [start] * n, lens, shape))
             self.model.run_prefill(batch, self.state)  # compiles every kernel outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
