@@ -20,14 +20,16 @@ import torch
 from .config import EngineConfig
 from .detokenizer import StopStrings
 from .errors import InvalidRequestError, PromptTooLongError
+from .grammar import GrammarCompiler, compiler_for
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .request import Request
-from .sampler import Sampler, SamplerOutput
+from .sampler import Sampler, SamplerOutput, TokenMask
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .state_pool import StatePool, prefill_headroom_bytes
 from .stats import EngineStats, FinishedRequestStats
+from .structured_output import GRAMMAR_ERROR, StructuredOutputs
 
 if TYPE_CHECKING:
     from . import request
@@ -70,6 +72,9 @@ class EngineCore:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.grammars = self._grammar_compiler()
+        self.structured = (StructuredOutputs(self.grammars, config.torch_device, self.pool.num_slots)
+                           if self.grammars is not None else None)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
         self._pending_finished: list[FinishedRequestStats] = []  # aborts between steps
@@ -119,6 +124,10 @@ class EngineCore:
             raise InvalidRequestError(f"logprobs must be at most the vocabulary size {vocab}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
+        if params.structured_outputs is not None:  # compiled here, off the step loop (a cache hit if the
+            if self.grammars is None:  # server compiled it first); GrammarError names what is wrong
+                raise InvalidRequestError("structured outputs are not available: no grammar engine")
+            self.grammars.get(params.structured_outputs)
         stops = StopStrings(params.stop) if params.stop else None
         return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
                        stop_strings=stops)
@@ -130,6 +139,8 @@ class EngineCore:
         self.scheduler.add(request)
         self.requests[request.request_id] = request
         self.outputs.add(request)
+        if self.structured is not None:
+            self.structured.add(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request with "abort" and free its slots now; its final output, or None if unknown."""
@@ -145,6 +156,8 @@ class EngineCore:
         out.error = error
         self.requests.pop(request.request_id, None)
         self.outputs.release(request)
+        if self.structured is not None:
+            self.structured.release(request)
         for seq in request.seqs:
             self.sampler.release(seq)
         return out
@@ -189,7 +202,9 @@ class EngineCore:
         if seqs and any(r > 1 for r in repeats):  # n > 1: a finished prompt's row feeds all its samples
             logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
         failed: dict[str, str] = {}
-        sampled = self._sample(logits, seqs, sched, failed) if seqs else None
+        # the host fills the grammars' masks while the device runs the forward queued above
+        mask = self.structured.masks(seqs) if self.structured is not None and seqs else None
+        sampled = self._sample(logits, seqs, sched, failed, mask) if seqs else None
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
@@ -206,17 +221,21 @@ class EngineCore:
                 stats.inter_token_latencies.append(now - (seq.last_token_time or now))
             seq.last_token_time = now
             try:
-                self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+                ended = self.structured.accept(seq, sampled.token_ids[i]) if mask is not None else None
+                if ended is None or ended[0] != GRAMMAR_ERROR:  # a dead end's token is not the sequence's
+                    self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+                if ended is not None:
+                    self.outputs.finish(seq, *ended)
             except Exception as e:  # detokenizing or matching one request's text: only it fails
                 failed[request.request_id] = self._log_failure(request, "processing its output", e)
         stats.num_generation_tokens = len(seqs)
         return list(touched.values()), failed
 
     def _sample(self, logits: torch.Tensor, seqs: list[request.Sequence], sched: SchedulerOutput,
-                failed: dict[str, str]) -> SamplerOutput:
+                failed: dict[str, str], mask: TokenMask | None) -> SamplerOutput:
         """Sample the batch; if that raises, sample row by row and fail only the rows that raise."""
         try:
-            return self.sampler.sample(logits, seqs, self._speculate(sched, seqs))
+            return self.sampler.sample(logits, seqs, self._speculate(sched, seqs), mask)
         except Exception:
             if self._speculated is not None:  # the next step is queued from these tokens: cannot redo them
                 raise
@@ -224,7 +243,7 @@ class EngineCore:
         logprobs: list = []
         for i, seq in enumerate(seqs):
             try:
-                one = self.sampler.sample(logits[i:i + 1], [seq])
+                one = self.sampler.sample(logits[i:i + 1], [seq], mask=mask.row(i) if mask else None)
                 token_ids.append(one.token_ids[0])
                 logprobs.append(one.logprobs[0])
             except Exception as e:
@@ -243,6 +262,14 @@ class EngineCore:
         for seq in request.live_seqs:
             seq.finish_reason = "error"
             seq.emitted_len = len(seq.text)
+
+    def _grammar_compiler(self) -> GrammarCompiler | None:
+        """The grammar engine for this tokenizer; None (constrained requests refused) if it cannot read it."""
+        try:
+            return compiler_for(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
+        except Exception:  # a tokenizer llguidance cannot load must not stop unconstrained serving
+            logger.warning("no grammar engine for this tokenizer: structured outputs are off", exc_info=True)
+            return None
 
     def _speculate(self, sched: SchedulerOutput,
                    seqs: list[request.Sequence]) -> Callable[[torch.Tensor], None] | None:
