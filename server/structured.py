@@ -47,6 +47,8 @@ class Constraints:
             raise bad_request("give response_format or structured_outputs, not both", "structured_outputs")
         if so is not None:
             fields = so.model_dump(by_alias=True, exclude_none=True)
+            if isinstance(fields.get("json"), dict):
+                fields["json"] = closed_objects(fields["json"])
             spec = _spec(fields, "structured_outputs")
             return Constraint(spec, "json_schema" if spec.kind == "json" else spec.kind, "structured_outputs")
         if rf is None or rf.type == "text":
@@ -55,8 +57,8 @@ class Constraints:
             return Constraint(StructuredOutputsParams(json_object=True), "json_object", "response_format")
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
-        return Constraint(_spec({"json": rf.json_schema.schema_}, "response_format"), "json_schema",
-                          "response_format")
+        schema = closed_objects(rf.json_schema.schema_)
+        return Constraint(_spec({"json": schema}, "response_format"), "json_schema", "response_format")
 
     def for_chat(self, body: ChatCompletionRequest) -> Constraint:
         text = self.for_request(body)
@@ -65,7 +67,7 @@ class Constraints:
             if choice != "none":
                 raise bad_request("tool_choice needs tools", "tool_choice")
             return text
-        functions = {t.function.name: t.function.parameters or tool_calls.EMPTY_PARAMETERS
+        functions = {t.function.name: closed_objects(t.function.parameters or tool_calls.EMPTY_PARAMETERS)
                      for t in body.tools}
         if len(functions) != len(body.tools):
             raise bad_request("tools must have distinct function names", "tools")
@@ -105,6 +107,33 @@ class Constraints:
             self.metrics.observe_structured(str(constraint.kind),
                                             grammar.compile_seconds if compiled_now else None)
         return dataclasses.replace(params, structured_outputs=constraint.spec)
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_COMPOSED = ("allOf", "anyOf", "oneOf", "$ref")
+
+
+def closed_objects(schema: Any) -> Any:
+    """Objects that list their properties take no others (additionalProperties false where it is not
+    given; not beside allOf / anyOf / oneOf / $ref, whose properties it would exclude), as in OpenAI's
+    strict mode and xgrammar's default. A restriction: what matches it matches the schema; and it keeps
+    a model from inventing keys without end (docs/structured-outputs.md)."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {k: closed_objects(v) for k, v in value.items()}
+        elif key in _SUBSCHEMA_LISTS or key in ("items", "additionalProperties", "not"):
+            out[key] = closed_objects(value)
+        else:
+            out[key] = value
+    if "properties" in out and "additionalProperties" not in out and not any(k in out for k in _COMPOSED):
+        out["additionalProperties"] = False
+    return out
 
 
 def _spec(fields: dict[str, Any], param: str) -> StructuredOutputsParams:

@@ -124,3 +124,19 @@ def test_reader_edge_cases() -> None:
     cut = parse('<tool_call>\n{"name": "add", "arguments": {"a": 1}')
     assert cut is not None and cut[0].name == "add" and not cut[0].complete and cut[0].arguments == '{"a": 1'
     assert complete_calls('<tool_call>\n{"name": "add", "arguments": {"a": 1}') == []
+
+
+def test_closed_objects_restrict_only_where_properties_are_listed() -> None:
+    from fenwick_llm.server.structured import closed_objects
+
+    inner = {"type": "object", "properties": {"b": {"type": "integer"}}}
+    free = {"type": "object", "additionalProperties": True}
+    schema = {"type": "object", "properties": {"a": inner, "m": free},
+              "$defs": {"d": {"properties": {"x": {}}}}, "anyOf": [{"properties": {"y": {}}}]}
+    out = closed_objects(schema)
+    assert "additionalProperties" not in out  # beside anyOf: its properties would be excluded
+    assert out["properties"]["a"]["additionalProperties"] is False
+    assert out["properties"]["m"]["additionalProperties"] is True
+    assert out["$defs"]["d"]["additionalProperties"] is False
+    assert out["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema["properties"]["a"]  # a copy
