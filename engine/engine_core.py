@@ -243,7 +243,8 @@ class EngineCore:
         logprobs: list = []
         for i, seq in enumerate(seqs):
             try:
-                one = self.sampler.sample(logits[i:i + 1], [seq], mask=mask.row(i) if mask else None)
+                row_mask = (None, mask.row(i)) if mask is not None else ()
+                one = self.sampler.sample(logits[i:i + 1], [seq], *row_mask)
                 token_ids.append(one.token_ids[0])
                 logprobs.append(one.logprobs[0])
             except Exception as e:

@@ -202,3 +202,22 @@ def test_llguidance_tokenizer_matches_ours(tiny: LLM) -> None:
     assert grammars is not None and isinstance(grammars.tokenizer, llguidance.LLTokenizer)
     ids = tiny.tokenizer.encode('{"a": [1, 2], "b": "café"}', add_special_tokens=False)
     assert grammars.tokenizer.decode_str(ids) == tiny.tokenizer.decode(ids)
+
+
+def test_row_by_row_sampling_keeps_the_masks(tiny: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When one request's sampling raises, the others are sampled row by row: with their own masks."""
+    sampler = tiny.engine.sampler
+    real = sampler.sample
+
+    def sample(logits: torch.Tensor, seqs: list, *args: object) -> object:
+        if any(s.request.params.seed == 13 for s in seqs):
+            raise ValueError("boom")
+        return real(logits, seqs, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sampler, "sample", sample)
+    schema = SCHEMAS["classification"]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=MAX_TOKENS,
+                             structured_outputs=so(json=schema)) for s in (1, 13, 2)]
+    outs = tiny.generate([PROMPT] * 3, params)
+    assert [o.outputs[0].finish_reason for o in outs] == ["stop", "error", "stop"]
+    assert valid(schema, outs[0].outputs[0].text) and valid(schema, outs[2].outputs[0].text)
