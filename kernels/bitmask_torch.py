@@ -16,6 +16,10 @@ def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: t
     """
     n_vocab = logits.shape[1]
     assert bitmask.dtype == torch.int32 and 32 * bitmask.shape[1] >= n_vocab
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :n_vocab]  # (R, V)
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    # bytes of little-endian words are in token order: byte k of word j holds tokens 32j + 8k .. + 7
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # (R, 4W)
+    drop = ((as_bytes[:, :, None] >> shifts) & 1).flatten(1)[:, :n_vocab] == 0  # (R, V)
+    sub = logits.index_select(0, rows)
+    sub.masked_fill_(drop, float("-inf"))
+    logits.index_copy_(0, rows, sub)
