@@ -20,7 +20,7 @@ import torch
 from .config import EngineConfig
 from .detokenizer import StopStrings
 from .errors import InvalidRequestError, PromptTooLongError
-from .grammar import GrammarCompiler, compiler_for
+from .grammar import compiler_for
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .request import Request
@@ -72,9 +72,8 @@ class EngineCore:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.grammars = self._grammar_compiler()
-        self.structured = (StructuredOutputs(self.grammars, config.torch_device, self.pool.num_slots)
-                           if self.grammars is not None else None)
+        self.grammars = compiler_for(tokenizer, mc.vocab_size, sorted(self.eos_token_ids))  # None: cannot
+        self.structured = StructuredOutputs(self.grammars, config.torch_device, self.pool.num_slots)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
         self._pending_finished: list[FinishedRequestStats] = []  # aborts between steps
@@ -124,10 +123,7 @@ class EngineCore:
             raise InvalidRequestError(f"logprobs must be at most the vocabulary size {vocab}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
-        if params.structured_outputs is not None:  # compiled here, off the step loop (a cache hit if the
-            if self.grammars is None:  # server compiled it first); GrammarError names what is wrong
-                raise InvalidRequestError("structured outputs are not available: no grammar engine")
-            self.grammars.get(params.structured_outputs)
+        self.structured.compile(params)  # here, off the step loop (a cache hit if the server compiled it)
         stops = StopStrings(params.stop) if params.stop else None
         return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
                        stop_strings=stops)
@@ -139,8 +135,7 @@ class EngineCore:
         self.scheduler.add(request)
         self.requests[request.request_id] = request
         self.outputs.add(request)
-        if self.structured is not None:
-            self.structured.add(request)
+        self.structured.add(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request with "abort" and free its slots now; its final output, or None if unknown."""
@@ -156,8 +151,7 @@ class EngineCore:
         out.error = error
         self.requests.pop(request.request_id, None)
         self.outputs.release(request)
-        if self.structured is not None:
-            self.structured.release(request)
+        self.structured.release(request)
         for seq in request.seqs:
             self.sampler.release(seq)
         return out
@@ -203,7 +197,7 @@ class EngineCore:
             logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
         failed: dict[str, str] = {}
         # the host fills the grammars' masks while the device runs the forward queued above
-        mask = self.structured.masks(seqs) if self.structured is not None and seqs else None
+        mask = self.structured.masks(seqs)
         sampled = self._sample(logits, seqs, sched, failed, mask) if seqs else None
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -263,14 +257,6 @@ class EngineCore:
         for seq in request.live_seqs:
             seq.finish_reason = "error"
             seq.emitted_len = len(seq.text)
-
-    def _grammar_compiler(self) -> GrammarCompiler | None:
-        """The grammar engine for this tokenizer; None (constrained requests refused) if it cannot read it."""
-        try:
-            return compiler_for(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
-        except Exception:  # a tokenizer llguidance cannot load must not stop unconstrained serving
-            logger.warning("no grammar engine for this tokenizer: structured outputs are off", exc_info=True)
-            return None
 
     def _speculate(self, sched: SchedulerOutput,
                    seqs: list[request.Sequence]) -> Callable[[torch.Tensor], None] | None:

@@ -11,6 +11,7 @@ docs/structured-outputs.md (measured).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +23,8 @@ import llguidance
 from .errors import InvalidRequestError
 from .structured_params import StructuredOutputsParams
 from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 # compact JSON: fixed separators and no free whitespace, so a model cannot spin on blanks
 COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -109,6 +112,13 @@ def first_line(message: str, limit: int = 300) -> str:
     return line[:limit]
 
 
-def compiler_for(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> GrammarCompiler:
-    """A compiler for the model's tokenizer (llguidance reads the ``tokenizers`` JSON, special tokens too)."""
-    return GrammarCompiler(tokenizer.tokenizer.to_str(), vocab_size, eos_token_ids)
+def compiler_for(tokenizer: Tokenizer, vocab_size: int,
+                 eos_token_ids: Sequence[int]) -> GrammarCompiler | None:
+    """A compiler for the model's tokenizer (llguidance reads the ``tokenizers`` JSON, special tokens too);
+    None, with a warning, for one it cannot read: unconstrained serving goes on, constrained requests get
+    an error."""
+    try:
+        return GrammarCompiler(tokenizer.tokenizer.to_str(), vocab_size, eos_token_ids)
+    except Exception:  # llguidance's own errors for a tokenizer it does not support
+        logger.warning("no grammar engine for this tokenizer: structured outputs are off", exc_info=True)
+        return None

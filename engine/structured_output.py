@@ -18,19 +18,21 @@ from __future__ import annotations
 import llguidance
 import torch
 
+from .errors import InvalidRequestError
 from .grammar import GrammarCompiler, first_line
 from .request import Request, Sequence
 from .sampler import TokenMask
+from .sampling_params import SamplingParams
 
 GRAMMAR_ERROR = "grammar_error"  # finish_reason of a sequence whose grammar reached a dead end
 PARALLEL_FROM = 4  # rows from which llguidance's thread pool fills the masks (one row: no hand-off)
 
 
 class StructuredOutputs:
-    def __init__(self, compiler: GrammarCompiler, device: torch.device, max_rows: int) -> None:
-        self.compiler = compiler
+    def __init__(self, compiler: GrammarCompiler | None, device: torch.device, max_rows: int) -> None:
+        self.compiler = compiler  # None: no grammar engine for this tokenizer, constrained requests refused
         self.device = device
-        words = (compiler.vocab_size + 31) // 32
+        words = (compiler.vocab_size + 31) // 32 if compiler is not None else 0
         self._host = torch.zeros((max_rows, words), dtype=torch.int32, pin_memory=device.type == "cuda")
         self._executor = llguidance.LLExecutor()
         self._matchers: dict[int, llguidance.LLMatcher] = {}  # seq_id -> matcher, while it runs
@@ -39,11 +41,21 @@ class StructuredOutputs:
     def num_active(self) -> int:
         return len(self._matchers)
 
+    def compile(self, params: SamplingParams) -> None:
+        """Compile (or find in the cache) a request's grammar; GrammarError names what is wrong."""
+        if params.structured_outputs is None:
+            return
+        if self.compiler is None:
+            raise InvalidRequestError("structured outputs are not available: no grammar engine")
+        self.compiler.get(params.structured_outputs)
+
     def add(self, request: Request) -> None:
         """One matcher per sample of a constrained request (the grammar is normally cached already)."""
         spec = request.params.structured_outputs
         if spec is None:
             return
+        if self.compiler is None:
+            raise InvalidRequestError("structured outputs are not available: no grammar engine")
         grammar, _ = self.compiler.get(spec)
         for seq in request.seqs:
             self._matchers[seq.seq_id] = grammar.matcher()
@@ -54,7 +66,7 @@ class StructuredOutputs:
 
     def masks(self, seqs: list[Sequence]) -> TokenMask | None:
         """The step's masks for the constrained rows of ``seqs`` (sampler row order); None if none."""
-        if not self._matchers:
+        if not self._matchers or not seqs:
             return None
         todo = [(m, i) for i, s in enumerate(seqs) if (m := self._matchers.get(s.seq_id)) is not None]
         if not todo:
