@@ -24,7 +24,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import sysconfig
 import time
 from collections.abc import Callable
@@ -33,18 +32,12 @@ from typing import Any
 
 import numpy as np
 import tokenizers
+from fenwick_llm.tools import make_random_model
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS = REPO / "tests" / "data" / "json_schemas.json"
 DEMO = REPO / "models" / "fenwick-shakespeare" / "tokenizer.json"
 MAX_TRACE = 160
-
-
-def ascii_bpe(vocab: int) -> tokenizers.Tokenizer:
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_random_model import ascii_bpe as build  # noqa: PLC0415 - a script's helper, not a package
-
-    return build(vocab)
 
 
 def stdlib_bpe(vocab: int) -> tokenizers.Tokenizer:
@@ -333,7 +326,7 @@ def main() -> None:
     a = ap.parse_args()
     schemas = json.loads(SCHEMAS.read_text())
     makers = {"demo-4k": lambda: (tokenizers.Tokenizer.from_file(str(DEMO)), 4096),
-              "ascii-32k": lambda: (ascii_bpe(32000), 32000),
+              "ascii-32k": lambda: (make_random_model.ascii_bpe(32000), 32000),
               "stdlib-32k": lambda: (stdlib_bpe(32000), 32000)}
     engines = {e.name: e for e in (LLGuidance(), XGrammar(), OutlinesCore())}
     results: dict[str, Any] = {}
