@@ -56,16 +56,16 @@ def chunked_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     Args:
         q, k: [B, T, G, K]; v: [B, T, H, V]; g: [B, T, H] log-decay (<= 0);
         level_scales: [B, T, H, L] (λ; L >= bitlen(T - 1) + 1); scale: defaults to K ** -0.5;
-        chunk_size: C, a power of two.
+        chunk_size: C, a power of two (sequences shorter than C take the next power of two above T).
     Returns:
         o: [B, T, H, V] in v's dtype. Under autocast the matmuls run in the autocast dtype; λ, decays and
         their products stay in float32 (float64 for float64 inputs).
     """
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
-    C = chunk_size
-    if C < 1 or C & (C - 1):
-        raise ValueError(f"chunk_size must be a power of two, got {C}")
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two, got {chunk_size}")
+    C = min(chunk_size, 1 << max(T - 1, 0).bit_length())  # a short sequence is one chunk, unpadded
     if levels_needed(T) > L:
         raise ValueError(f"T={T} needs {levels_needed(T)} levels, level_scales has {L}")
     rep, cb = H // G, C.bit_length() - 1  # cb = log2(C)
