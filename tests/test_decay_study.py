@@ -113,7 +113,7 @@ def test_job_past_its_deadline_is_skipped(tmp_path: Path) -> None:
     job = Job(spec, "mlp", 0, TINY, TrainPlan(steps=2, batch_tokens=64, lr=1e-2), "cpu", str(tmp_path),
               deadline=time.time() + 5, expected_seconds=60)
     res = run_job(job)
-    assert res["status"] == "skipped" and res["name"] == "mqar-mlp-s0"
+    assert res["status"] == "skipped" and res["name"] == "mqar-mlp-s0" and res["wall_seconds"] == 0.0
 
 
 # ---- the driver end to end -------------------------------------------------------------------------
@@ -132,8 +132,9 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     text = root / "play.txt"
     text.write_text(play_text(400))
     out = root / "out"
+    # a generous budget: steps are capped by the preset, the budget only guards a loaded CI machine
     study = study_main(["--out", str(out), "--text", str(text), "--preset", "smoke", "--device", "cpu",
-                        "--work", str(root / "work")])
+                        "--work", str(root / "work"), "--budget", "300"])
     return out, study
 
 

@@ -128,7 +128,8 @@ def run_job(job: Job) -> dict:
     head = {"task": job.task.name, "variant": job.variant, "seed": job.seed, "name": job_name(job)}
     t0 = time.time()
     if job.deadline and t0 + job.expected_seconds > job.deadline:
-        return {**head, "status": "skipped", "reason": "not enough time left before the study's deadline"}
+        return {**head, "status": "skipped", "reason": "not enough time left before the study's deadline",
+                "wall_seconds": 0.0}
     try:
         torch.set_num_threads(job.threads)
         device = torch.device(job.device)
@@ -158,6 +159,19 @@ def run_job(job: Job) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def warm_engine(spec: tasks.TaskSpec, shape: Shape, device: torch.device, work_dir: Path) -> None:
+    """Serve two short prompts (prefill and a few decode steps) from an untrained model directory, so
+    that the engine's Triton kernels are compiled (and in the on-disk cache) before the workers start."""
+    if isinstance(spec, tasks.LMSpec):
+        return
+    model = build(VARIANTS["mlp"], shape, tasks.vocab_size(spec), device, 0)
+    model_dir = work_dir / f"warmup-{spec.name}"
+    save_weights(model, model_dir, torch.float32)
+    tasks.save_tokenizer(spec, model_dir, model.config.max_model_len)
+    llm = tasks.load_llm(model_dir, device, max(spec.eval_lens))
+    tasks.generate(llm, [[3] * min(spec.eval_lens), [4] * 5], 3)
 
 
 def seconds_per_step(spec: tasks.TaskSpec, shape: Shape, plan: TrainPlan, device: torch.device,

@@ -56,7 +56,7 @@ class Shape:
         return ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden, num_hidden_layers=self.layers,
                            head_dim=self.head_dim, state_size=self.state_size,
                            lambda_mode=variant.lambda_mode, lambda_mlp_hidden=variant.mlp_hidden,
-                           lambda_levels=self.lambda_levels, tie_word_embeddings=True,
+                           lambda_levels=self.lambda_levels, tie_word_embeddings=False,
                            bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 

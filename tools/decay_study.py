@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 from fenwick_llm.tools import decay_tasks as tasks
-from fenwick_llm.tools.decay_job import Job, TrainPlan, job_name, run_job, seconds_per_step
-from fenwick_llm.tools.decay_models import ABLATIONS, MAIN_VARIANTS, Shape
+from fenwick_llm.tools.decay_job import Job, TrainPlan, job_name, run_job, seconds_per_step, warm_engine
+from fenwick_llm.tools.decay_models import ABLATIONS, MAIN_VARIANTS, VARIANTS, Shape
 from fenwick_llm.tools.decay_plots import plot_task
 from fenwick_llm.tools.decay_stats import markdown, summarize_task
 
@@ -60,18 +60,18 @@ def preset(name: str, text: str | None) -> Preset:
     text = text or ""
     if name == "gpu":  # one H100, ≈ 7 minutes
         return Preset(Shape(), (
-            TaskPlan(tasks.MQARSpec(), 65536, 3e-3, 0.45, ablate),
-            TaskPlan(tasks.CopySpec(), 65536, 3e-3, 0.25, every),
-            TaskPlan(tasks.LMSpec(text), 65536, 3e-3, 0.30, every),
-        ), budget=400, workers=3, seeds=3, min_steps=100, max_steps=3000)
+            TaskPlan(tasks.MQARSpec(), 32768, 5e-3, 0.45, ablate),
+            TaskPlan(tasks.CopySpec(), 32768, 5e-3, 0.25, every),
+            TaskPlan(tasks.LMSpec(text), 32768, 3e-3, 0.30, every),
+        ), budget=400, workers=3, seeds=3, min_steps=100, max_steps=4000)
     if name == "pilot":  # CPU, 2 cores: lengths 8× shorter than the GPU study
         lens = (256, 512, 1024, 2048)
-        return Preset(Shape(hidden=64, layers=2, head_dim=32, state_size=32, lambda_levels=12), (
+        return Preset(Shape(hidden=64, layers=2, head_dim=64, state_size=32, lambda_levels=12), (
             TaskPlan(tasks.MQARSpec(vocab_size=128, train_mix=((32, 2), (64, 4), (128, 8), (256, 16)),
-                                    eval_lens=lens, eval_pairs=16, examples=64), 4096, 5e-3, 0.45, ablate),
+                                    eval_lens=lens, eval_pairs=16, examples=64), 2048, 5e-3, 0.45, ablate),
             TaskPlan(tasks.CopySpec(vocab_size=19, num_tokens=8, train_lens=(64, 128, 256), eval_lens=lens,
-                                    examples=32), 4096, 5e-3, 0.25, every),
-            TaskPlan(tasks.LMSpec(text, seq_len=256, eval_lens=lens), 4096, 5e-3, 0.30, every),
+                                    examples=32), 2048, 5e-3, 0.25, every),
+            TaskPlan(tasks.LMSpec(text, seq_len=256, eval_lens=lens), 2048, 5e-3, 0.30, every),
         ), budget=900, workers=2, seeds=3, min_steps=50, max_steps=2000, warmup=30)
     if name == "smoke":  # CPU, seconds: checks the plumbing, learns little
         lens = (32, 64, 128, 256)
@@ -95,7 +95,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="worker processes sharing the device")
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="fixed steps for every task (no calibration)")
-    p.add_argument("--no-ablations", action="store_true", help="only the three λ modes")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of the variants (default: the preset's, per task)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=None, help="model directories for the engine (default: a temp dir)")
     return p.parse_args(argv)
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     plans = [tp for tp in pre.tasks if tp.spec.name in names]
     if "lm" in names and not (args.text and Path(args.text).is_file()):
         raise SystemExit(f"the lm task needs --text PATH (a UTF-8 text file); got {args.text!r}")
-    variants = {tp.spec.name: list(MAIN_VARIANTS if args.no_ablations else tp.variants) for tp in plans}
+    keep = args.variants.split(",") if args.variants else None
+    if keep and not set(keep) <= set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(set(keep) - set(VARIANTS))}; known: {list(VARIANTS)}")
+    variants = {tp.spec.name: [v for v in tp.variants if keep is None or v in keep] for tp in plans}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="decay_study_"))
@@ -169,12 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     threads = max(1, (os.cpu_count() or 1) // pre.workers)
     torch.set_num_threads(threads)
 
-    # calibration: seconds per step of the slowest λ mode, alone on the device
+    # calibration: seconds per step of the slowest λ mode, alone on the device; the engine's kernels compiled
     taus: dict[str, float] = {}
     t = time.time()
     for tp in plans:
         probe = TrainPlan(steps=1, batch_tokens=tp.batch_tokens, lr=tp.lr, warmup=1)
         taus[tp.spec.name] = 0.0 if args.steps else seconds_per_step(tp.spec, pre.shape, probe, device)
+    for tp in plans:
+        warm_engine(tp.spec, pre.shape, device, work)
     calib_seconds = time.time() - t
     counts = {tp.spec.name: pre.seeds * len(variants[tp.spec.name]) for tp in plans}
     n_jobs = sum(counts.values())
@@ -187,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
         for tp in plans:
             t_name = tp.spec.name
             est = steps[t_name] * taus[t_name]
+            cap = 3.0 * pre.workers * est + 30.0 if est else 0.0  # fixed --steps: only the deadline caps
             plan = TrainPlan(steps=steps[t_name], batch_tokens=tp.batch_tokens, lr=tp.lr, warmup=pre.warmup,
-                             time_cap=3.0 * pre.workers * est + 30.0, eval_budget=eval_budget)
+                             time_cap=cap, eval_budget=eval_budget)
             jobs += [Job(tp.spec, v, seed, pre.shape, plan, str(device), str(work), deadline,
                          expected_seconds=pre.workers * est + eval_budget, threads=threads)
                      for v in variants[t_name]]
