@@ -6,6 +6,7 @@ tools/decay_study.py (or in-process for calibration and tests).
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 import traceback
 from collections.abc import Iterator
@@ -156,6 +157,7 @@ def run_job(job: Job) -> dict:
         result = {**head, "status": "error", "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()[-3000:]}
     result["wall_seconds"] = round(time.time() - t0, 2)
+    gc.collect()  # the engine's pools hold reference cycles: free them before the next run
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result

@@ -173,32 +173,19 @@ def main(argv: list[str] | None = None) -> dict:
     threads = max(1, (os.cpu_count() or 1) // pre.workers)
     torch.set_num_threads(threads)
 
-    # calibration: seconds per step of the slowest λ mode, alone on the device; the engine's kernels compiled
-    taus: dict[str, float] = {}
-    t = time.time()
-    for tp in plans:
-        probe = TrainPlan(steps=1, batch_tokens=tp.batch_tokens, lr=tp.lr, warmup=1)
-        taus[tp.spec.name] = 0.0 if args.steps else seconds_per_step(tp.spec, pre.shape, probe, device)
-    for tp in plans:
-        warm_engine(tp.spec, pre.shape, device, work)
-    calib_seconds = time.time() - t
+    t_calib = time.time()
+    taus = {tp.spec.name: 0.0 if args.steps else seconds_per_step(
+        tp.spec, pre.shape, TrainPlan(steps=1, batch_tokens=tp.batch_tokens, lr=tp.lr, warmup=1), device)
+        for tp in plans}
+    warm_errors = warm_engines(plans, pre.shape, device, work)
+    calib_seconds = time.time() - t_calib
     counts = {tp.spec.name: pre.seeds * len(variants[tp.spec.name]) for tp in plans}
     n_jobs = sum(counts.values())
     left = pre.budget - (time.time() - started) - 10.0  # 10 s for the summary and plots
-    steps = ({t: args.steps for t in counts} if args.steps else plan_steps(pre, taus, counts, left))
+    steps = {k: args.steps for k in counts} if args.steps else plan_steps(pre, taus, counts, left)
     eval_budget = max(left * (1 - pre.train_share) * pre.workers / n_jobs, 5.0)
     deadline = started + pre.budget - 10.0
-    jobs = []
-    for seed in range(pre.seeds):
-        for tp in plans:
-            t_name = tp.spec.name
-            est = steps[t_name] * taus[t_name]
-            cap = 3.0 * pre.workers * est + 30.0 if est else 0.0  # fixed --steps: only the deadline caps
-            plan = TrainPlan(steps=steps[t_name], batch_tokens=tp.batch_tokens, lr=tp.lr, warmup=pre.warmup,
-                             time_cap=cap, eval_budget=eval_budget)
-            jobs += [Job(tp.spec, v, seed, pre.shape, plan, str(device), str(work), deadline,
-                         expected_seconds=pre.workers * est + eval_budget, threads=threads)
-                     for v in variants[t_name]]
+    jobs = make_jobs(pre, plans, variants, steps, taus, eval_budget, device, work, deadline, threads)
     header = {"command": "python -m fenwick_llm.tools.decay_study " + shlex.join(argv), "preset": args.preset,
               "device": name, "torch": torch.__version__, "started": started, "budget_seconds": pre.budget,
               "workers": pre.workers, "seeds": pre.seeds, "shape": asdict(pre.shape),
@@ -206,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        "steps": steps[tp.spec.name], "variants": variants[tp.spec.name],
                                        "seconds_per_step": round(taus[tp.spec.name], 4)} for tp in plans},
               "calibration_seconds": round(calib_seconds, 1), "eval_budget_per_job": round(eval_budget, 1),
+              "engine_warmup_errors": warm_errors,
               "attention": "chunked (tools/chunk_attn.py), chunk 64", "jobs_planned": n_jobs}
     print(f"[decay] {name}: {n_jobs} jobs on {pre.workers} workers; steps {steps}; s/step "
           f"{ {k: round(v, 4) for k, v in taus.items()} }; eval {eval_budget:.0f} s/job; calibration "
@@ -217,6 +205,38 @@ def main(argv: list[str] | None = None) -> dict:
     study = outputs.write(final=True)
     print(f"[decay] done in {study['wall_seconds']:.0f} s: {study['status']}; results in {out}", flush=True)
     return study
+
+
+def warm_engines(plans: list[TaskPlan], shape: Shape, device: torch.device, work: Path) -> list[str]:
+    """Compile the engine's kernels before the workers start; failures are reported, not raised (each
+    run's evaluation reports its own)."""
+    errors = []
+    for tp in plans:
+        try:
+            warm_engine(tp.spec, shape, device, work)
+        except Exception as e:
+            errors.append(f"{tp.spec.name}: {type(e).__name__}: {e}")
+            print(f"[decay] engine warm-up failed: {errors[-1]}", flush=True)
+    return errors
+
+
+def make_jobs(pre: Preset, plans: list[TaskPlan], variants: dict[str, list[str]], steps: dict[str, int],
+              taus: dict[str, float], eval_budget: float, device: torch.device, work: Path, deadline: float,
+              threads: int) -> list[Job]:
+    """Seed-major: every variant of every task at seed 0, then seed 1, ... (a study cut short loses whole
+    seeds last). Training is capped at 3× its share of the device (×workers: they share it); with fixed
+    --steps (no timing) only the deadline caps it."""
+    jobs = []
+    for seed in range(pre.seeds):
+        for tp in plans:
+            name = tp.spec.name
+            est = steps[name] * taus[name]
+            plan = TrainPlan(steps=steps[name], batch_tokens=tp.batch_tokens, lr=tp.lr, warmup=pre.warmup,
+                             time_cap=3.0 * pre.workers * est + 30.0 if est else 0.0, eval_budget=eval_budget)
+            jobs += [Job(tp.spec, v, seed, pre.shape, plan, str(device), str(work), deadline,
+                         expected_seconds=pre.workers * est + eval_budget, threads=threads)
+                     for v in variants[name]]
+    return jobs
 
 
 def run_pool(jobs: list[Job], workers: int, hard_stop: float, outputs: Outputs) -> None:
