@@ -161,6 +161,9 @@ def test_smoke_summaries_cover_every_variant_and_length(smoke: tuple[Path, dict]
             cells = s[task]["metrics"][metric][v]
             assert list(cells) == lens and all(c["n"] == 2 and c["ci95"] is not None for c in cells.values())
     pairs = {(c["first"], c["second"]) for c in s["mqar"]["comparisons"]}
+    verdicts = {c["verdict"] for c in s["mqar"]["comparisons"]}
+    assert verdicts <= {"mlp better", "linear better", "none better", "mlp-h8 better", "mlp-h256 better",
+                        "mlp-softmax better", "no significant difference"}
     assert {("mlp", "linear"), ("mlp", "none"), ("mlp-softmax", "mlp")} <= pairs
     assert set(s["lm"]["position_loss"]) == {"mlp", "linear", "none"}
     for job in study["jobs"]:

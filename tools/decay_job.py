@@ -163,13 +163,15 @@ def run_job(job: Job) -> dict:
     return result
 
 
-def warm_engine(spec: tasks.TaskSpec, shape: Shape, device: torch.device, work_dir: Path) -> None:
+def warm_engine(spec: tasks.TaskSpec, variant: str, shape: Shape, device: torch.device,
+                work_dir: Path) -> None:
     """Serve two short prompts (prefill and a few decode steps) from an untrained model directory, so
-    that the engine's Triton kernels are compiled (and in the on-disk cache) before the workers start."""
-    if isinstance(spec, tasks.LMSpec):
+    that the engine's Triton kernels for this λ mode and λ-MLP size are compiled (and in the on-disk
+    cache) before the workers start."""
+    if isinstance(spec, tasks.LMSpec) or not VARIANTS[variant].servable:
         return
-    model = build(VARIANTS["mlp"], shape, tasks.vocab_size(spec), device, 0)
-    model_dir = work_dir / f"warmup-{spec.name}"
+    model = build(VARIANTS[variant], shape, tasks.vocab_size(spec), device, 0)
+    model_dir = work_dir / f"warmup-{spec.name}-{variant}"
     save_weights(model, model_dir, torch.float32)
     tasks.save_tokenizer(spec, model_dir, model.config.max_model_len)
     llm = tasks.load_llm(model_dir, device, max(spec.eval_lens))

@@ -21,6 +21,9 @@ METRICS = {
              ("forward_exact", "max")],
     "lm": [("nats_per_char", "min")],
 }
+# the comparisons summary.md lists (study.json has every metric's)
+PRIMARY = {"mqar": ("engine_acc", "forward_acc_all"), "copy": ("engine_token_acc", "engine_exact"),
+           "lm": ("nats_per_char",)}
 MAIN_PAIRS = [("mlp", "linear"), ("mlp", "none"), ("linear", "none")]
 ABLATION_BASE = "mlp"
 
@@ -90,6 +93,7 @@ def summarize_task(task: str, jobs: list[dict], variants: list[str]) -> dict:
         for a, b in pairs:
             for T in sorted(set(data[a]) & set(data[b]), key=int):
                 c = compare(data[a][T], data[b][T], goal)
+                c["verdict"] = c["verdict"].replace("first", a).replace("second", b)
                 c.update(metric=metric, length=int(T), first=a, second=b,
                          intervals_overlap=overlap(table[a][T], table[b][T]))
                 out["comparisons"].append(c)
@@ -151,11 +155,21 @@ def markdown(summaries: dict[str, dict]) -> str:
             lines += [f"| {v} | " + " | ".join(_cell(rows.get(T), pct) for T in lens) + " |"
                       for v, rows in table.items()]
             lines.append("")
-        if summ["comparisons"]:
+        if "position_loss" in summ and summ["position_loss"]:
+            first = next(iter(summ["position_loss"].values()))
+            edges = first["edges"]
+            heads = [f"{a}–{b}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            lines += [f"### {task}: held-out loss by position at the longest window (nats/char)", "",
+                      "| variant | " + " | ".join(heads) + " |", "| --- |" + " --- |" * len(heads)]
+            lines += [f"| {v} | " + " | ".join(_cell(b, False) for b in pl["bins"]) + " |"
+                      for v, pl in summ["position_loss"].items()]
+            lines.append("")
+        shown = [c for c in summ["comparisons"] if c["metric"] in PRIMARY.get(task, ())]
+        if shown:
             lines += [f"### {task}: paired differences (first − second, same seeds)", "",
                       "| metric | length | first | second | diff ± 95 % | n | verdict | intervals overlap |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-            for c in summ["comparisons"]:
+            for c in shown:
                 k, d = (1.0, 4) if c["metric"] == "nats_per_char" else (100.0, 1)
                 diff = "—" if "diff" not in c else f"{k * c['diff']:+.{d}f}" + (
                     "" if c["ci95"] is None else f" ± {k * c['ci95']:.{d}f}")

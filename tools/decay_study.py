@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     taus = {tp.spec.name: 0.0 if args.steps else seconds_per_step(
         tp.spec, pre.shape, TrainPlan(steps=1, batch_tokens=tp.batch_tokens, lr=tp.lr, warmup=1), device)
         for tp in plans}
-    warm_errors = warm_engines(plans, pre.shape, device, work)
+    warm_errors = warm_engines(plans, variants, pre.shape, device, work)
     calib_seconds = time.time() - t_calib
     counts = {tp.spec.name: pre.seeds * len(variants[tp.spec.name]) for tp in plans}
     n_jobs = sum(counts.values())
@@ -207,16 +207,18 @@ def main(argv: list[str] | None = None) -> dict:
     return study
 
 
-def warm_engines(plans: list[TaskPlan], shape: Shape, device: torch.device, work: Path) -> list[str]:
-    """Compile the engine's kernels before the workers start; failures are reported, not raised (each
-    run's evaluation reports its own)."""
+def warm_engines(plans: list[TaskPlan], variants: dict[str, list[str]], shape: Shape, device: torch.device,
+                 work: Path) -> list[str]:
+    """Compile the engine's kernels for every served variant before the workers start; failures are
+    reported, not raised (each run's evaluation reports its own)."""
     errors = []
     for tp in plans:
-        try:
-            warm_engine(tp.spec, shape, device, work)
-        except Exception as e:
-            errors.append(f"{tp.spec.name}: {type(e).__name__}: {e}")
-            print(f"[decay] engine warm-up failed: {errors[-1]}", flush=True)
+        for v in variants[tp.spec.name]:
+            try:
+                warm_engine(tp.spec, v, shape, device, work)
+            except Exception as e:
+                errors.append(f"{tp.spec.name}-{v}: {type(e).__name__}: {e}")
+                print(f"[decay] engine warm-up failed: {errors[-1]}", flush=True)
     return errors
 
 
