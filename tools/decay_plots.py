@@ -5,11 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 STYLE = {"mlp": ("C0", "o", "-"), "linear": ("C1", "s", "-"), "none": ("C2", "^", "-"),
          "mlp-h8": ("C3", "v", "--"), "mlp-h256": ("C4", "D", "--"), "mlp-softmax": ("C5", "x", "--")}
 
@@ -22,6 +17,12 @@ def _line(ax, xs: list[float], stats: list[dict], variant: str, scale: float) ->
 
 
 def plot_task(task: str, summary: dict, path: Path, title: str) -> None:
+    """Raises ImportError without matplotlib (the driver then writes the results without plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     metrics = summary["metrics"]
     panels = list(metrics) + (["position_loss"] if summary.get("position_loss") else [])
     if not panels:

@@ -136,9 +136,13 @@ class Outputs:
         md = f"# Adaptive-decay study ({self.header['device']})\n\n{markdown(summaries)}\n"
         (self.out / "summary.md").write_text(md)
         if final:
-            for t in self.names:
-                plot_task(t, summaries[t], self.out / f"{t}.png",
-                          f"{t}: mean ± 95 % t-interval over seeds ({self.header['device']})")
+            try:
+                for t in self.names:
+                    plot_task(t, summaries[t], self.out / f"{t}.png",
+                              f"{t}: mean ± 95 % t-interval over seeds ({self.header['device']})")
+            except ImportError as e:  # results first: a device image without matplotlib still gets them
+                study["plots"] = f"not drawn: {e}"
+                _write_json(self.out / "study.json", study)
         return study
 
 
