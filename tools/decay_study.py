@@ -61,16 +61,17 @@ def preset(name: str, text: str | None) -> Preset:
     if name == "gpu":  # one H100, ≈ 7 minutes
         return Preset(Shape(), (
             TaskPlan(tasks.MQARSpec(), 32768, 5e-3, 0.45, ablate),
-            TaskPlan(tasks.CopySpec(), 32768, 5e-3, 0.25, every),
-            TaskPlan(tasks.LMSpec(text), 32768, 3e-3, 0.30, every),
+            TaskPlan(tasks.CopySpec(), 32768, 5e-3, 0.35, every),  # learns slowest (CPU pilot)
+            TaskPlan(tasks.LMSpec(text), 32768, 3e-3, 0.20, every),  # learns fastest
         ), budget=400, workers=3, seeds=3, min_steps=100, max_steps=4000)
     if name == "pilot":  # CPU, 2 cores: lengths 8× shorter than the GPU study
         lens = (256, 512, 1024, 2048)
         return Preset(Shape(hidden=64, layers=2, head_dim=64, state_size=32, lambda_levels=12), (
             TaskPlan(tasks.MQARSpec(vocab_size=128, train_mix=((32, 2), (64, 4), (128, 8), (256, 16)),
                                     eval_lens=lens, eval_pairs=16, examples=64), 2048, 5e-3, 0.45, ablate),
-            TaskPlan(tasks.CopySpec(vocab_size=19, num_tokens=8, train_lens=(64, 128, 256), eval_lens=lens,
-                                    examples=32), 2048, 5e-3, 0.25, every),
+            TaskPlan(tasks.CopySpec(vocab_size=19, num_tokens=8, eval_lens=lens, examples=32,
+                                    train_mix=((32, 2), (64, 4), (128, 8), (256, 8))),
+                     2048, 5e-3, 0.25, every),
             TaskPlan(tasks.LMSpec(text, seq_len=256, eval_lens=lens), 2048, 5e-3, 0.30, every),
         ), budget=900, workers=2, seeds=3, min_steps=50, max_steps=2000, warmup=30)
     if name == "smoke":  # CPU, seconds: checks the plumbing, learns little
@@ -78,7 +79,7 @@ def preset(name: str, text: str | None) -> Preset:
         return Preset(Shape(hidden=32, layers=1, head_dim=16, state_size=8, lambda_levels=9), (
             TaskPlan(tasks.MQARSpec(vocab_size=31, train_mix=((16, 1), (32, 2)), eval_lens=lens, eval_pairs=2,
                                     examples=8), 256, 1e-2, 0.4, ablate),
-            TaskPlan(tasks.CopySpec(vocab_size=8, num_tokens=3, train_lens=(16, 32), eval_lens=lens,
+            TaskPlan(tasks.CopySpec(vocab_size=8, num_tokens=3, train_mix=((16, 2), (32, 3)), eval_lens=lens,
                                     examples=8), 256, 1e-2, 0.3, every),
             TaskPlan(tasks.LMSpec(text, seq_len=32, eval_lens=lens), 256, 1e-2, 0.3, every),
         ), budget=60, workers=2, seeds=2, min_steps=4, max_steps=8, warmup=2)

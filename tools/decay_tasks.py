@@ -37,8 +37,9 @@ class MQARSpec:
 @dataclass(frozen=True)
 class CopySpec:
     vocab_size: int = 19  # 16 data tokens
-    num_tokens: int = 16  # M: data tokens to copy
-    train_lens: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    num_tokens: int = 16  # M: data tokens to copy at evaluation
+    # (length, data tokens): fewer tokens in the short settings, as MQAR's mixture has fewer pairs
+    train_mix: tuple[tuple[int, int], ...] = ((64, 2), (128, 4), (256, 8), (512, 16), (1024, 16), (2048, 16))
     eval_lens: tuple[int, ...] = (2048, 4096, 8192, 16384)
     examples: int = 64
     name: str = "copy"
@@ -163,9 +164,9 @@ def copy_sampler(spec: CopySpec, batch_tokens: int, device: torch.device) -> Sam
     vocab, step = cp.CopyVocab(spec.vocab_size), [0]
 
     def next_batch(_: int, gen: torch.Generator) -> Batch:
-        T = spec.train_lens[step[0] % len(spec.train_lens)]
+        T, M = spec.train_mix[step[0] % len(spec.train_mix)]
         step[0] += 1
-        b = cp.generate(max(batch_tokens // T, 1), T, spec.num_tokens, vocab, gen)
+        b = cp.generate(max(batch_tokens // T, 1), T, M, vocab, gen)
         return b.inputs.to(device, non_blocking=True), b.labels.to(device, non_blocking=True)
 
     return next_batch
@@ -275,7 +276,7 @@ def train_lengths(spec: TaskSpec) -> list[int]:
     if isinstance(spec, MQARSpec):
         return [T for T, _ in spec.train_mix]
     if isinstance(spec, CopySpec):
-        return list(spec.train_lens)
+        return [T for T, _ in spec.train_mix]
     return [spec.seq_len]
 
 
