@@ -179,12 +179,13 @@ def warm_engine(spec: tasks.TaskSpec, variant: str, shape: Shape, device: torch.
 
 
 def seconds_per_step(spec: tasks.TaskSpec, shape: Shape, plan: TrainPlan, device: torch.device,
-                     variant: str = "mlp", warmup_cycles: int = 1) -> float:
-    """Mean seconds per training step over one cycle of the task's length mixture, after a warm-up cycle
-    (the slowest λ mode by default; the mixture's lengths are cycled one per step)."""
+                     variant: str = "mlp", min_steps: int = 4) -> float:
+    """Mean seconds per training step over whole cycles of the task's length mixture (at least
+    ``min_steps``), after a warm-up cycle (the slowest λ mode by default; one length per step)."""
     n = len(tasks.train_lengths(spec))
+    n *= -(-min_steps // n)
     job = Job(spec, variant, 0, shape, plan, str(device), "")
-    train_model(job, device, n * warmup_cycles, 0.0)
+    train_model(job, device, n, 0.0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     _, info = train_model(job, device, n, 0.0)
