@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from fenwick_llm.tools import decay_tasks as tasks
@@ -72,7 +73,8 @@ def level_scale_profile(model: torch.nn.Module, inputs: torch.Tensor, device: to
     with forward_context(device):
         inner = kernels.chunk_log_linear_attn
 
-        def record(q, k, v, g, level_scales, **kw):
+        def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                   level_scales: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
             lam = level_scales.float()  # (B, T, H, L)
             t = torch.arange(lam.shape[1], device=lam.device)[:, None]
             lvl = torch.arange(lam.shape[-1], device=lam.device)[None]

@@ -4,12 +4,13 @@ seeds, one line per variant); for language modelling also the loss by position a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 STYLE = {"mlp": ("C0", "o", "-"), "linear": ("C1", "s", "-"), "none": ("C2", "^", "-"),
          "mlp-h8": ("C3", "v", "--"), "mlp-h256": ("C4", "D", "--"), "mlp-softmax": ("C5", "x", "--")}
 
 
-def _line(ax, xs: list[float], stats: list[dict], variant: str, scale: float) -> None:
+def _line(ax: Any, xs: list[float], stats: list[dict], variant: str, scale: float) -> None:
     color, marker, ls = STYLE.get(variant, ("k", ".", ":"))
     shift = 2 ** (0.04 * (list(STYLE).index(variant) - 2.5)) if variant in STYLE else 1.0
     xs = [x * shift for x in xs]  # side by side on the log axis, so that the intervals do not hide each other
