@@ -90,8 +90,7 @@ def load_llm(model_dir: Path | None, device: torch.device, max_len: int) -> Any:
     from fenwick_llm.engine import LLM
 
     return LLM(str(model_dir), device=device.type, max_num_seqs=64,
-               max_num_batched_tokens=max(2 * max_len, 4096), long_prefill_chunk=max_len, enforce_eager=True,
-               gc_freeze=False)
+               max_num_batched_tokens=max(2 * max_len, 4096), long_prefill_chunk=max_len, enforce_eager=True)
 
 
 def generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
