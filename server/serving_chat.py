@@ -129,15 +129,15 @@ class ChatServing(Serving):
                     for i in progress
                 ]
             )
-            prompt_tokens = len(prompt_ids)
+            prompt_tokens, cached_tokens = len(prompt_ids), 0
             async for _, out in stream:
-                prompt_tokens = len(out.prompt_token_ids)
+                prompt_tokens, cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
                 for c in out.outputs:
                     delta = self._delta(c, progress[c.index], body.logprobs)
                     if delta is not None:
                         yield chunk([delta])
             if body.include_usage:
-                yield chunk([], streamed_usage(progress, prompt_tokens))
+                yield chunk([], streamed_usage(progress, prompt_tokens, cached_tokens))
 
         return await self.run(request, [prompt_ids], params, request_id, body.stream, events, respond)
 
