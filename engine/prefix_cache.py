@@ -2,8 +2,9 @@
 No tensors: the scheduler asks it what to save and restore, the runner copies (engine/state_snapshot.py).
 
 A request's state after t tokens (Fenwick levels with their owed decay, conv state, token window, position)
-is an exact summary of those t tokens. Snapshots of whole slots live in rows of a device tier and a host
-tier, indexed by the tokens they absorbed in a radix tree. A new request restores the deepest snapshot on its
+is an exact summary of those t tokens. Snapshots of slots (their live levels and everything else, see
+engine/state_snapshot.py) live in rows of a device tier and a host tier, indexed by the tokens they
+absorbed in a radix tree. A new request restores the deepest snapshot on its
 prompt's path, at most len(prompt) - 1 tokens deep (the last prompt token must run for its logits), into its
 slot, and prefills only the rest.
 
@@ -21,7 +22,9 @@ freed since the last step, and demotions to the host tier), ``restores`` after t
 model runs (saves of prompt chunk ends). A snapshot is matched from the first step whose restores run after
 its save. Eviction is least recently used over fixed-size rows (one slot's bytes each): a device row is
 demoted to a host row, a host row is dropped; a snapshot being restored this step, or whose save has not
-run, is never evicted.
+run, is never evicted. With a host tier, each step keeps a few device rows free by demoting ahead, and a
+row freed so is reused last: its copy to the host runs beside the model, and is done long before a save
+overwrites the row (the device waits for it otherwise).
 """
 
 from __future__ import annotations
@@ -45,12 +48,13 @@ class Tier(enum.IntEnum):
 
 @dataclass(frozen=True)
 class StateCopy:
-    """Copy one whole slot state from one place to another (slot, device row or host row)."""
+    """Copy one slot state from one place to another (slot, device row or host row)."""
 
     src: Tier
     src_index: int
     dst: Tier
     dst_index: int
+    position: int = -1  # tokens the state absorbed: only its live levels move (-1: every level)
 
 
 @dataclass
@@ -104,6 +108,7 @@ class PrefixCache:
         self._pending: list[Snapshot] = []  # saved after this step's model: ready from the next step
         self._locked: list[Snapshot] = []  # restored this step
         self._branch: dict[str, int] = {}  # request id -> branch point its prompt snapshots at
+        self.low_water = max(1, config.device_rows // 8)  # free device rows kept by demoting ahead
         self._queries = self._hits = 0
 
     # ---- the scheduler's hooks -------------------------------------------------------------------
@@ -114,6 +119,10 @@ class PrefixCache:
         for snap in self._locked:
             snap.locks -= 1
         self._pending, self._locked = [], []
+        while self.config.host_rows and len(self.free[Tier.DEVICE]) < self.low_water:
+            victim = self._victim(Tier.DEVICE)
+            if victim is None or not self._demote(victim):
+                break
 
     def take_ops(self) -> SnapshotOps:
         ops, self.ops = self.ops, SnapshotOps()
@@ -136,7 +145,7 @@ class PrefixCache:
         snap.locks += 1
         self._locked.append(snap)
         self.lru[snap.tier].move_to_end(snap)
-        self.ops.restores.append(StateCopy(snap.tier, snap.row, Tier.SLOT, slot))
+        self.ops.restores.append(StateCopy(snap.tier, snap.row, Tier.SLOT, slot, depth))
         self._hits += depth
         return depth
 
@@ -191,7 +200,8 @@ class PrefixCache:
         snap = Snapshot(node, tier, row, ready=not after)
         node.value = snap
         self.lru[tier][snap] = None
-        (self.ops.after if after else self.ops.before).append(StateCopy(Tier.SLOT, slot, tier, row))
+        save = StateCopy(Tier.SLOT, slot, tier, row, len(tokens))
+        (self.ops.after if after else self.ops.before).append(save)
         if after:
             self._pending.append(snap)
 
@@ -202,18 +212,24 @@ class PrefixCache:
                 victim = self._victim(Tier.DEVICE)
                 if victim is None:
                     return None
-                host = self._host_row() if self.config.host_rows else None
-                if host is None:
+                if not (self.config.host_rows and self._demote(victim)):
                     self._drop(victim)
-                else:  # demote: copied before this step's saves can overwrite its row
-                    self.ops.before.append(StateCopy(Tier.DEVICE, victim.row, Tier.HOST, host))
-                    del self.lru[Tier.DEVICE][victim]
-                    self.free[Tier.DEVICE].append(victim.row)
-                    victim.tier, victim.row = Tier.HOST, host
-                    self.lru[Tier.HOST][victim] = None
             return Tier.DEVICE, self.free[Tier.DEVICE].pop()
         host = self._host_row() if self.config.host_rows else None
         return None if host is None else (Tier.HOST, host)
+
+    def _demote(self, snap: Snapshot) -> bool:
+        """Move a device snapshot to a host row (copied before this step's saves); its device row goes to
+        the bottom of the free rows. False where no host row can be had."""
+        host = self._host_row()
+        if host is None:
+            return False
+        self.ops.before.append(StateCopy(Tier.DEVICE, snap.row, Tier.HOST, host, snap.node.depth))
+        del self.lru[Tier.DEVICE][snap]
+        self.free[Tier.DEVICE].insert(0, snap.row)
+        snap.tier, snap.row = Tier.HOST, host
+        self.lru[Tier.HOST][snap] = None
+        return True
 
     def _host_row(self) -> int | None:
         if not self.free[Tier.HOST]:

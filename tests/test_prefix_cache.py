@@ -102,20 +102,20 @@ def test_restore_takes_the_deepest_ready_snapshot_and_locks_it() -> None:
     first = request("a", list(range(10)))
     finish(cache, first, slot=3, output=[10, 11, 12])  # absorbed 0..11: saved before the next resets
     ops = cache.take_ops()
-    assert ops.before == [StateCopy(Tier.SLOT, 3, Tier.DEVICE, 0)] and not ops.after
+    assert ops.before == [StateCopy(Tier.SLOT, 3, Tier.DEVICE, 0, 12)] and not ops.after
     nxt = request("b", list(range(14)))
     assert cache.restore(nxt, slot=0) == 12
-    assert cache.take_ops().restores == [StateCopy(Tier.DEVICE, 0, Tier.SLOT, 0)]
+    assert cache.take_ops().restores == [StateCopy(Tier.DEVICE, 0, Tier.SLOT, 0, 12)]
     assert cache.restore(request("c", list(range(12))), slot=1) == 0  # needs len - 1 = 11 tokens at most
     stats = cache.take_stats()
     assert (stats.queries, stats.hits, stats.device_bytes, stats.host_bytes) == (26, 12, 100, 0)
     finish(cache, request("d", [7, 7]), slot=2, output=[1, 2])  # the free row
     finish(cache, request("e", [8, 8]), slot=2, output=[1, 2])  # evicts "d": "a" is being restored
-    assert cache.take_ops().before == [StateCopy(Tier.SLOT, 2, Tier.DEVICE, 1)] * 2
+    assert cache.take_ops().before == [StateCopy(Tier.SLOT, 2, Tier.DEVICE, 1, 3)] * 2
     assert cache.tree.find([7, 7, 1]) is None and cache.tree.find(list(range(12))) is not None
     cache.begin_step()  # the restore is queued: "a" is unlocked, and the least recently used
     finish(cache, request("f", [9, 9]), slot=2, output=[1, 2])
-    assert cache.take_ops().before == [StateCopy(Tier.SLOT, 2, Tier.DEVICE, 0)]
+    assert cache.take_ops().before == [StateCopy(Tier.SLOT, 2, Tier.DEVICE, 0, 3)]
     assert cache.tree.find(list(range(12))) is None and cache.tree.find([8, 8, 1]) is not None
 
 
@@ -125,7 +125,7 @@ def test_saves_after_the_model_are_matched_from_the_next_step() -> None:
     assert [cache.next_point(req, start) for start in (0, 5, 8, 16)] == [8, 8, 16, 20]
     cache.prompt_chunk_done(req, 5, slot=0)  # not a snapshot point
     cache.prompt_chunk_done(req, 8, slot=0)
-    assert cache.take_ops().after == [StateCopy(Tier.SLOT, 0, Tier.DEVICE, 0)]
+    assert cache.take_ops().after == [StateCopy(Tier.SLOT, 0, Tier.DEVICE, 0, 8)]
     assert cache.restore(request("b", list(range(12))), slot=1) == 0  # its copy runs after this step's model
     cache.begin_step()
     assert cache.restore(request("c", list(range(12))), slot=1) == 8
@@ -135,20 +135,21 @@ def test_saves_after_the_model_are_matched_from_the_next_step() -> None:
 
 
 def test_eviction_demotes_to_host_then_drops_least_recent() -> None:
-    cache = PrefixCache(PrefixCacheConfig(device_rows=1, host_rows=2, row_bytes=10, interval=0))
-    for i in range(3):
+    cache = PrefixCache(PrefixCacheConfig(device_rows=2, host_rows=2, row_bytes=10, interval=0))
+    assert cache.low_water == 1
+    for i in range(3):  # the third save finds no free device row: the oldest snapshot goes to the host
         finish(cache, request(f"r{i}", [i, i, i]), slot=i, output=[5, 6])
-        cache.begin_step()
-    ops = cache.take_ops()
-    assert ops.before == [
-        StateCopy(Tier.SLOT, 0, Tier.DEVICE, 0),
-        StateCopy(Tier.DEVICE, 0, Tier.HOST, 0), StateCopy(Tier.SLOT, 1, Tier.DEVICE, 0),
-        StateCopy(Tier.DEVICE, 0, Tier.HOST, 1), StateCopy(Tier.SLOT, 2, Tier.DEVICE, 0)]
+    assert cache.take_ops().before == [
+        StateCopy(Tier.SLOT, 0, Tier.DEVICE, 0, 4), StateCopy(Tier.SLOT, 1, Tier.DEVICE, 1, 4),
+        StateCopy(Tier.DEVICE, 0, Tier.HOST, 0, 4), StateCopy(Tier.SLOT, 2, Tier.DEVICE, 0, 4)]
+    cache.begin_step()  # a step keeps a device row free by demoting ahead
+    assert cache.take_ops().before == [StateCopy(Tier.DEVICE, 1, Tier.HOST, 1, 4)]
     assert cache.restore(request("x", [0, 0, 0, 5, 9]), slot=7) == 4  # from the host tier
-    assert cache.take_ops().restores == [StateCopy(Tier.HOST, 0, Tier.SLOT, 7)]
-    finish(cache, request("r3", [3, 3, 3]), slot=3, output=[5, 6])  # r0 is locked: r1 is dropped
-    assert cache.take_ops().before == [StateCopy(Tier.DEVICE, 0, Tier.HOST, 1),
-                                       StateCopy(Tier.SLOT, 3, Tier.DEVICE, 0)]
+    assert cache.take_ops().restores == [StateCopy(Tier.HOST, 0, Tier.SLOT, 7, 4)]
+    finish(cache, request("r3", [3, 3, 3]), slot=3, output=[5, 6])
+    cache.begin_step()  # host rows full: its least recent is dropped (r1; r0 was restored since)
+    assert cache.take_ops().before == [StateCopy(Tier.SLOT, 3, Tier.DEVICE, 1, 4),
+                                       StateCopy(Tier.DEVICE, 0, Tier.HOST, 1, 4)]
     assert cache.tree.find([1, 1, 1, 5]) is None and cache.tree.find([0, 0, 0, 5]) is not None
     stats = cache.take_stats()
     assert stats.device_bytes == 10 and stats.host_bytes == 20
@@ -163,7 +164,7 @@ def test_branch_point_gets_a_snapshot() -> None:
     assert cache.restore(b, slot=1) == 0  # diverges where nothing is saved
     assert cache.next_point(b, 0) == len(shared)
     cache.prompt_chunk_done(b, len(shared), slot=1)
-    assert cache.take_ops().after == [StateCopy(Tier.SLOT, 1, Tier.DEVICE, 1)]
+    assert cache.take_ops().after == [StateCopy(Tier.SLOT, 1, Tier.DEVICE, 1, len(shared))]
     cache.begin_step()
     assert cache.restore(request("c", shared + [5, 5]), slot=2) == len(shared)
     short = request("d", shared[:BRANCH_MIN_TOKENS - 1] + [0, 0])  # too close to the root to be worth a row
@@ -273,6 +274,6 @@ def test_chunks_end_at_snapshot_points_and_restored_slots_are_not_reset() -> Non
     nxt = request("b", list(range(1, 41)) + [9, 9], max_tokens=1)
     sched.add(nxt)
     out = sched.schedule()
-    assert out.reset_slots == [] and out.snapshots.restores == [StateCopy(Tier.DEVICE, 2, Tier.SLOT, 0)]
+    assert out.reset_slots == [] and out.snapshots.restores == [StateCopy(Tier.DEVICE, 2, Tier.SLOT, 0, 40)]
     assert [len(c.token_ids) for c in out.chunks] == [2] and nxt.num_cached_tokens == 40
     assert isinstance(out.snapshots, SnapshotOps)

@@ -11,7 +11,7 @@ import torch
 from fenwick_llm.engine.loader import load_model
 from fenwick_llm.engine.model_state import ModelState
 from fenwick_llm.engine.prefix_cache import StateCopy, Tier
-from fenwick_llm.engine.state_snapshot import SnapshotBank, state_stacks
+from fenwick_llm.engine.state_snapshot import SnapshotBank, dead_runs, live_level_runs, state_stacks
 from fenwick_llm.kernels.state import BW
 
 SLOT, DEV, HOST = Tier.SLOT, Tier.DEVICE, Tier.HOST
@@ -63,19 +63,43 @@ def test_round_trip_through_both_tiers_is_bitwise(model) -> None:
     assert_same_slot(bank.rows, 1, pool, 0)
     bank.copy(pool, [StateCopy(HOST, 0, SLOT, 0)])
     assert_same_slot(pool, 0, pool, 1)
-    assert bank.nbytes == 2 * pool.bytes_per_slot + 3 * pool.bytes_per_slot
+    assert bank.nbytes == 5 * pool.bytes_per_slot
 
 
 def prefill(model, state: ModelState, ids: list[int], slot: int, start: int) -> torch.Tensor:
     return model.prefill(torch.tensor(ids), torch.tensor([0, len(ids)]), state, torch.tensor([slot]), [start])
 
 
+def stored_values(state: ModelState, slot: int) -> torch.Tensor:
+    """The stored levels' values S = block * exp(owed decay) (0 where the decay is -inf), in float64."""
+    position = int(state.positions[slot])
+    decay = state.all_decay[:, slot, position % 2, state.low_level:].double()  # (layers, L', H)
+    w = torch.where(torch.isneginf(decay), 0.0, decay.exp())[..., None, None]
+    return torch.where(w > 0, state.all_levels[:, slot].double() * w, 0.0)
+
+
+def test_live_level_runs() -> None:
+    # no window (low 0): level 0 once a token is in, level l >= 1 where bit l - 1 of t - 1 is set
+    assert live_level_runs(0, 5, 0) == []
+    assert live_level_runs(1, 5, 0) == [(0, 1)]
+    assert live_level_runs(4, 5, 0) == [(0, 3)]  # t - 1 = 0b11: levels 0, 1, 2
+    assert live_level_runs(5, 5, 0) == [(0, 1), (3, 4)]  # 0b100: levels 0 and 3
+    assert live_level_runs(-1, 9, 6) == [(0, 3)]
+    assert live_level_runs(33, 9, 6) == [(0, 1)]  # t - 1 = 32: bit 5, level 6 (index 0)
+    assert live_level_runs(32, 9, 6) == []  # 31: bits 0..4, levels 1..5, all in the window
+    assert live_level_runs(64, 9, 6) == [(0, 1)]  # 63: bits 0..5, level 6 past the window
+    assert live_level_runs(225, 9, 6) == [(0, 3)]  # 224 = 0b11100000: levels 6, 7, 8
+    assert dead_runs([(0, 1), (2, 4)], 6) == [(1, 2), (4, 6)] and dead_runs([], 3) == [(0, 3)]
+
+
 @pytest.mark.parametrize("tier", [DEV, HOST], ids=["device", "host"])
 @pytest.mark.parametrize("p", POSITIONS, ids=[f"p{p}" for p in POSITIONS])
 def test_restored_slot_continues_exactly(model, p: int, tier: Tier) -> None:
-    """Slot 0 absorbs p tokens and is saved; slot 1 (junk before) restores it. Both then take the same
-    prompt chunk and decode steps: equal bit for bit (same kernels, same shapes), and equal within
-    tolerance to a slot that prefilled everything in one chunk."""
+    """Slot 0 absorbs p tokens (a prompt, then decode steps: half of them from p = 8, across merges into the
+    levels past the window, which leave stale blocks behind) and is saved (its live levels);
+    slot 1 (junk before) restores it: the same state values. Both then take the same prompt chunk and
+    decode steps: equal bit for bit (same kernels, same shapes), and equal within tolerance to a slot
+    that prefilled everything in one chunk."""
     gen = torch.Generator().manual_seed(p)
     ids = torch.randint(1, model.config.vocab_size, (p + 40,), generator=gen).tolist()
     pool = make_pool(model)
@@ -83,11 +107,16 @@ def test_restored_slot_continues_exactly(model, p: int, tier: Tier) -> None:
         t.fill_(float("nan"))
     pool.reset(torch.tensor([0, 2]))
     bank = SnapshotBank(pool, model.config, device_rows=1, host_rows=1 if tier is HOST else 0)
-    prefill(model, pool, ids[:p], 0, 0)
-    save = [StateCopy(SLOT, 0, DEV, 0)] + ([StateCopy(DEV, 0, HOST, 0)] if tier is HOST else [])
+    steps = p // 2 if p >= 8 else p - 1
+    prefill(model, pool, ids[:p - steps], 0, 0)
+    for t in ids[p - steps:p]:
+        model.decode(torch.tensor([t]), pool, torch.tensor([0]))
+    save = [StateCopy(SLOT, 0, DEV, 0, p)] + ([StateCopy(DEV, 0, HOST, 0, p)] if tier is HOST else [])
     bank.copy(pool, save)
-    bank.copy(pool, [StateCopy(tier, 0, SLOT, 1)])
-    assert_same_slot(pool, 0, pool, 1)
+    bank.copy(pool, [StateCopy(tier, 0, SLOT, 1, p)])
+    for x, y in zip(slot_state(pool, 0)[1:], slot_state(pool, 1)[1:], strict=True):
+        assert_bitwise(x, y)
+    assert_bitwise(stored_values(pool, 0), stored_values(pool, 1))
     cut = p + 27
     a = prefill(model, pool, ids[p:cut], 0, p)
     b = prefill(model, pool, ids[p:cut], 1, p)
