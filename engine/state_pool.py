@@ -6,7 +6,9 @@ fraction of the available RAM. One extra slot past the allocator's range is rese
 that CUDA-graph padding rows write into; no request ever holds it.
 
 The prefix cache's device rows (engine/state_snapshot.py) take only what the budget has left once the
-slots are sized, so the cache never costs a running request its slot; its host rows are extra.
+slots are sized, so the cache never costs a running request its slot; its host rows are extra. Each tier
+holds at most SNAPSHOTS_PER_SLOT rows per slot, so that small states do not turn a byte budget into a
+pointless number of rows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .state_snapshot import SnapshotBank
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+SNAPSHOTS_PER_SLOT = 16  # most snapshot rows per tier and state slot
 
 
 class SlotAllocator:
@@ -120,8 +123,9 @@ class StatePool:
         logger.info("state pool: %d slots (+1 dummy) x %.2f MiB per request (%d levels, %s) = %.1f MiB on %s",
                     num_slots, self.bytes_per_slot / 2**20, self.state.num_levels, state_dtype,
                     self.nbytes / 2**20, device)
-        device_rows = int(min(snapshot_bytes // self.bytes_per_slot, fit - num_slots))
-        host_rows = int(snapshot_host_bytes // self.bytes_per_slot)
+        most = SNAPSHOTS_PER_SLOT * num_slots
+        device_rows = int(min(snapshot_bytes // self.bytes_per_slot, fit - num_slots, most))
+        host_rows = int(min(snapshot_host_bytes // self.bytes_per_slot, most))
         self.snapshots: SnapshotBank | None = None
         if device_rows or host_rows:
             self.snapshots = SnapshotBank(self.state, model_config, device_rows, host_rows)
