@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -41,6 +41,8 @@ class TurnResult:
     ttft: float = 0.0  # seconds
     e2el: float = 0.0  # seconds
     text: str = ""  # the reply, re-sent in the next turn
+    tokens: list[str] = field(default_factory=list)  # with --save-requests: the reply's tokens
+    gaps: list[float] = field(default_factory=list)  # and the logprob gap of each to the runner-up
     error: str = ""
 
 
@@ -64,8 +66,13 @@ async def chat_turn(client: httpx.AsyncClient, body: dict, res: TurnResult) -> T
                     if "error" in msg:
                         res.error = str(msg["error"])[:300]
                         return res
-                    deltas = [c.get("delta") or {} for c in msg.get("choices") or ()]
-                    text = "".join(d.get("content") or "" for d in deltas)
+                    choices = msg.get("choices") or ()
+                    text = "".join((c.get("delta") or {}).get("content") or "" for c in choices)
+                    for c in choices:  # logprobs when asked for: where two runs' replies part, how close
+                        for e in (c.get("logprobs") or {}).get("content") or ():
+                            top = [t["logprob"] for t in e.get("top_logprobs") or ()]
+                            res.tokens.append(e["token"])
+                            res.gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
                     if text:
                         if not pieces:
                             res.ttft = now - start
@@ -198,6 +205,8 @@ def bench_multi_turn(a: argparse.Namespace) -> dict:
         # back as themselves
         base = {"model": model, "max_tokens": a.output_len, "ignore_eos": True, "temperature": 0.0,
                 "skip_special_tokens": False, "stream": True, "stream_options": {"include_usage": True}}
+        if a.save_requests:  # to tell near-ties from real differences when two runs are compared
+            base.update(logprobs=True, top_logprobs=2)
         rng = random.Random(a.seed)
         system = texts(sync, model, pool, rng, 1, a.prefix_len)[0] if a.prefix_len else ""
         if a.num_warmups:

@@ -3,8 +3,9 @@
 # model (hidden 768, 24 layers, λ-MLP) with a word-level tokenizer (its replies re-tokenize to the tokens
 # generated, as a trained model's mostly do: tools/make_random_model.py), `fenwick serve` started twice on
 # 127.0.0.1 -- prefix caching on, then off, all else equal -- and against each:
-#   multi-turn  32 conversations x 8 turns of 768 user + 384 reply tokens through chat completions, each
-#               turn re-sending the history (8.8 k prompt tokens by turn 8), 32 at once;
+#   multi-turn  32 conversations x 8 turns of 500 user + 640 reply tokens through chat completions, each
+#               turn re-sending the history (8.5 k prompt tokens by turn 8; with the cache a turn prefills
+#               its new message, one prompt chunk), 32 at once, logprobs kept to spot near-ties;
 #   shared      1000 requests of one 4096-token system prompt + 128 tokens, 32 output tokens, 256 at once;
 #   random      256 prompts of 1024 random tokens, 256 output tokens, 64 at once (no reuse);
 # then bench/prefix_cache_report.py compares the runs against the targets into $OUT/report.md.
@@ -22,7 +23,7 @@ DEVICE=${DEVICE:-cuda}
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-16384}
 MAX_NUM_SEQS=${MAX_NUM_SEQS:-256}
 SERVER_ARGS=${SERVER_ARGS:-}  # extra `fenwick serve` flags for both runs (e.g. --prefix-cache-gib 8)
-TURNS=${TURNS:-8} TURN_INPUT=${TURN_INPUT:-768} TURN_OUTPUT=${TURN_OUTPUT:-384} CONVERSATIONS=${CONVERSATIONS:-32}
+TURNS=${TURNS:-8} TURN_INPUT=${TURN_INPUT:-500} TURN_OUTPUT=${TURN_OUTPUT:-640} CONVERSATIONS=${CONVERSATIONS:-32}
 PREFIX=${PREFIX:-4096} PREFIX_SUFFIX=${PREFIX_SUFFIX:-128} PREFIX_OUTPUT=${PREFIX_OUTPUT:-32}
 PREFIX_REQUESTS=${PREFIX_REQUESTS:-1000} PREFIX_CONCURRENCY=${PREFIX_CONCURRENCY:-256}
 RANDOM_INPUT=${RANDOM_INPUT:-1024} RANDOM_OUTPUT=${RANDOM_OUTPUT:-256} RANDOM_PROMPTS=${RANDOM_PROMPTS:-256}

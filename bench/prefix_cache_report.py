@@ -36,19 +36,45 @@ def multi_turn(on: dict, off: dict) -> tuple[list[str], dict]:
         lines.append(f"| {a['turn']} | {a['mean_prompt_tokens']:.0f} | {a['hit_rate']:.1%} | "
                      f"{a['ttft_ms']['median']:.1f} / {b['ttft_ms']['median']:.1f} | {med:.2f}x | "
                      f"{a['ttft_ms']['mean']:.1f} / {b['ttft_ms']['mean']:.1f} | {mean:.2f}x |")
-    replies_on = {(r["conversation"], r["turn"]): r["text"] for r in on.get("requests", [])}
-    replies_off = {(r["conversation"], r["turn"]): r["text"] for r in off.get("requests", [])}
-    same = sum(replies_on.get(k) == v for k, v in replies_off.items())
+    replies_on = {(r["conversation"], r["turn"]): r for r in on.get("requests", [])}
+    replies_off = {(r["conversation"], r["turn"]): r for r in off.get("requests", [])}
+    same = sum(k in replies_on and replies_on[k]["text"] == r["text"] for k, r in replies_off.items())
+    partings = first_partings(replies_on, replies_off)
+    near = [g for g in partings if g < NEAR_TIE]
     worst = min(ratios) if ratios else 0.0
     best = max(ratios, default=0.0)
     lines += ["", f"Turns >= 4: TTFT (mean) {worst:.2f}x to {best:.2f}x lower with the cache "
               f"(target >= 5x: {'met' if worst >= 5 else 'NOT met'}). Greedy replies identical: {same} of "
               f"{len(replies_off)} (target: all; {'met' if same == len(replies_off) else 'NOT met'}; a reply "
-              "that differs changes every later prompt of its conversation). Hit rate "
+              "that differs changes every later prompt of its conversation). Conversations whose replies "
+              f"part: {len(partings)}, {len(near)} of them at a near-tie (the runner-up within {NEAR_TIE} "
+              "nats "
+              f"of the greedy token in either run; gaps where they part: "
+              f"{', '.join(f'{g:.3g}' for g in sorted(partings)) or '-'}). Hit rate "
               f"{on['prefix_cache_hit_rate']:.1%}; output throughput {on['output_throughput']:.0f} vs "
               f"{off['output_throughput']:.0f} tok/s.", ""]
     return lines, {"ttft_ratio_turns_ge_4_min": worst, "identical_replies": same, "replies": len(replies_off),
-                   "hit_rate": on["prefix_cache_hit_rate"]}
+                   "parting_gaps": partings, "hit_rate": on["prefix_cache_hit_rate"]}
+
+
+NEAR_TIE = 0.1  # nats: bf16 logits carry 8 bits of mantissa, and restoring moves the chunk boundaries
+
+
+def first_partings(on: dict, off: dict) -> list[float]:
+    """For each conversation whose replies differ, at its first differing turn (same prompt in both runs):
+    the smaller logprob gap between the greedy token and the runner-up where the tokens first differ."""
+    gaps = []
+    for conv in sorted({c for c, _ in off}):
+        turn = 0
+        while (conv, turn) in off and on.get((conv, turn), {}).get("text") == off[(conv, turn)]["text"]:
+            turn += 1
+        a, b = on.get((conv, turn)), off.get((conv, turn))
+        if a is None or b is None or not a.get("tokens") or not b.get("tokens"):
+            continue
+        i = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"], strict=False)) if x != y),
+                 min(len(a["tokens"]), len(b["tokens"])) - 1)
+        gaps.append(min(a["gaps"][i], b["gaps"][i]))
+    return gaps
 
 
 def prefilled(run: dict) -> float:
