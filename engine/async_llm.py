@@ -3,7 +3,10 @@
 The EngineCore is single-threaded and runs its steps in a worker thread (so the event loop keeps serving
 HTTP while the model runs). The event loop never touches the core's scheduler directly: adds and aborts
 go through an inbox that the worker drains at the start of each step; outputs and stats come back to
-the event loop, which fills the per-request queues and calls the stats listeners.
+the event loop, which fills the per-request holders (the newest snapshot each: bounded whatever the reader
+does) and calls the stats listeners. Tokenizing a prompt costs time in its length, so it runs in a worker
+thread too. One request's failure ends only that request; if the loop itself fails, every stream ends
+with EngineDeadError and the death listeners are told (the server then exits non-zero).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from .config import EngineConfig
 from .engine_core import EngineCore
-from .errors import EngineDeadError, EngineError, InvalidRequestError, QueueFullError
+from .errors import EngineDeadError, EngineError, InvalidRequestError, QueueFullError, RequestFailedError
+from .output_holder import OutputHolder
 from .outputs import RequestOutput
 from .request import Request
 from .sampling_params import SamplingParams
@@ -35,9 +39,10 @@ class AsyncLLM:
         self.model_config = self.core.model_config
         self.served_model_name = str(config.served_model_name)
         self._listeners: list[Callable[[EngineStats], None]] = []
+        self._death_listeners: list[Callable[[BaseException], None]] = []
         self._step_stats: list[EngineStats] = []  # filled by the core in the worker, emitted on the loop
         self.core.add_stats_listener(self._step_stats.append)
-        self._queues: dict[str, asyncio.Queue[Item]] = {}
+        self._queues: dict[str, OutputHolder[RequestOutput]] = {}  # newest output of each running request
         self._inbox: list[tuple[str, Request | str]] = []  # ("add", request) | ("abort", request_id)
         self._inbox_lock = threading.Lock()
         self._abort_waiters: list[tuple[str, asyncio.Future[None]]] = []
@@ -80,6 +85,10 @@ class AsyncLLM:
     def add_stats_listener(self, fn: Callable[[EngineStats], None]) -> None:
         self._listeners.append(fn)
 
+    def add_death_listener(self, fn: Callable[[BaseException], None]) -> None:
+        """fn(error) runs on the event loop once, if the step loop fails for good."""
+        self._death_listeners.append(fn)
+
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
@@ -92,19 +101,18 @@ class AsyncLLM:
                                   f"the engine loop has stopped: {self._dead!r}")
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        request = self.core.make_request(request_id, prompt, params)
-        pending = sum(1 for kind, _ in self._inbox if kind == "add")
-        if self.core.scheduler.num_waiting + pending >= self.config.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests)")
-        queue: asyncio.Queue[Item] = asyncio.Queue()
-        self._queues[request_id] = queue
+        self._check_room()  # before tokenizing: a full queue costs the caller nothing
+        request = await asyncio.to_thread(self.core.make_request, request_id, prompt, params)
+        if request_id in self._queues:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        self._check_room()
+        holder: OutputHolder[RequestOutput] = OutputHolder()
+        self._queues[request_id] = holder
         self._post("add", request)
         finished = False
         try:
             while True:
-                item = await queue.get()
-                while not queue.empty():  # snapshots are cumulative: a slow reader only needs the latest
-                    item = queue.get_nowait()
+                item = (await holder.take())[0]  # the newest snapshot: it carries the ones it replaced
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -116,6 +124,15 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             if not finished:
                 self._post("abort", request_id)
+
+    def _check_room(self) -> None:
+        """QueueFullError unless the request can wait: beyond the free slots, max_waiting may wait."""
+        if self._dead is not None or not self._accepting:
+            raise EngineDeadError("the engine is not running")
+        pending = sum(1 for kind, _ in self._inbox if kind == "add")
+        free = self.core.scheduler.slots.num_free
+        if self.core.scheduler.num_waiting + pending >= self.config.max_waiting + free:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests)")
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once its slots are free (its stream ends with finish_reason "abort")."""
@@ -141,9 +158,12 @@ class AsyncLLM:
 
     def _deliver(self, item: Item, request_id: str | None = None) -> None:
         rid = request_id if request_id is not None else item.request_id  # type: ignore[union-attr]
-        queue = self._queues.get(rid)
-        if queue is not None:
-            queue.put_nowait(item)
+        holder = self._queues.get(rid)
+        if holder is None:
+            return
+        if isinstance(item, RequestOutput) and item.error is not None:
+            item = RequestFailedError(item.error)
+        holder.put(0, item)
 
     def _work(self) -> tuple[list[RequestOutput], list[tuple[str, EngineError]], set[str]]:
         """Runs in the worker thread: apply the inbox, then one step if there is anything to do."""
@@ -159,10 +179,18 @@ class AsyncLLM:
                     self.core.add_request(payload)
                 except EngineError as e:
                     rejected.append((payload.request_id, e))
+                except Exception as e:  # a bug in adding one request: only that request fails
+                    logger.exception("adding request %s failed", payload.request_id)
+                    error = RequestFailedError(f"adding the request failed: {e!r}")
+                    rejected.append((payload.request_id, error))
             else:
                 assert isinstance(payload, str)
-                out = self.core.abort(payload)
                 aborted.add(payload)
+                try:
+                    out = self.core.abort(payload)
+                except Exception:
+                    logger.exception("aborting request %s failed", payload)
+                    continue
                 if out is not None:
                     outputs.append(out)
         if inbox or self.core.has_unfinished():
@@ -205,3 +233,8 @@ class AsyncLLM:
                 if not fut.done():
                     fut.set_result(None)
             self._idle.set()
+            for fn in self._death_listeners:
+                try:
+                    fn(e)
+                except Exception:
+                    logger.exception("death listener failed")

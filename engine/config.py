@@ -48,11 +48,11 @@ class EngineConfig:
     # None: on where decode runs from CUDA graphs
     overlap_decode: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
-    # opt-in: prompt steps replayed from CUDA graphs, one per step shape (prompt lengths and start
-    # positions) seen twice (engine/prefill_graphs.py): at most this many kept (0: prompt steps eager),
-    # of at most so many tokens (None: max_num_batched_tokens)
-    prefill_graphs: int = 0
+    # prompt steps replayed from CUDA graphs captured at start-up per bucket of padded shape
+    # (engine/prefill_graphs.py), with graphs on: steps of up to so many tokens (None: max_num_batched_tokens;
+    # 0: prompt steps eager) in up to so many sequences
     prefill_graph_max_tokens: int | None = None
+    prefill_graph_max_seqs: int = 16
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name
     memory_fraction: float = 0.9  # of free GPU memory / available RAM for the state pool
@@ -105,8 +105,8 @@ class EngineConfig:
             raise ValueError("long_prefill_chunk and max_waiting must be at least 1")
         if self.prefill_graph_max_tokens is None:
             fix(self, "prefill_graph_max_tokens", self.max_num_batched_tokens)
-        if self.prefill_graphs < 0 or self.prefill_graph_max_tokens < 1:
-            raise ValueError("prefill_graphs must be >= 0 and prefill_graph_max_tokens >= 1")
+        if self.prefill_graph_max_tokens < 0 or self.prefill_graph_max_seqs < 1:
+            raise ValueError("prefill_graph_max_tokens must be >= 0 and prefill_graph_max_seqs >= 1")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError("memory_fraction must be in (0, 1]")
         on_cuda = dev.type == "cuda"

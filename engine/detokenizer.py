@@ -48,22 +48,54 @@ class IncrementalDetokenizer:
         return full[len(prefix):] if len(full) > len(prefix) else ""
 
 
-def find_stop(text: str, new_from: int, stops: list[str]) -> tuple[int, str] | None:
-    """Earliest stop string that ends in text[new_from:] -> (start index, stop string), or None."""
-    best: tuple[int, str] | None = None
-    for s in stops:
-        i = text.find(s, max(0, new_from - len(s) + 1))
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
+class StopStrings:
+    """An Aho-Corasick automaton over a request's stop strings, built once per request.
 
+    Feeding text costs O(len(text)) whatever the number or length of the stop strings, so the engine's
+    per-token work does not grow with what a request asks for. A state is the longest suffix of the text
+    fed so far that is a prefix of some stop string; its depth is how much text to hold back.
+    """
 
-def stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop string (held back)."""
-    held = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:k]):
-                held = k
-                break
-    return held
+    def __init__(self, stops: list[str]) -> None:
+        self.goto: list[dict[str, int]] = [{}]  # state -> next state by character
+        self.depth: list[int] = [0]  # state -> length of the prefix it stands for
+        self.match: list[str | None] = [None]  # state -> longest stop string ending here
+        for stop in stops:
+            state = 0
+            for ch in stop:
+                nxt = self.goto[state].get(ch)
+                if nxt is None:
+                    nxt = len(self.goto)
+                    self.goto[state][ch] = nxt
+                    self.goto.append({})
+                    self.depth.append(self.depth[state] + 1)
+                    self.match.append(None)
+                state = nxt
+            self.match[state] = stop
+        self.fail = [0] * len(self.goto)  # state -> longest proper suffix that is also a state
+        queue = list(self.goto[0].values())
+        for state in queue:  # breadth first: a state's fail link is known before its children's
+            for ch, nxt in self.goto[state].items():
+                f = self.fail[state]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[nxt] = self.goto[f].get(ch, 0) if self.goto[f].get(ch) != nxt else 0
+                if self.match[nxt] is None:
+                    self.match[nxt] = self.match[self.fail[nxt]]
+                queue.append(nxt)
+
+    def feed(self, state: int, text: str) -> tuple[int, tuple[int, str] | None]:
+        """Advance `state` over `text` -> (new state, (end offset in text, stop string) of the first
+        match, or None)."""
+        goto, fail, match = self.goto, self.fail, self.match
+        for i, ch in enumerate(text):
+            while state and ch not in goto[state]:
+                state = fail[state]
+            state = goto[state].get(ch, 0)
+            if match[state] is not None:
+                return state, (i + 1, match[state])  # type: ignore[return-value]
+        return state, None
+
+    def held(self, state: int) -> int:
+        """Characters at the end of the text that could still become a stop string."""
+        return self.depth[state]

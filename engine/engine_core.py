@@ -2,6 +2,10 @@
 
 step(): schedule (no tensors) -> run the model on the state pool -> sample -> detokenize and check stop
 conditions -> free finished slots -> emit EngineStats to listeners -> return RequestOutputs.
+
+One request cannot stop the step: an exception while sampling or processing one request's tokens ends
+that request with finish_reason "error" (RequestOutput.error says why) and the others go on. What fails
+outside a request's own work (scheduling, the model's forward) propagates: the engine cannot go on.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import EngineConfig
+from .detokenizer import StopStrings
 from .errors import InvalidRequestError, PromptTooLongError
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .prefix_cache import PrefixCache, PrefixCacheConfig
 from .request import Request
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .state_pool import StatePool, prefill_headroom_bytes
@@ -70,6 +75,10 @@ class EngineCore:
         self.runner = ModelRunner(model, self.pool, config)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0))
+        # a longer text cannot fit max_model_len: no token decodes to more characters than its vocabulary
+        # entry has, so the check needs no tokenization (tokenizing megabytes takes seconds)
+        token_chars = int(getattr(tokenizer, "max_token_chars", 64))
+        self.max_prompt_chars = int(config.max_model_len or mc.max_model_len) * token_chars
         eos = set(mc.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -83,29 +92,49 @@ class EngineCore:
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
-        """Validate and tokenize; raises InvalidRequestError / PromptTooLongError. Thread-safe (no state)."""
+        """Validate and tokenize; raises InvalidRequestError / PromptTooLongError. Thread-safe (no state);
+        its cost grows with the prompt, so the online engine runs it off the event loop."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        limit = int(self.config.max_model_len or 0)
+        vocab = self.model_config.vocab_size
         if isinstance(prompt, str):
             text: str | None = prompt
-            ids = self.tokenizer.encode(prompt) if prompt else []
+            if len(prompt) > self.max_prompt_chars:
+                raise PromptTooLongError(
+                    f"this model's maximum context length is {limit} tokens; a prompt of {len(prompt)} "
+                    f"characters is longer than that ({self.max_prompt_chars} characters at most)")
+            try:
+                prompt.encode("utf-8")
+                ids = list(self.tokenizer.encode(prompt)) if prompt else []
+            except (UnicodeError, TypeError, ValueError) as e:  # lone surrogates: the request's fault
+                raise InvalidRequestError(f"the prompt cannot be tokenized: {e}") from None
         else:
             text, ids = None, list(prompt)
-            vocab = self.model_config.vocab_size
+            if len(ids) > limit:
+                raise PromptTooLongError(f"this model's maximum context length is {limit} tokens; the prompt "
+                                         f"has {len(ids)}")
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        limit = int(self.config.max_model_len or 0)
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
         if len(ids) + max(max_tokens, 1) > limit:
             raise PromptTooLongError(
                 f"this model's maximum context length is {limit} tokens; the request needs "
                 f"{len(ids) + max_tokens} "
                 f"({len(ids)} in the prompt, {max_tokens} for the completion)")
-        n_max = self.scheduler.config.max_num_seqs
+        n_max = min(self.scheduler.config.max_num_seqs, self.pool.num_slots)
         if params.n > n_max:
             raise InvalidRequestError(f"n={params.n} exceeds the {n_max} sequences the engine runs at once")
-        return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise InvalidRequestError(f"logprobs must be at most the vocabulary size {vocab}")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
+        stops = StopStrings(params.stop) if params.stop else None
+        return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
+                       stop_strings=stops)
 
     def add_request(self, request: Request) -> None:
         """Queue a request (QueueFullError when the waiting queue is full)."""
@@ -124,8 +153,9 @@ class EngineCore:
         self._pending_finished.append(self._finished_stats(request, now, "abort"))
         return self._retire(request)
 
-    def _retire(self, request: Request) -> RequestOutput:
+    def _retire(self, request: Request, error: str | None = None) -> RequestOutput:
         out = self.outputs.make_output(request)
+        out.error = error
         self.requests.pop(request.request_id, None)
         self.outputs.release(request)
         for seq in request.seqs:
@@ -149,32 +179,41 @@ class EngineCore:
         if not sched.chunks:
             self.runner.copy_snapshots([*sched.snapshots.before, *sched.snapshots.restores])
         else:
-            touched = self._run(sched, stats)
+            touched, failed = self._run(sched, stats)
             fed_last = frozenset(self._speculated[0]) if self._speculated is not None else frozenset()
             for request in touched:
+                error = failed.get(request.request_id)
+                if error is not None:
+                    self._fail(request, error)
                 self.scheduler.free_finished(request, fed_last)
                 if request.finished:
                     stats.finished.append(self._finished_stats(request, time.monotonic(), None))
-                    outputs.append(self._retire(request))
+                    outputs.append(self._retire(request, error))
                 elif stream:
                     outputs.append(self.outputs.make_output(request))
         self.num_steps += 1
         self._emit(stats)
         return outputs
 
-    def _run(self, sched: SchedulerOutput, stats: EngineStats) -> list[Request]:
+    def _run(self, sched: SchedulerOutput, stats: EngineStats) -> tuple[list[Request], dict[str, str]]:
+        """The step's model call, sampling and output processing -> (requests that got tokens, errors of
+        those that failed, by request id)."""
         speculated, self._speculated = self._speculated, None
         logits = self.runner.execute(sched, speculated)  # (M, vocab), one row per sampling chunk
         seqs = sched.sampled_seqs
         repeats = [len(c.seq.request.live_seqs) if c.is_prompt else 1 for c in sched.chunks if c.sample]
         if seqs and any(r > 1 for r in repeats):  # n > 1: a finished prompt's row feeds all its samples
             logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
-        sampled = self.sampler.sample(logits, seqs, self._speculate(sched, seqs)) if seqs else None
+        failed: dict[str, str] = {}
+        sampled = self._sample(logits, seqs, sched, failed) if seqs else None
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
             assert sampled is not None
             request = seq.request
+            touched[request.request_id] = request
+            if request.request_id in failed:
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 if seq.index == 0:
@@ -182,22 +221,57 @@ class EngineCore:
             else:
                 stats.inter_token_latencies.append(now - (seq.last_token_time or now))
             seq.last_token_time = now
-            self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
-            touched[request.request_id] = request
+            try:
+                self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+            except Exception as e:  # detokenizing or matching one request's text: only it fails
+                failed[request.request_id] = self._log_failure(request, "processing its output", e)
         stats.num_generation_tokens = len(seqs)
-        return list(touched.values())
+        return list(touched.values()), failed
+
+    def _sample(self, logits: torch.Tensor, seqs: list[request.Sequence], sched: SchedulerOutput,
+                failed: dict[str, str]) -> SamplerOutput:
+        """Sample the batch; if that raises, sample row by row and fail only the rows that raise."""
+        try:
+            return self.sampler.sample(logits, seqs, self._speculate(sched, seqs))
+        except Exception:
+            if self._speculated is not None:  # the next step is queued from these tokens: cannot redo them
+                raise
+        token_ids: list[int] = []
+        logprobs: list = []
+        for i, seq in enumerate(seqs):
+            try:
+                one = self.sampler.sample(logits[i:i + 1], [seq])
+                token_ids.append(one.token_ids[0])
+                logprobs.append(one.logprobs[0])
+            except Exception as e:
+                failed[seq.request.request_id] = self._log_failure(seq.request, "sampling", e)
+                token_ids.append(0)
+                logprobs.append(None)
+        return SamplerOutput(token_ids, logprobs)
+
+    @staticmethod
+    def _log_failure(request: Request, what: str, e: Exception) -> str:
+        logger.exception("request %s failed while %s; the others go on", request.request_id, what)
+        return f"the engine failed while {what}: {type(e).__name__}: {e}"
+
+    def _fail(self, request: Request, error: str) -> None:
+        """End every live sample of a request with finish_reason "error"."""
+        for seq in request.live_seqs:
+            seq.finish_reason = "error"
+            seq.emitted_len = len(seq.text)
 
     def _speculate(self, sched: SchedulerOutput,
                    seqs: list[request.Sequence]) -> Callable[[torch.Tensor], None] | None:
-        """With overlap_decode, after a pure decode step: a hook for the sampler that queues the next
-        decode of the same sequences on the device from the tokens just sampled, before the host reads
-        them. The next step takes its rows for the decodes it schedules (every running sequence that did
-        not finish; a sequence that finished leaves a step in its freed slot, which is zeroed on reuse)
-        and runs only new prompt chunks. This relies on every decoding sequence decoding in every step
-        (max_num_batched_tokens >= max_num_seqs, checked at start-up): a sequence left out of this step
-        would run later with its token absorbed twice. Not when every sequence is at its max_tokens."""
-        if (not self.config.use_overlap_decode or sched.num_prompt_tokens or sched.reset_slots
-                or sched.forks or any(c.is_prompt for c in sched.chunks)
+        """With overlap_decode: a hook for the sampler that queues the next decode of every sequence that
+        got a token this step (decodes, and prompts that ended: their forks are copied by then) on the
+        device from the tokens just sampled, before the host reads them. The next step takes its rows for
+        the decodes it schedules (every running sequence that did not finish; a sequence that finished
+        leaves a step in its freed slot, which is zeroed on reuse) and runs only prompt chunks, so a
+        mixed step keeps its decodes at graph speed too. This relies on every decoding sequence decoding
+        in every step (max_num_batched_tokens >= max_num_seqs, checked at start-up): a sequence left out
+        of this step would run later with its token absorbed twice. Not when every sequence is at its
+        max_tokens."""
+        if (not self.config.use_overlap_decode
                 or all(len(s.token_ids) + 1 >= s.request.max_tokens for s in seqs)):
             return None
 
@@ -240,3 +314,4 @@ class EngineCore:
             gen = {}
         keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
         return SamplingParams(**{k: gen[k] for k in keys if k in gen})
+

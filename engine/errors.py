@@ -25,3 +25,7 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The step loop has stopped (HTTP 503)."""
+
+
+class RequestFailedError(EngineError):
+    """The engine failed while handling this request (a bug, HTTP 500); the other requests go on."""

@@ -8,7 +8,7 @@ that could still become a stop string is held back, so streamed text is never re
 
 from __future__ import annotations
 
-from .detokenizer import Decoder, IncrementalDetokenizer, find_stop, stop_prefix_len
+from .detokenizer import Decoder, IncrementalDetokenizer, StopStrings
 from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from .request import Request, Sequence
 from .sampler import RowLogprobs
@@ -19,18 +19,25 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._detok: dict[int, IncrementalDetokenizer] = {}  # seq_id -> detokenizer
+        self._stops: dict[str, StopStrings] = {}  # request_id -> its stop strings' automaton
+        self._stop_state: dict[int, int] = {}  # seq_id -> automaton state after the sequence's text
         self._token_text: dict[int, str] = {}  # token id -> its text, for logprobs
 
     def add(self, request: Request) -> None:
+        if request.params.stop:
+            self._stops[request.request_id] = request.stop_strings or StopStrings(request.params.stop)
         for seq in request.seqs:
+            self._stop_state[seq.seq_id] = 0
             self._detok[seq.seq_id] = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids, request.params.skip_special_tokens)
             if request.params.logprobs is not None:
                 seq.logprobs = []
 
     def release(self, request: Request) -> None:
+        self._stops.pop(request.request_id, None)
         for seq in request.seqs:
             self._detok.pop(seq.seq_id, None)
+            self._stop_state.pop(seq.seq_id, None)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -65,16 +72,20 @@ class OutputProcessor:
             return
         start = len(seq.text)
         seq.text += delta
-        stops = seq.request.params.stop
-        match = find_stop(seq.text, start, stops) if stops else None
+        stops = self._stops.get(seq.request.request_id)
+        if stops is None:
+            return
+        state, match = stops.feed(self._stop_state[seq.seq_id], delta)
+        self._stop_state[seq.seq_id] = state
         if match is not None:
-            i, s = match
-            seq.text = seq.text[:i + (len(s) if seq.request.params.include_stop_str_in_output else 0)]
+            end, s = match
+            cut = start + end - (0 if seq.request.params.include_stop_str_in_output else len(s))
+            seq.text = seq.text[:cut]
             seq.finish_reason, seq.stop_reason = "stop", s
 
     def _update_emitted(self, seq: Sequence) -> None:
-        stops = seq.request.params.stop
-        held = 0 if seq.finished or not stops else stop_prefix_len(seq.text, stops)
+        stops = self._stops.get(seq.request.request_id)
+        held = 0 if seq.finished or stops is None else stops.held(self._stop_state[seq.seq_id])
         seq.emitted_len = max(seq.emitted_len, len(seq.text) - held)
 
     def make_output(self, request: Request) -> RequestOutput:

@@ -23,7 +23,7 @@ class CompletionOutput:
     index: int  # which of the n samples
     text: str  # generated text so far (cumulative; stop strings held back, never retracted)
     token_ids: list[int]  # generated token ids so far (cumulative)
-    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
     stop_reason: int | str | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprobs] | None = None  # one per generated token, when asked for
 
@@ -40,3 +40,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False  # all n samples finished
     num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not prefilled
+    error: str | None = None  # why the engine failed this request (its samples end with "error")

@@ -9,9 +9,9 @@ prompt's path, at most len(prompt) - 1 tokens deep (the last prompt token must r
 slot, and prefills only the rest.
 
 Snapshots are taken
-- when a sequence finishes (not when aborted), keyed by prompt + output without the last token, which was
-  never fed back (with overlap decoding it was: then with it): where the next turn of a conversation
-  resumes if the chat template renders the assistant turn as those tokens;
+- when a sequence finishes (not when aborted or failed), keyed by prompt + output without the last token,
+  which was never fed back (with overlap decoding it was: then with it): where the next turn of a
+  conversation resumes if the chat template renders the assistant turn as those tokens;
 - at prompt chunk ends: every ``interval`` tokens, at the prompt's end (where the next turn resumes when the
   reply re-tokenizes differently), and at the branch point where the prompt leaves a cached path, when that is
   at least BRANCH_MIN_TOKENS past the restored state (later requests with that prefix restore there).
@@ -171,7 +171,7 @@ class PrefixCache:
         back (a decode queued ahead, overlap decoding), so the slot absorbed every output token."""
         request = seq.request
         self._branch.pop(request.request_id, None)
-        if seq.finish_reason == "abort" or not seq.token_ids or seq.slot < 0:
+        if seq.finish_reason in ("abort", "error") or not seq.token_ids or seq.slot < 0:
             return
         out = seq.token_ids if fed_last else seq.token_ids[:-1]
         self._save(request.prompt_token_ids + out, seq.slot, after=False)

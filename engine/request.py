@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from .detokenizer import StopStrings
 from .outputs import TokenLogprobs
 from .sampling_params import SamplingParams
 
@@ -61,10 +62,15 @@ class Request:
     num_cached_tokens: int = 0  # of them, restored from the prefix cache at admission
     scheduled_time: float | None = None  # wall clock of the first scheduled step (queue time ends)
     seqs: list[Sequence] = field(default_factory=list)  # the n samples; seqs[0] runs the prefill
+    # the stop strings' automaton, built where the request is made (not in the engine's step)
+    stop_strings: StopStrings | None = None
+    stop_ids: frozenset[int] = field(init=False)  # token ids that end a sample (once min_tokens are out)
 
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs = [Sequence(self, i) for i in range(self.params.n)]
+        ids = frozenset(self.params.stop_token_ids)
+        self.stop_ids = ids if self.params.ignore_eos else ids | self.eos_token_ids
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -81,9 +87,3 @@ class Request:
     @property
     def slots(self) -> list[int]:
         return [s.slot for s in self.seqs if s.slot >= 0]
-
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        """Token ids that end a sample (once min_tokens are generated)."""
-        ids = frozenset(self.params.stop_token_ids)
-        return ids if self.params.ignore_eos else ids | self.eos_token_ids

@@ -10,7 +10,6 @@ slots before the resets, restores into new slots after them, saves of prompt chu
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -43,9 +42,10 @@ class ModelRunner:
             sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
             self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
         self.prefill_graphs: PrefillGraphs | None = None
-        if config.use_cuda_graphs and config.prefill_graphs and kernels.has_triton():
-            self.prefill_graphs = PrefillGraphs(model, self.state, self.device, config.prefill_graphs,
-                                                config.prefill_graph_max_tokens, pool.num_slots)
+        if config.use_cuda_graphs and config.prefill_graph_max_tokens and kernels.has_triton():
+            self.prefill_graphs = PrefillGraphs(
+                model, self.state, self.device, config.prefill_graph_max_tokens,
+                min(config.prefill_graph_max_seqs, pool.num_slots), pool.dummy_slot)
 
     @torch.inference_mode()
     def _warm_up_prefill(self, max_model_len: int) -> None:
@@ -99,16 +99,16 @@ class ModelRunner:
         return self.model.decode(input_ids, self.state, self._tensor(slots))
 
     def _prefill(self, chunks: list, lens: list[int], starts: list[int]) -> torch.Tensor:
-        """One model.prefill of the chunks (N >= 1 tokens each) -> logits [N, vocab], replayed from a CUDA
-        graph when the step's shape has one (engine/prefill_graphs.py)."""
+        """One prompt step of the chunks (N >= 1 tokens each) -> logits [N, vocab], replayed from the CUDA
+        graph of its bucket where one holds it (engine/prefill_graphs.py), else run eagerly."""
         token_ids = [t for c in chunks for t in c.token_ids]
         slots = [c.seq.slot for c in chunks]
         if self.prefill_graphs is not None:
-            logits = self.prefill_graphs.run(token_ids, lens, slots, starts)
+            logits = self.prefill_graphs.run(token_ids, slots, starts, lens)
             if logits is not None:
                 return logits
-        cu = torch.tensor([0, *itertools.accumulate(lens)])  # (N + 1,) on the host: no round trip
-        return self.model.prefill(self._tensor(token_ids), cu, self.state, self._tensor(slots), starts)
+        batch = self.model.prefill_batch(token_ids, slots, starts, lens, self.state)
+        return self.model.run_prefill(batch, self.state)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, speculated: Speculated | None = None) -> torch.Tensor:

@@ -3,7 +3,10 @@
 Order per row: penalties (repetition over prompt + output, presence / frequency over the output) →
 min_tokens (stop and EOS ids masked) → greedy argmax, or temperature → top_k → top_p → min_p →
 softmax → exponential race (argmax of p / q, q ~ Exp(1)). A seeded sequence draws its q from its own
-torch.Generator, one draw of [V] per token, so its samples do not depend on the batch it runs in.
+pair of torch.Generators, one draw of [V] each per token, so its samples do not depend on the batch it
+runs in; two generators seeded with the seed's low and high 32 bits make all 64 count (the CPU
+generator, a Mersenne Twister, keeps only 32 bits of its seed). Overflowed or NaN logits (extreme
+penalties) are clamped to finite values, so a row always has a token to pick.
 Logprobs are the log-softmax of the raw model logits (before penalties, temperature and filtering).
 """
 
@@ -30,26 +33,39 @@ class SamplerOutput:
     logprobs: list[RowLogprobs | None]  # [N] None where the request did not ask
 
 
+_FINITE = torch.finfo(torch.float32).max
+_HIGH_SEED_SALT = 0x9E37_79B9  # keeps the two generators apart when a seed's halves are equal
+
+
 def derive_seed(seed: int, index: int) -> int:
-    """Sample `index` of an n > 1 request gets its own stream; sample 0 uses the seed itself."""
-    return seed if index == 0 else hash((seed, index)) & 0x7FFF_FFFF_FFFF_FFFF
+    """Sample `index` of an n > 1 request gets its own 64-bit stream; sample 0 uses the seed itself."""
+    return seed if index == 0 else hash((seed, index)) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)  # unseeded requests
-        self._generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded sequence
+        # seq_id -> the (low, high) generators of a seeded sequence
+        self._generators: dict[int, tuple[torch.Generator, torch.Generator]] = {}
 
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
 
-    def _generator(self, seq: Sequence) -> torch.Generator:
-        gen = self._generators.get(seq.seq_id)
-        if gen is None:
-            seed = derive_seed(int(seq.request.params.seed), seq.index)  # type: ignore[arg-type]
-            gen = self._generators[seq.seq_id] = torch.Generator(device=self.device).manual_seed(seed)
-        return gen
+    def _generator(self, seq: Sequence) -> tuple[torch.Generator, torch.Generator]:
+        gens = self._generators.get(seq.seq_id)
+        if gens is None:
+            seed = derive_seed(int(seq.request.params.seed64), seq.index)  # type: ignore[arg-type]
+            low = torch.Generator(device=self.device).manual_seed(seed & 0xFFFF_FFFF)
+            high = torch.Generator(device=self.device).manual_seed((seed >> 32) ^ _HIGH_SEED_SALT)
+            gens = self._generators[seq.seq_id] = (low, high)
+        return gens
+
+    def _seeded_exponential(self, seq: Sequence, vocab: int, device: torch.device) -> torch.Tensor:
+        """[V] Exp(1) draws from the sequence's own generators: frac(U_low + U_high) is uniform."""
+        low, high = self._generator(seq)
+        u = torch.rand(vocab, generator=low, device=device) + torch.rand(vocab, generator=high, device=device)
+        return -torch.log1p(-(u - u.floor()))
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence],
@@ -69,6 +85,7 @@ class Sampler:
         raw = logits.float()  # (N, V)
         x = raw.clone()
         self._apply_penalties(x, seqs)
+        x.nan_to_num_(nan=-_FINITE, posinf=_FINITE, neginf=-_FINITE)  # extreme penalties overflow
         self._mask_min_tokens(x, seqs)
         greedy = [p.greedy for p in params]
         sampled = x.argmax(dim=-1)  # (N,)
@@ -130,7 +147,8 @@ class Sampler:
         params = [s.request.params for s in seqs]
         vocab = x.shape[1]
         x = x / torch.tensor([p.temperature for p in params], device=dev)[:, None]
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        x = x.clamp(max=_FINITE)  # a small temperature may overflow to +inf; masked -inf stays
+        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
         if any(k < vocab for k in top_k) or any(p.top_p < 1.0 for p in params):
             xs, order = x.sort(dim=-1, descending=True)  # (M, V)
             rank = torch.arange(vocab, device=dev)[None, :]
@@ -149,7 +167,7 @@ class Sampler:
         q = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, s in enumerate(seqs):
             if s.request.params.seed is not None:
-                q[i].exponential_(generator=self._generator(s))
+                q[i] = self._seeded_exponential(s, vocab, dev)
         return (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
 
 

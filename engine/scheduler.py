@@ -1,9 +1,12 @@
 """Continuous batching over state slots: who runs how many tokens this step. Holds no tensors.
 
 Each step has one token budget. Decodes go first (one token per live sequence), then the next prompt
-chunk of requests already prefilling, then new requests from the waiting queue (first come, first
-served) while slots and budget last. A prompt chunk is at most ``long_prefill_chunk`` tokens; the
-runner routes by token count (more than one: chunk path, exactly one: step path). A request holds
+chunk of requests already prefilling, then new requests from the waiting queue while slots and budget
+last: first come, first served, except that a request needing more slots than are free (n > 1) lets
+smaller ones behind it pass, at most ``max_bypass`` of them; after that the slots that free up are kept
+for it, so neither it nor the ones behind it wait forever. The waiting queue holds ``max_waiting``
+requests beyond those the free slots take at once. A prompt chunk is at most ``long_prefill_chunk``
+tokens; the runner routes by token count (more than one: chunk path, exactly one: step path). A request holds
 ``n`` slots from admission to its end: its prompt runs in ``seqs[0]``'s slot and is forked into the
 others after the last chunk. ``prompt + max_tokens <= max_model_len`` is checked on arrival, so a
 running request never runs out of room and nothing is ever preempted.
@@ -30,7 +33,8 @@ class SchedulerConfig:
     max_num_seqs: int  # sequences holding a slot at once (<= slots in the pool)
     max_num_batched_tokens: int  # token budget per step, shared by decodes and prompt chunks
     long_prefill_chunk: int  # most prompt tokens one request runs in one step
-    max_waiting: int  # bound of the waiting queue (QueueFullError beyond it)
+    max_waiting: int  # bound of the waiting queue beyond the free slots (QueueFullError past it)
+    max_bypass: int | None = None  # later requests that may pass one that does not fit; None: max_num_seqs
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # admitted, in admission order
         self.num_running_seqs = 0
+        self.max_bypass = config.max_num_seqs if config.max_bypass is None else config.max_bypass
+        self._bypassed: dict[str, int] = {}  # request id -> later requests admitted before it
 
     # ---- queue ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -80,7 +86,7 @@ class Scheduler:
             raise InvalidRequestError(
                 f"n={request.params.n} exceeds the {min(self.config.max_num_seqs, self.slots.num_slots)} "
                 "sequences the engine can run at once")
-        if len(self.waiting) >= self.config.max_waiting:
+        if len(self.waiting) >= self.config.max_waiting + self.slots.num_free:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests)")
         self.waiting.append(request)
 
@@ -92,6 +98,7 @@ class Scheduler:
             if request is None:
                 return None
             self.waiting.remove(request)
+            self._bypassed.pop(request_id, None)
         for seq in request.live_seqs:
             seq.finish_reason = "abort"
         self.free_finished(request)
@@ -143,12 +150,20 @@ class Scheduler:
             if request.status is RequestStatus.PREFILL:
                 budget -= self._schedule_prompt_chunk(request, budget, out)
         now = time.monotonic()
-        while self.waiting and budget > 0:
-            request = self.waiting[0]
+        blocked: list[Request] = []  # waiting requests passed over this step, in queue order
+        for request in list(self.waiting):
+            if budget == 0 or self.slots.num_free == 0 or self.num_running_seqs >= self.config.max_num_seqs:
+                break
             n = request.params.n
             if self.num_running_seqs + n > self.config.max_num_seqs or self.slots.num_free < n:
-                break
-            self.waiting.popleft()
+                if self._bypassed.get(request.request_id, 0) >= self.max_bypass:
+                    break  # passed often enough: the slots that free up are kept for it
+                blocked.append(request)
+                continue
+            self.waiting.remove(request)
+            self._bypassed.pop(request.request_id, None)
+            for b in blocked:
+                self._bypassed[b.request_id] = self._bypassed.get(b.request_id, 0) + 1
             for seq in request.seqs:
                 seq.slot = self.slots.allocate()
             self.num_running_seqs += n

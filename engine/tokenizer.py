@@ -2,7 +2,7 @@
 
 The chat template comes from tokenizer_config.json (``chat_template``, a Jinja string or a list of named
 templates, of which ``default`` is used) and is rendered in a sandboxed Jinja environment with HF's
-conventions (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``, ``bos_token`` / ``eos_token``).
+conventions (engine/chat_template.py).
 Without one, a plain template is used: each message as ``<|role|>\\ncontent\\n``, then ``<|assistant|>\\n``
 when a generation prompt is asked for.
 """
@@ -10,37 +10,23 @@ when a generation prompt is asked for.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import tokenizers
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+from .chat_template import PLAIN_CHAT_TEMPLATE, ChatTemplateError, environment, render
 
-
-class ChatTemplateError(ValueError):
-    """The chat template raised (``raise_exception``) or failed to render."""
+__all__ = ["PLAIN_CHAT_TEMPLATE", "ChatTemplateError", "Tokenizer"]
+TEMPLATE_CACHE_SIZE = 8  # compiled templates kept (the model's, the plain one, a few passed in)
 
 
 def _token_content(tok: Any) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
     return tok
-
-
-def _tojson(x: Any, indent: int | None = None, **_: Any) -> str:
-    return json.dumps(x, ensure_ascii=False, indent=indent)
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(message)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -70,7 +56,7 @@ class Tokenizer:
             self.eos_token = tokenizer.id_to_token(self.eos_token_id)
         if self.bos_token is None and self.bos_token_id is not None:
             self.bos_token = tokenizer.id_to_token(self.bos_token_id)
-        self._template_cache: dict[str, Any] = {}
+        self._template_cache: OrderedDict[str, Any] = OrderedDict()  # source -> compiled, least recent first
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -102,7 +88,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; with add_special_tokens, tokenizer_config's add_bos_token / add_eos_token apply when
         tokenizer.json's post-processor does not add them already."""
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL (encode holds it: seconds for a megabyte of text)
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens:
             bos, eos = self.bos_token_id, self.eos_token_id
             if self.tokenizer_config.get("add_bos_token") and bos is not None and ids[:1] != [bos]:
@@ -121,6 +108,12 @@ class Tokenizer:
         return self.tokenizer.token_to_id(token)
 
     @property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token decodes to more (byte-level entries hold
+        one character per byte), so a text longer than n times this has more than n tokens."""
+        return max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -132,23 +125,23 @@ class Tokenizer:
 
     # ---- chat -------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            chat_template: str | None = None, **kwargs: Any) -> str:
-        """Render messages ([{"role", "content"}, ...]) with the model's template (or the plain one)."""
+                            chat_template: str | None = None, max_chars: int | None = None,
+                            **kwargs: Any) -> str:
+        """Render messages ([{"role", "content"}, ...]) with the model's template (or the plain one);
+        ChatTemplateError when it fails or renders more than max_chars."""
         source = chat_template or self.chat_template or PLAIN_CHAT_TEMPLATE
         template = self._template_cache.get(source)
-        try:
-            if template is None:
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                env.filters["tojson"] = _tojson
-                env.globals["raise_exception"] = _raise_exception
-                env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-                template = self._template_cache[source] = env.from_string(source)
-            return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
-        except ChatTemplateError:
-            raise
-        except TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {e}") from e
+        if template is None:
+            try:
+                template = environment().from_string(source)
+            except Exception as e:
+                raise ChatTemplateError(f"chat template failed: {e}") from e
+            self._template_cache[source] = template
+            while len(self._template_cache) > TEMPLATE_CACHE_SIZE:
+                self._template_cache.popitem(last=False)
+        self._template_cache.move_to_end(source)
+        return render(template, messages, add_generation_prompt, self.bos_token or "", self.eos_token or "",
+                      max_chars=max_chars, **kwargs)
 
     def save(self, out_dir: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (chat template, bos / eos tokens)."""

@@ -11,8 +11,6 @@ imported, CUDA tensors take the PyTorch path too.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
 from functools import cache
 from types import SimpleNamespace
 
@@ -27,6 +25,7 @@ from . import (
     norm_torch,
     window_torch,
 )
+from .chunk_plan import ChunkPlan
 from .state import FenwickState, PooledState, WindowRows, max_positions, num_levels_for
 
 __all__ = [
@@ -34,11 +33,9 @@ __all__ = [
     "PooledState",
     "add_rmsnorm",
     "chunk_log_linear_attn",
-    "chunk_plan_cache",
     "fused_recurrent_step",
     "gated_rmsnorm",
     "has_triton",
-    "held_chunk_plan",
     "linear_residual",
     "max_positions",
     "mixer_decode_inputs",
@@ -81,32 +78,18 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
                           level_scales: torch.Tensor, *, scale: float | None = None,
                           initial_state: FenwickState | PooledState | None = None,
                           output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None
-                          ) -> tuple[torch.Tensor, FenwickState | None]:
+                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          plan: ChunkPlan | None = None) -> tuple[torch.Tensor, FenwickState | None]:
     """Prefill. Shapes in ``chunk.chunk_log_linear_attn`` (``naive.recurrent_log_linear_attn`` is the
     specification); ``final_into`` (pool, slots) writes the final levels into pool[slots] instead of
-    returning them."""
+    returning them; ``plan`` (chunk_plan.py), the Triton path's plan of these sequences, built once for
+    the layers of a model pass (the PyTorch path plans on the host and ignores it)."""
+    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+              cu_seqlens=cu_seqlens, final_into=final_into)
     tri = _gpu(q)
-    impl = tri.chunk.chunk_log_linear_attn if tri else chunk_torch.chunk_log_linear_attn
-    return impl(q, k, v, g, level_scales, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens, final_into=final_into)
-
-
-def chunk_plan_cache(device: torch.device, known: Sequence[tuple[torch.Tensor, list[int]]] = ()
-                     ) -> contextlib.AbstractContextManager:
-    """A block in which Triton prefill calls with the very same cu_seqlens / positions tensors (the
-    layers of one model pass) share one host plan: built once, not once per layer. known: (device
-    tensor, its values) pairs the caller already has on the host, so the plan reads none back. A no-op
-    off CUDA or without triton."""
-    tri = _triton() if device.type == "cuda" else None
-    return tri.chunk.plan_cache(known) if tri else contextlib.nullcontext()
-
-
-def held_chunk_plan() -> object | None:
-    """The chunk plan built in the current ``chunk_plan_cache`` block, for a CUDA graph captured in it
-    to keep alive; None without triton."""
-    tri = _triton()
-    return tri.chunk.held_plan() if tri else None
+    if tri:
+        return tri.chunk.chunk_log_linear_attn(q, k, v, g, level_scales, plan=plan, **kw)
+    return chunk_torch.chunk_log_linear_attn(q, k, v, g, level_scales, **kw)
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

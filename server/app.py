@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from .config import ServerConfig
 from .errors import APIError, bad_request, install_error_handlers
 from .metrics import Metrics
 from .middleware import EdgeMiddleware
+from .openapi import install_openapi
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,6 +26,7 @@ from .protocol import (
 from .request_stream import EngineClient
 from .serving_chat import ChatServing
 from .serving_completions import CompletionServing
+from .shutdown import Shutdown
 
 ROUTES = frozenset(
     {
@@ -56,8 +59,10 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     model_name = config.served_model_name or engine.served_model_name
     metrics = Metrics()
     engine.add_stats_listener(metrics.observe)
-    completions = CompletionServing(engine, model_name, config.sampling_defaults)
-    chat = ChatServing(engine, model_name, config.sampling_defaults)
+    metrics.watch_engine(lambda: engine.is_running)
+    shutdown = Shutdown(config.shutdown_timeout)
+    completions = CompletionServing(engine, model_name, config, shutdown)
+    chat = ChatServing(engine, model_name, config, shutdown)
     max_model_len = max_model_len_of(engine)
     version = fenwick_version()
 
@@ -67,10 +72,12 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
         try:
             yield
         finally:  # uvicorn has finished the in-flight responses by now; let the engine finish its work too
+            await chat.sandbox.close()
             await engine.shutdown(drain=True)
 
     app = FastAPI(title="Fenwick", version=version, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.metrics = metrics
+    app.state.shutdown = shutdown  # the HTTP server calls shutdown.begin() when SIGTERM's drain starts
     install_error_handlers(app)
     app.add_middleware(
         EdgeMiddleware,
@@ -96,9 +103,7 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
         return Response(body, media_type=content_type)
 
     def card() -> ModelCard:
-        return ModelCard(
-            id=model_name, root=str(getattr(engine.config, "model", model_name)), max_model_len=max_model_len
-        )
+        return ModelCard(id=model_name, root=model_name, max_model_len=max_model_len)  # no server paths
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
@@ -123,21 +128,24 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            tokens = chat.encode_chat(body.messages, body.add_generation_prompt)
+            tokens = await chat.encode_chat(body.messages, body.add_generation_prompt)
         else:
-            tokens = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            assert body.prompt is not None
+            tokens = await completions.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return JSONResponse({"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens})
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         completions.check_model(body.model)
-        if any(t >= completions.vocab_size for t in body.tokens):
+        if len(body.tokens) > max_model_len or any(t >= completions.vocab_size for t in body.tokens):
             raise APIError(
                 400,
-                f"token ids must be below the vocabulary size {completions.vocab_size}",
+                f"at most {max_model_len} token ids, each below the vocabulary size {completions.vocab_size}",
                 param="tokens",
                 code="invalid_value",
             )
-        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+        text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens, skip_special_tokens=False)
+        return JSONResponse({"prompt": text})
 
+    install_openapi(app, config)
     return app

@@ -7,14 +7,19 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..models import demo_model_dir
-from .config import ServerConfig, sampling_defaults_from_generation_config
+from .config import (
+    ServerConfig,
+    default_max_tokens_from_generation_config,
+    sampling_defaults_from_generation_config,
+)
 
 DEMO_MODEL = demo_model_dir()
+logger = logging.getLogger("fenwick.server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,10 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
+    auth = serve.add_mutually_exclusive_group()
+    auth.add_argument(
         "--api-key",
-        default=os.environ.get("FENWICK_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $FENWICK_API_KEY)",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: "
+        "$FENWICK_API_KEY when set; an empty key is an error, never 'no authentication')",
+    )
+    auth.add_argument(
+        "--no-api-key", action="store_true", help="serve without authentication (an error if a key is set)"
     )
     serve.add_argument(
         "--served-model-name",
@@ -69,11 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
              "ahead with CUDA graphs)",
     )
     serve.add_argument(
-        "--prefill-graphs", type=int, default=None,
-        help="opt-in: prompt steps replayed from CUDA graphs, at most this many kept, one per step shape "
-             "(prompt lengths and start positions) seen twice (default 0: prompt steps eager)",
-    )
-    serve.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
         help="keep request states by token prefix and restore them into new requests that share it, "
              "prefilling only the rest (default: on)",
@@ -94,7 +99,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    limits = ServerConfig()
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=limits.max_body_bytes, help="larger bodies get 413"
+    )
+    serve.add_argument(
+        "--max-header-bytes", type=int, default=limits.max_header_bytes,
+        help="request line and headers; larger get 400 and the connection closes",
+    )
+    serve.add_argument(
+        "--header-timeout", type=float, default=limits.header_timeout,
+        help="seconds a client has to send its request line and headers before the connection closes",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=limits.max_connections,
+        help="open connections and requests at once; more get 503",
+    )
+    serve.add_argument(
+        "--max-prompts", type=int, default=limits.max_prompts,
+        help="prompts in one completions request (also at most --max-waiting + --max-num-seqs)",
+    )
+    serve.add_argument("--max-n", type=int, default=limits.max_n, help="completions per prompt (n)")
+    serve.add_argument(
+        "--max-logprobs", type=int, default=limits.max_logprobs, help="logprobs / top_logprobs (at most 20)"
+    )
+    serve.add_argument(
+        "--max-stop", type=int, default=limits.max_stop, help="stop strings, and stop token ids, per request"
+    )
+    serve.add_argument(
+        "--max-stop-chars", type=int, default=limits.max_stop_chars, help="characters of one stop string"
+    )
+    serve.add_argument(
+        "--default-max-tokens", type=int, default=None,
+        help="max_tokens of a request that sets none (default: generation_config.json's max_new_tokens, "
+        "else up to the context)",
+    )
+    serve.add_argument(
+        "--trust-request-chat-template", action="store_true",
+        help="accept a request's own chat_template (rendered in a separate process with a time and size "
+        "budget); refused by default",
+    )
+    serve.add_argument(
+        "--chat-template-timeout", type=float, default=limits.chat_template_timeout,
+        help="seconds a request's chat template may render",
+    )
+    serve.add_argument(
+        "--max-prompt-chars", type=int, default=limits.max_prompt_chars,
+        help="characters a chat template may render",
+    )
     serve.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -128,8 +180,28 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
-    """(EngineConfig, ServerConfig) from the parsed command line; ValueError for bad values."""
+def resolve_api_key(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
+    """The API key, failing closed: a key given (flag or FENWICK_API_KEY) must be non-empty after
+    trimming; no key at all, or --no-api-key, serves without authentication."""
+    from_env = env.get("FENWICK_API_KEY")
+    if args.no_api_key:
+        if from_env is not None:
+            raise ValueError("--no-api-key, but FENWICK_API_KEY is set: unset one of them")
+        return None
+    key = args.api_key if args.api_key is not None else from_env
+    if key is None:
+        return None
+    where = "--api-key" if args.api_key is not None else "FENWICK_API_KEY"
+    if not key.strip():
+        raise ValueError(f"{where} is empty; pass a key, or --no-api-key to serve without authentication")
+    return key.strip()
+
+
+def build_configs(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> tuple[Any, ServerConfig]:
+    """(EngineConfig, ServerConfig) from the parsed command line and the environment (FENWICK_API_KEY);
+    ValueError for bad values."""
     model_dir = resolve_model_dir(args.model)  # before importing torch, so a wrong path fails fast
     from ..engine.config import EngineConfig
 
@@ -140,7 +212,7 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
         engine_kwargs["max_model_len"] = args.max_model_len
     if args.max_waiting is not None:
         engine_kwargs["max_waiting"] = args.max_waiting
-    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed", "prefill_graphs"):
+    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed"):
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager
@@ -154,17 +226,36 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, ServerConfig]:
     if args.no_overlap_decode:
         engine_kwargs["overlap_decode"] = False
     name = args.served_model_name or model_dir.name
+    api_key = resolve_api_key(args, {} if env is None else env)
     engine_config = EngineConfig(model=str(model_dir), served_model_name=name, **engine_kwargs)
+    generation_config = read_generation_config(model_dir)
+    default_max_tokens = args.default_max_tokens
+    if default_max_tokens is None:
+        default_max_tokens = default_max_tokens_from_generation_config(generation_config)
     server_config = ServerConfig(
         host=args.host,
         port=args.port,
-        api_key=args.api_key or None,
+        api_key=api_key,
         served_model_name=name,
         max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level,
-        sampling_defaults=sampling_defaults_from_generation_config(read_generation_config(model_dir)),
+        sampling_defaults=sampling_defaults_from_generation_config(generation_config),
+        default_max_tokens=default_max_tokens,
+        max_prompts=args.max_prompts,
+        max_n=args.max_n,
+        max_logprobs=args.max_logprobs,
+        max_stop=args.max_stop,
+        max_stop_chars=args.max_stop_chars,
+        trust_request_chat_template=args.trust_request_chat_template,
+        chat_template_timeout=args.chat_template_timeout,
+        max_prompt_chars=args.max_prompt_chars,
     )
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s without authentication (no --api-key, no FENWICK_API_KEY)", args.host)
     return engine_config, server_config
 
 
@@ -173,29 +264,19 @@ def serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        engine_config, server_config = build_configs(args)
+        engine_config, server_config = build_configs(args, os.environ)
     except ValueError as exc:
         raise SystemExit(f"fenwick serve: {exc}") from None
 
-    import uvicorn
-
     from ..engine.async_llm import AsyncLLM
     from ..engine.startup import freeze_heap
+    from . import http_server
     from .app import create_app
 
     engine = AsyncLLM(engine_config)
     freeze_heap()  # the loaded model and engine out of the garbage collector's sight
     app = create_app(engine, server_config)
-    uvicorn_config = uvicorn.Config(
-        app,
-        host=server_config.host,
-        port=server_config.port,
-        log_level=server_config.log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=server_config.shutdown_timeout,
-    )
-    uvicorn.Server(uvicorn_config).run()
-    return 0
+    return http_server.run(app, engine, server_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

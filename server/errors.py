@@ -10,7 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.errors import EngineDeadError, EngineError, PromptTooLongError, QueueFullError
+from ..engine.errors import (
+    EngineDeadError,
+    EngineError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestFailedError,
+)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -19,7 +25,12 @@ _TYPES = {
     405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    503: "service_unavailable_error",
 }
+
+
+class ServerShutdownError(EngineError):
+    """The server is shutting down (HTTP 503, or an in-band error event on a stream)."""
 
 
 class APIError(Exception):
@@ -66,6 +77,10 @@ def from_engine_error(exc: EngineError) -> APIError:
         return APIError(400, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc) or "the engine has stopped", code="engine_dead")
+    if isinstance(exc, RequestFailedError):  # a bug in the engine, never the client's input
+        return APIError(500, str(exc), code="internal_error")
+    if isinstance(exc, ServerShutdownError):
+        return APIError(503, str(exc), code="server_shutdown", headers={"Connection": "close"})
     return bad_request(str(exc))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -115,8 +117,15 @@ class Metrics:
         self.http_requests = Counter(
             "fenwick_http_requests_total", "HTTP responses by path and status", ["path", "status"], registry=r
         )
-        for reason in ("stop", "length", "abort"):
+        self.engine_up = Gauge(
+            "fenwick_engine_up", "1 while the engine's step loop runs, 0 once it has stopped", registry=r
+        )
+        for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(finish_reason=reason)
+
+    def watch_engine(self, is_running: Callable[[], bool]) -> None:
+        """fenwick_engine_up reads is_running() at each scrape."""
+        self.engine_up.set_function(lambda: 1.0 if is_running() else 0.0)
 
     def observe(self, stats: EngineStats) -> None:
         """An engine stats listener: called after every step, from the engine's loop."""

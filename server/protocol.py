@@ -1,4 +1,10 @@
-"""Request and response schemas of the OpenAI-compatible API (plus Fenwick's sampling extras)."""
+"""Request and response schemas of the OpenAI-compatible API (plus Fenwick's sampling extras).
+
+Requests are strict (no "5" for 5, no true for 1, no NaN or Infinity) and bounded by what the engine's
+types hold (the constants of engine/sampling_params.py); strings must be valid Unicode text (a lone
+surrogate cannot be tokenized or serialized). Bounds the operator sets (number of stop strings, prompts
+per request, n, logprobs) are checked by the serving classes against ServerConfig.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +12,61 @@ import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import INT64_MAX, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
-NonNegativeTokenId = Annotated[int, Field(ge=0)]
-Prompt = str | list[NonNegativeTokenId]
+
+def _unicode_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+NonNegativeTokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Prompt = str | list[int]
+Real = Annotated[float, Field(allow_inf_nan=False)]
+STRICT = ConfigDict(strict=True)  # JSON types as given: no coercion of strings, bools or floats to int
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False  # a last chunk with `usage` and no choices
 
 
 class SamplingRequest(BaseModel):
     """Fields shared by completions and chat. None means "the model's default, else OpenAI's"."""
 
-    model: str | None = None
-    n: int = Field(1, ge=1, le=64)
-    temperature: float | None = Field(None, ge=0.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    model_config = STRICT
+    model: Text | None = None
+    n: int = Field(1, ge=1, le=INT64_MAX)
+    temperature: Real | None = Field(None, ge=0.0)
+    top_p: Real | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    seed: int | None = None
-    user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Real | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Real | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    user: Text | None = None
+    logit_bias: dict[str, Real] | None = None
     # Fenwick extras
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)
+    min_p: Real | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Real | None = Field(None, gt=0.0)
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
     stop_token_ids: list[NonNegativeTokenId] | None = None
     skip_special_tokens: bool = True
@@ -89,12 +117,12 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[NonNegativeTokenId] | list[list[NonNegativeTokenId]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: Text | list[Text] | list[NonNegativeTokenId] | list[list[NonNegativeTokenId]]
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    suffix: Text | None = None
+    best_of: int | None = Field(None, ge=1, le=INT64_MAX)
 
     def prompts(self) -> list[Prompt]:
         """The prompt as a non-empty list of non-empty prompts (text or token ids)."""
@@ -112,9 +140,10 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    role: str = Field(min_length=1)
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    model_config = STRICT
+    role: Text = Field(min_length=1)
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         """The content as one string; only text parts are supported."""
@@ -124,31 +153,36 @@ class ChatMessage(BaseModel):
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
-            texts.append(part["text"])
+            texts.append(_unicode_text(part["text"]))
         return "\n".join(texts)
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # Fenwick/vLLM extra: end the prompt with the assistant's turn
-    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the (sandboxed) template
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the model's template
+    # vLLM's extra: a Jinja template to use instead of the model's; refused unless the operator allows
+    # it (--trust-request-chat-template), then rendered in a separate process with a time and size budget
+    chat_template: Text | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):
-    model: str | None = None
-    prompt: str | None = None
+    model_config = STRICT
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model: str | None = None
+    model_config = STRICT
+    model: Text | None = None
     tokens: list[NonNegativeTokenId]
 
 

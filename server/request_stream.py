@@ -1,4 +1,5 @@
-"""The engine iterators behind one HTTP request (one per prompt), drained by their own tasks into one queue.
+"""The engine iterators behind one HTTP request (one per prompt), drained by their own tasks into one
+holder of the newest output per prompt.
 
 Each engine iterator lives in a plain asyncio task, so a client that goes away cancels that task: the
 cancellation reaches the engine's generator, which aborts the request and frees its state slot.
@@ -13,6 +14,8 @@ from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
 
+from ..engine.errors import EngineDeadError
+from ..engine.output_holder import OutputHolder
 from ..engine.outputs import RequestOutput
 from ..engine.sampling_params import SamplingParams
 from ..engine.stats import EngineStats
@@ -42,19 +45,21 @@ class EngineClient(Protocol):
     def add_stats_listener(self, fn: Callable[[EngineStats], None]) -> None: ...
 
 
-_DONE = object()
-
-
 class RequestStream:
-    """Outputs of several engine requests as one stream of (prompt index, cumulative RequestOutput)."""
+    """Outputs of several engine requests as one stream of (prompt index, cumulative RequestOutput).
+
+    Each prompt's newest snapshot waits in an OutputHolder until the response takes it: a reader that
+    falls behind (a full socket buffer) gets the snapshots merged, and the stream holds at most one
+    snapshot per prompt beside the one being written, whatever the reader does.
+    """
 
     def __init__(
         self, engine: EngineClient, prompts: list[str | list[int]], params: SamplingParams, request_id: str
     ) -> None:
         self.num_prompts = len(prompts)
-        self._queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-        self._buffer: list[tuple[int, RequestOutput]] = []
-        self._open = len(prompts)
+        self._holder: OutputHolder[RequestOutput] = OutputHolder()
+        self._taken: dict[int, RequestOutput | BaseException] = {}  # taken by prefetch, not yet yielded
+        self._open = set(range(len(prompts)))  # prompts whose last output has not been yielded
         self._tasks = [
             asyncio.create_task(self._drain(i, engine, p, params, f"{request_id}-{i}"))
             for i, p in enumerate(prompts)
@@ -69,45 +74,48 @@ class RequestStream:
         request_id: str,
     ) -> None:
         iterator: AsyncIterator[RequestOutput] | None = None
+        finished = False
         try:
             iterator = engine.generate(prompt, params, request_id=request_id)
             async for output in iterator:
-                self._queue.put_nowait((index, output))
-            self._queue.put_nowait((index, _DONE))
+                self._holder.put(index, output)
+                finished = output.finished
+            if not finished:
+                self._holder.put(index, EngineDeadError("the engine ended the request without finishing it"))
         except Exception as exc:  # delivered to the consumer, which maps it to an HTTP error
-            self._queue.put_nowait((index, exc))
+            self._holder.put(index, exc)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def _next(self) -> tuple[int, RequestOutput] | None:
-        while self._open:
-            index, item = await self._queue.get()
-            if item is _DONE:
-                self._open -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            return index, item
-        return None
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with `exc` at the reader's next take (shutdown)."""
+        self._holder.put(-1, exc)
+
+    async def _take(self) -> dict[int, RequestOutput | BaseException]:
+        if self._taken:
+            taken, self._taken = self._taken, {}
+            return taken
+        return await self._holder.take()
 
     async def prefetch(self) -> None:
         """Wait until every prompt has its first output (errors raised before any byte is sent)."""
-        seen: set[int] = set()
-        while len(seen) < self.num_prompts:
-            got = await self._next()
-            if got is None:
-                break
-            self._buffer.append(got)
-            seen.add(got[0])
+        while len(self._taken) < self.num_prompts:
+            for index, item in (await self._holder.take()).items():
+                if isinstance(item, BaseException):
+                    raise item
+                self._taken[index] = item
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        while self._buffer:
-            yield self._buffer.pop(0)
-        while (got := await self._next()) is not None:
-            yield got
+        while self._open:
+            for index, item in (await self._take()).items():
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    self._open.discard(index)
+                yield index, item
 
     async def final_outputs(self) -> list[RequestOutput]:
         """Drain to the end; the last output of each prompt, in prompt order."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import Response
 from starlette.requests import Request
 
+from ..engine.chat_template import RESERVED_VARIABLES, ChatTemplateError
 from ..engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from .chat_sandbox import ChatTemplateSandbox
+from .config import ServerConfig
 from .errors import bad_request
 from .protocol import (
     ChatChoice,
@@ -24,8 +28,9 @@ from .protocol import (
     TopLogprob,
     UsageInfo,
 )
-from .request_stream import RequestStream
+from .request_stream import EngineClient, RequestStream
 from .serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
+from .shutdown import Shutdown
 
 
 def _top(token: str, logprob: float) -> TopLogprob:
@@ -46,37 +51,69 @@ def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def render_chat(
-    tokenizer: Any,
-    messages: list[ChatMessage],
-    add_generation_prompt: bool,
-    template_kwargs: dict[str, Any] | None = None,
-) -> str:
-    """The prompt text from the model's chat template (the tokenizer falls back to a plain one)."""
+def chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
     try:
-        turns = [
+        return [
             {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages
         ]
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
-    try:
-        rendered = tokenizer.apply_chat_template(
-            turns, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
-        )
-        return str(rendered)
-    except Exception as exc:  # a template's raise_exception(...) or a rendering error is the request's fault
-        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
 
 
 class ChatServing(Serving):
-    def encode_chat(
+    """Chat requests. The model's template renders in a worker thread (its cost grows with the messages);
+    a request's own template only when the operator allows it, in ChatTemplateSandbox's process."""
+
+    def __init__(
+        self, engine: EngineClient, model_name: str, config: ServerConfig, shutdown: Shutdown
+    ) -> None:
+        super().__init__(engine, model_name, config, shutdown)
+        self.sandbox = ChatTemplateSandbox(config.chat_template_timeout, config.max_prompt_chars)
+
+    async def render(
         self,
         messages: list[ChatMessage],
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+    ) -> str:
+        """The prompt text; a 400 when the template rejects the messages or passes its budget."""
+        kwargs = dict(template_kwargs or {})
+        reserved = sorted(RESERVED_VARIABLES & set(kwargs))
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {reserved}", "chat_template_kwargs")
+        if chat_template is not None and not self.config.trust_request_chat_template:
+            raise bad_request(
+                "this server does not take a request's chat_template (--trust-request-chat-template)",
+                "chat_template",
+            )
+        turns = chat_turns(messages)
+        tokenizer = self.engine.tokenizer
+        try:
+            if chat_template is not None:
+                context = dict(kwargs, messages=turns, add_generation_prompt=add_generation_prompt,
+                               bos_token=getattr(tokenizer, "bos_token", None) or "",
+                               eos_token=getattr(tokenizer, "eos_token", None) or "")
+                return await self.sandbox.render(chat_template, context)
+            rendered = await asyncio.to_thread(
+                tokenizer.apply_chat_template, turns, add_generation_prompt=add_generation_prompt,
+                max_chars=self.config.max_prompt_chars, **kwargs,
+            )
+            return str(rendered)
+        except ChatTemplateError as exc:  # a template's raise_exception(...) or a budget is the request's
+            raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
+        except TypeError as exc:  # a kwarg the tokenizer's own apply_chat_template does not take
+            raise bad_request(f"chat_template_kwargs: {exc}", "chat_template_kwargs") from None
+
+    async def encode_chat(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> list[int]:
-        text = render_chat(self.engine.tokenizer, messages, add_generation_prompt, template_kwargs)
-        ids = list(self.engine.tokenizer.encode(text, add_special_tokens=False))  # the template holds BOS
+        text = await self.render(messages, add_generation_prompt, template_kwargs, chat_template)
+        ids = await self.encode(text, add_special_tokens=False)  # the template holds BOS
         if not ids:
             raise bad_request("the messages render to an empty prompt", "messages")
         return ids
@@ -89,9 +126,15 @@ class ChatServing(Serving):
             raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        prompt_ids = self.encode_chat(body.messages, body.add_generation_prompt, body.chat_template_kwargs)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = self.sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        params = self.sampling_params(
+            body,
+            body.max_completion_tokens or body.max_tokens,
+            (body.top_logprobs or 0) if body.logprobs else None,
+            "top_logprobs",
+        )
+        prompt_ids = await self.encode_chat(
+            body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.chat_template
+        )
         request_id = self.new_id("chatcmpl")
         created = ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]).created
 

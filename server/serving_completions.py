@@ -47,8 +47,9 @@ class CompletionServing(Serving):
             prompts: list[Prompt] = body.prompts()
         except ValueError as exc:
             raise from_value_error(exc) from None
+        self.check_prompt_count(len(prompts))
         self.check_token_ids(prompts)
-        params = self.sampling_params(body, body.max_tokens, body.logprobs)
+        params = self.sampling_params(body, body.max_tokens, body.logprobs, "logprobs")
         request_id = self.new_id("cmpl")
         created = CompletionResponse(id=request_id, model=self.model_name, choices=[]).created
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from fenwick_llm.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, find_stop, stop_prefix_len
+from fenwick_llm.engine.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStrings
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 CORPUS = ["hello world, the quick brown fox jumps over the lazy dog", "streaming text one token at a time"]
@@ -67,12 +67,45 @@ def test_flush_releases_a_truly_incomplete_tail(tok: Wrapped) -> None:
     assert REPLACEMENT in text + detok.flush()
 
 
+def find(text: str, stops: list[str], fed: int = 0) -> tuple[int, str] | None:
+    """(start index, stop) of the first stop string ending in text[fed:], text[:fed] fed before."""
+    m = StopStrings(stops)
+    state, _ = m.feed(0, text[:fed])
+    _, match = m.feed(state, text[fed:])
+    return None if match is None else (fed + match[0] - len(match[1]), match[1])
+
+
+def held(text: str, stops: list[str]) -> int:
+    m = StopStrings(stops)
+    return m.held(m.feed(0, text)[0])
+
+
 def test_find_stop_and_holdback() -> None:
-    assert find_stop("abc STOP def", 0, ["STOP"]) == (4, "STOP")
-    assert find_stop("abc STO", 0, ["STOP"]) is None
-    assert find_stop("xx abSTOP", 4, ["STOP", "ab"]) == (3, "ab")  # 'ab' ends inside the new text
-    assert find_stop("ab____ new", 8, ["ab"]) is None  # an old match is not re-found
-    assert stop_prefix_len("hello ST", ["STOP"]) == 2
-    assert stop_prefix_len("hello S", ["STOP", "xyz"]) == 1
-    assert stop_prefix_len("hello", ["STOP"]) == 0
-    assert stop_prefix_len("aaa", ["aaab"]) == 3
+    assert find("abc STOP def", ["STOP"]) == (4, "STOP")
+    assert find("abc STO", ["STOP"]) is None
+    assert find("xx abSTOP", ["STOP", "ab"], fed=4) == (3, "ab")  # 'ab' ends inside the new text
+    assert find("abcd", ["abcd", "bc"]) == (1, "bc")  # the earliest end wins, whatever the tokens
+    assert find("xabcd", ["bcd", "abcd"]) == (1, "abcd")  # the longest of those ending there
+    assert find("aaab", ["aab"]) == (1, "aab")  # a failed partial match falls back, not restarts
+    assert held("hello ST", ["STOP"]) == 2
+    assert held("hello S", ["STOP", "xyz"]) == 1
+    assert held("hello", ["STOP"]) == 0
+    assert held("aaa", ["aaab"]) == 3
+    assert held("abab", ["abac"]) == 2  # the longest suffix that can still grow into a stop
+
+
+def test_stop_strings_match_a_brute_force_search() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 4)))
+                 for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        ends = [(i + len(s), -len(s), s) for s in stops for i in range(len(text)) if text.startswith(s, i)]
+        want = None if not ends else min(ends)
+        got = find(text, stops)
+        assert got == (None if want is None else (want[0] + want[1], want[2])), (text, stops)
+        if got is None:
+            brute = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            assert held(text, stops) == brute, (text, stops)

@@ -85,11 +85,14 @@ def test_long_prompt_is_chunked_and_sampled_once() -> None:
 
 
 def test_queue_bound_and_n_too_large() -> None:
-    sched = make_scheduler(slots=2, waiting=2)
-    sched.add(make_request("a", 3))
-    sched.add(make_request("b", 3))
+    sched, runner = make_scheduler(slots=2, waiting=2), FakeRunner()
+    for rid in "abcd":  # two for the free slots, two to wait
+        sched.add(make_request(rid, 3, max_tokens=20))
     with pytest.raises(QueueFullError):
-        sched.add(make_request("c", 3))
+        sched.add(make_request("e", 3))
+    step(sched, runner)  # a and b take the slots: c and d wait, the queue is full
+    with pytest.raises(QueueFullError):
+        sched.add(make_request("f", 3))
     with pytest.raises(InvalidRequestError):
         make_scheduler(slots=2).add(make_request("d", 3, n=3))
 
@@ -130,10 +133,31 @@ def test_n_needs_all_its_slots_before_admission() -> None:
     sched.add(make_request("b", 2, max_tokens=5, n=3))
     sched.add(make_request("c", 2, max_tokens=5))
     step(sched, runner)
-    assert list(sched.running) == ["a"]  # b waits for 3 slots; c does not jump the queue
+    assert list(sched.running) == ["a", "c"]  # b waits for 3 slots; c, which fits, passes it
     while sched.has_unfinished():
         step(sched, runner)
     assert sched.slots.num_free == 3
+
+
+def test_a_large_request_blocks_small_ones_only_for_a_while() -> None:
+    """Small requests pass a large one that does not fit, but at most max_bypass of them: then the
+    slots that free up are kept for it, and it runs while small requests keep coming."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, long_prefill_chunk=8,
+                                      max_waiting=100, max_bypass=3), SlotAllocator(4))
+    runner = FakeRunner()
+    sched.add(make_request("s0", 2, max_tokens=6))
+    step(sched, runner)
+    sched.add(make_request("big", 2, max_tokens=3, n=4))
+    order: list[str] = []
+    for i in range(1, 40):
+        sched.add(make_request(f"s{i}", 2, max_tokens=6))
+        step(sched, runner)
+        order += [rid for rid in sched.running if rid not in order]
+        if "big" in order:
+            break
+    assert "big" in order, "the large request starved"
+    passed = order[order.index("s0") + 1:order.index("big")]
+    assert 1 <= len(passed) <= 3, order  # small ones went first, but no more than max_bypass
 
 
 def test_random_traffic_with_aborts_leaves_every_slot_free() -> None:
