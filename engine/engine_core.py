@@ -20,15 +20,17 @@ import torch
 from .config import EngineConfig
 from .detokenizer import StopStrings
 from .errors import InvalidRequestError, PromptTooLongError
+from .grammar import compiler_for
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .prefix_cache import PrefixCache, PrefixCacheConfig
 from .request import Request
-from .sampler import Sampler, SamplerOutput
+from .sampler import Sampler, SamplerOutput, TokenMask
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .state_pool import StatePool, prefill_headroom_bytes
 from .stats import EngineStats, FinishedRequestStats
+from .structured_output import GRAMMAR_ERROR, StructuredOutputs
 
 if TYPE_CHECKING:
     from . import request
@@ -83,6 +85,8 @@ class EngineCore:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.grammars = compiler_for(tokenizer, mc.vocab_size, sorted(self.eos_token_ids))  # None: cannot
+        self.structured = StructuredOutputs(self.grammars, config.torch_device, self.pool.num_slots)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
         self._pending_finished: list[FinishedRequestStats] = []  # aborts between steps
@@ -132,6 +136,7 @@ class EngineCore:
             raise InvalidRequestError(f"logprobs must be at most the vocabulary size {vocab}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
+        self.structured.compile(params)  # here, off the step loop (a cache hit if the server compiled it)
         stops = StopStrings(params.stop) if params.stop else None
         return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
                        stop_strings=stops)
@@ -143,6 +148,7 @@ class EngineCore:
         self.scheduler.add(request)
         self.requests[request.request_id] = request
         self.outputs.add(request)
+        self.structured.add(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request with "abort" and free its slots now; its final output, or None if unknown."""
@@ -158,6 +164,7 @@ class EngineCore:
         out.error = error
         self.requests.pop(request.request_id, None)
         self.outputs.release(request)
+        self.structured.release(request)
         for seq in request.seqs:
             self.sampler.release(seq)
         return out
@@ -205,7 +212,9 @@ class EngineCore:
         if seqs and any(r > 1 for r in repeats):  # n > 1: a finished prompt's row feeds all its samples
             logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
         failed: dict[str, str] = {}
-        sampled = self._sample(logits, seqs, sched, failed) if seqs else None
+        # the host fills the grammars' masks while the device runs the forward queued above
+        mask = self.structured.masks(seqs)
+        sampled = self._sample(logits, seqs, sched, failed, mask) if seqs else None
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
@@ -222,17 +231,21 @@ class EngineCore:
                 stats.inter_token_latencies.append(now - (seq.last_token_time or now))
             seq.last_token_time = now
             try:
-                self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+                ended = self.structured.accept(seq, sampled.token_ids[i]) if mask is not None else None
+                if ended is None or ended[0] != GRAMMAR_ERROR:  # a dead end's token is not the sequence's
+                    self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+                if ended is not None:
+                    self.outputs.finish(seq, *ended)
             except Exception as e:  # detokenizing or matching one request's text: only it fails
                 failed[request.request_id] = self._log_failure(request, "processing its output", e)
         stats.num_generation_tokens = len(seqs)
         return list(touched.values()), failed
 
     def _sample(self, logits: torch.Tensor, seqs: list[request.Sequence], sched: SchedulerOutput,
-                failed: dict[str, str]) -> SamplerOutput:
+                failed: dict[str, str], mask: TokenMask | None) -> SamplerOutput:
         """Sample the batch; if that raises, sample row by row and fail only the rows that raise."""
         try:
-            return self.sampler.sample(logits, seqs, self._speculate(sched, seqs))
+            return self.sampler.sample(logits, seqs, self._speculate(sched, seqs), mask)
         except Exception:
             if self._speculated is not None:  # the next step is queued from these tokens: cannot redo them
                 raise
@@ -240,7 +253,8 @@ class EngineCore:
         logprobs: list = []
         for i, seq in enumerate(seqs):
             try:
-                one = self.sampler.sample(logits[i:i + 1], [seq])
+                row_mask = (None, mask.row(i)) if mask is not None else ()
+                one = self.sampler.sample(logits[i:i + 1], [seq], *row_mask)
                 token_ids.append(one.token_ids[0])
                 logprobs.append(one.logprobs[0])
             except Exception as e:

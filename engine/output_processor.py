@@ -67,6 +67,14 @@ class OutputProcessor:
             self._add_text(seq, self._detok[seq.seq_id].flush())
         self._update_emitted(seq)
 
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a running sequence for a reason found outside the text (its grammar is complete or stuck)."""
+        if seq.finished:
+            return
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._add_text(seq, self._detok[seq.seq_id].flush())
+        self._update_emitted(seq)
+
     def _add_text(self, seq: Sequence, delta: str) -> None:
         if not delta:
             return

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from . import (
+    bitmask_torch,
     chunk_torch,
     fused_recurrent_torch,
     gemv_torch,
@@ -32,6 +33,7 @@ __all__ = [
     "FenwickState",
     "PooledState",
     "add_rmsnorm",
+    "apply_token_bitmask_",
     "chunk_log_linear_attn",
     "fused_recurrent_step",
     "gated_rmsnorm",
@@ -54,11 +56,19 @@ __all__ = [
 def _triton() -> SimpleNamespace | None:
     """The Triton modules, imported once; None where triton cannot be imported."""
     try:
-        from . import chunk, fused_recurrent, gemv_triton, mixer_triton, norm_triton, window_triton
+        from . import (
+            bitmask_triton,
+            chunk,
+            fused_recurrent,
+            gemv_triton,
+            mixer_triton,
+            norm_triton,
+            window_triton,
+        )
     except ImportError:
         return None
     return SimpleNamespace(chunk=chunk, step=fused_recurrent, gemv=gemv_triton, mixer=mixer_triton,
-                           norm=norm_triton, window=window_triton)
+                           norm=norm_triton, window=window_triton, bitmask=bitmask_triton)
 
 
 def _gpu(x: torch.Tensor) -> SimpleNamespace | None:
@@ -212,3 +222,14 @@ def rmsnorm_linear_silu_mul(h: torch.Tensor, norm_weight: torch.Tensor, eps: flo
     tri = _gemv(h)
     impl = tri.gemv.rmsnorm_linear_silu_mul_triton if tri else gemv_torch.rmsnorm_linear_silu_mul_ref
     return impl(h, norm_weight, eps, weight_gate_up)
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """-inf, in place, on the logits a grammar's token bitmask forbids
+    (``bitmask_torch.apply_token_bitmask_ref``)."""
+    tri = _gpu(logits)
+    impl = tri.bitmask.apply_token_bitmask_triton if tri else bitmask_torch.apply_token_bitmask_ref
+    impl(logits, bitmask, rows)

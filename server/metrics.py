@@ -55,6 +55,9 @@ _REQUEST_BUCKETS = (
     300.0,
     600.0,
 )
+_COMPILE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -117,6 +120,15 @@ class Metrics:
         self.http_requests = Counter(
             "fenwick_http_requests_total", "HTTP responses by path and status", ["path", "status"], registry=r
         )
+        self.grammar_compile = Histogram(
+            "fenwick_grammar_compile_seconds",
+            "Grammar compiles for structured outputs (cache misses)",
+            buckets=_COMPILE_BUCKETS,
+            registry=r,
+        )
+        self.structured_requests = Counter(
+            "fenwick_structured_requests_total", "Constrained requests by kind", ["kind"], registry=r
+        )
         self.engine_up = Gauge(
             "fenwick_engine_up", "1 while the engine's step loop runs, 0 once it has stopped", registry=r
         )
@@ -154,6 +166,12 @@ class Metrics:
             self.request_success.labels(finish_reason=done.finish_reason).inc()
             self.e2e.observe(done.e2e_latency)
             self.queue_time.observe(done.queue_time)
+
+    def observe_structured(self, kind: str, compile_seconds: float | None) -> None:
+        """A constrained request was accepted; compile_seconds when its grammar was not cached."""
+        self.structured_requests.labels(kind=kind).inc()
+        if compile_seconds is not None:
+            self.grammar_compile.observe(compile_seconds)
 
     def count_http(self, path: str, status: int) -> None:
         self.http_requests.labels(path=path, status=str(status)).inc()

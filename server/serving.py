@@ -22,6 +22,7 @@ from .errors import APIError, bad_request, error_body, from_engine_error, from_v
 from .protocol import PromptTokensDetails, SamplingRequest, UsageInfo
 from .request_stream import EngineClient, RequestStream, unless_disconnected
 from .shutdown import Shutdown
+from .structured import Constraints
 
 logger = logging.getLogger("fenwick.server")
 
@@ -38,13 +39,15 @@ SSE_DONE = "data: [DONE]\n\n"
 
 class Serving:
     def __init__(
-        self, engine: EngineClient, model_name: str, config: ServerConfig, shutdown: Shutdown
+        self, engine: EngineClient, model_name: str, config: ServerConfig, shutdown: Shutdown,
+        constraints: Constraints | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.config = config
         self.sampling_defaults: Mapping[str, Any] = config.sampling_defaults
         self.shutdown = shutdown
+        self.constraints = constraints or Constraints(None, None)
         self.vocab_size = int(engine.model_config.vocab_size)
         # engine requests that can be queued at once: more prompts in one request would never all fit
         engine_config = engine.config

@@ -49,7 +49,9 @@ class CompletionServing(Serving):
             raise from_value_error(exc) from None
         self.check_prompt_count(len(prompts))
         self.check_token_ids(prompts)
+        constraint = self.constraints.for_request(body)
         params = self.sampling_params(body, body.max_tokens, body.logprobs, "logprobs")
+        params = await self.constraints.apply(constraint, params)
         request_id = self.new_id("cmpl")
         created = CompletionResponse(id=request_id, model=self.model_name, choices=[]).created
 
