@@ -41,7 +41,7 @@ class EngineConfig:
     max_num_seqs: int = 256  # sequences holding a state slot at once (capped by memory at start-up)
     max_model_len: int | None = None  # prompt + output limit; None: the model's; never above it
     max_num_batched_tokens: int | None = None  # per-step tokens (decodes + prompt chunks)
-    long_prefill_chunk: int = 512  # most prompt tokens one request runs in one step
+    long_prefill_chunk: int | None = None  # most prompt tokens one request runs in one step; None: the budget
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests get QueueFullError
     enforce_eager: bool = False  # no CUDA graphs for decode
     # queue the next decode step on the device before the host reads this step's tokens (EngineCore);
@@ -101,6 +101,8 @@ class EngineConfig:
         elif self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs="
                              f"{self.max_num_seqs} (every running sequence decodes each step)")
+        if self.long_prefill_chunk is None:
+            fix(self, "long_prefill_chunk", self.max_num_batched_tokens)
         if self.long_prefill_chunk < 1 or self.max_waiting < 1:
             raise ValueError("long_prefill_chunk and max_waiting must be at least 1")
         if self.prefill_graph_max_tokens is None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..kernels.chunk_plan import ChunkCapacity, ChunkPlan, chunk_capacity, plan_arrays
-from ..kernels.state import WindowPlan, window_plan_arrays
+from ..kernels.state import WindowPlan, max_positions, window_plan_arrays
 
 
 @dataclass(frozen=True)
@@ -91,24 +91,34 @@ class PrefillBatch:
         return self.layout.continuing
 
 
+def fits(pad: PrefillShape, num_tokens: int, num_seqs: int, continuing: bool, num_levels: int) -> bool:
+    """Whether a step fits a bucket: at most its tokens, fewer sequences (one is padding), fresh only in
+    a fresh bucket, and padding sequences enough to hold the spare tokens within the levels."""
+    spare, extra = pad.num_tokens - num_tokens, pad.num_seqs - num_seqs
+    return (spare >= 0 and extra >= 1 and (pad.continuing or not continuing)
+            and spare <= extra * max_positions(num_levels))
+
+
 def prefill_arrays(token_ids: Sequence[int], slots: Sequence[int], starts: Sequence[int],
                    lens: Sequence[int], *, num_levels: int, window: bool, chunk_plan: bool,
                    pad: PrefillShape | None = None, pad_slot: int = 0
                    ) -> tuple[list[np.ndarray], PrefillLayout]:
-    """The parts of a step (``PrefillLayout.sizes``) as host arrays, padded to ``pad`` if given (the
-    padding sequences go to ``pad_slot``)."""
+    """The parts of a step (``PrefillLayout.sizes``) as host arrays, padded to ``pad`` if given: the
+    spare tokens in padding sequences from position 0 (as few as the levels allow), then empty ones,
+    all in ``pad_slot``."""
     n_real, t_real = len(lens), len(token_ids)
     ids, slots, starts, lens = list(token_ids), list(slots), list(starts), list(lens)
     continuing = any(starts)
     capacity = None
     if pad is not None:
-        if t_real > pad.num_tokens or n_real >= pad.num_seqs or (continuing and not pad.continuing):
+        if not fits(pad, t_real, n_real, continuing, num_levels):
             raise ValueError(f"a step of {t_real} tokens in {n_real} sequences does not fit {pad}")
-        extra = pad.num_seqs - n_real
-        ids += [0] * (pad.num_tokens - t_real)
+        extra, spare = pad.num_seqs - n_real, pad.num_tokens - t_real
+        most = max_positions(num_levels)  # a padding sequence is one from position 0
+        ids += [0] * spare
         slots += [pad_slot] * extra
         starts += [0] * extra
-        lens += [pad.num_tokens - t_real] + [0] * (extra - 1)
+        lens += [min(most, max(spare - i * most, 0)) for i in range(extra)]
         continuing = pad.continuing
         if chunk_plan:
             capacity = chunk_capacity(pad.num_tokens, pad.num_seqs, num_levels)

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .prefill_batch import PrefillBatch, PrefillShape, fill, prefill_arrays
+from ..kernels.state import max_positions
+from .prefill_batch import PrefillBatch, PrefillShape, fill, fits, prefill_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +41,17 @@ def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
         n *= 2
 
 
-def bucket_shapes(max_tokens: int, max_seqs: int) -> list[PrefillShape]:
-    """Every bucket for steps of at most ``max_tokens`` tokens in at most ``max_seqs`` sequences: a prompt
-    chunk has at least two tokens (one goes to the decode path), so N sequences need 2N tokens."""
+def bucket_shapes(max_tokens: int, max_seqs: int, max_len: int) -> list[PrefillShape]:
+    """Every bucket for steps of at most ``max_tokens`` tokens in at most ``max_seqs`` sequences of at
+    most ``max_len`` positions: a prompt chunk has at least two tokens (one goes to the decode path), so
+    N sequences need 2N tokens, and the N + 1 sequences of a bucket hold at most (N + 1) max_len."""
     seqs, n = [], 1
     while n < max_seqs:
         seqs.append(n)
         n *= 2
     seqs.append(max_seqs)
     return [PrefillShape(t, n + 1, continuing) for t in token_buckets(max_tokens) for n in seqs
-            if 2 * n <= t for continuing in (False, True)]
+            if 2 * n <= t <= (n + 1) * max_len for continuing in (False, True)]
 
 
 class PrefillGraphs:
@@ -58,8 +60,8 @@ class PrefillGraphs:
         """Capture every bucket of steps of up to ``max_tokens`` tokens in ``max_seqs`` sequences; the
         padding sequences write into ``pad_slot`` (the pool's dummy slot)."""
         self.model, self.state, self.device, self.pad_slot = model, state, device, pad_slot
-        self.shapes = bucket_shapes(max_tokens, max_seqs)
         self.window, self.num_levels = state.all_window is not None, state.num_levels
+        self.shapes = bucket_shapes(max_tokens, max_seqs, max_positions(self.num_levels))
         size = max(self._layout(s).offsets[-1] for s in self.shapes)
         self.buffer = torch.zeros(size, dtype=torch.int64, device=device)  # every graph reads its step here
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
@@ -78,7 +80,7 @@ class PrefillGraphs:
                               chunk_plan=True, pad=shape, pad_slot=self.pad_slot)
 
     def _layout(self, shape: PrefillShape) -> Any:
-        return self._arrays([0], [self.pad_slot], [int(shape.continuing)], [1], shape)[1]
+        return self._arrays([], [], [], [], shape)[1]
 
     def _load(self, parts: list[np.ndarray], layout: Any) -> PrefillBatch:
         """The step into the static buffer: one copy through the pinned host buffer (after the previous
@@ -94,10 +96,7 @@ class PrefillGraphs:
     def _capture_all(self) -> None:
         start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         for shape in sorted(self.shapes, key=lambda s: (-s.num_tokens, -s.num_seqs)):  # largest first
-            n = shape.num_seqs - 1  # a step of the bucket (any fits: the launches are the same), in the dummy
-            start = int(shape.continuing)  # slot; continuing from position 1, so it ends within the levels
-            lens = [(shape.num_tokens - start * n) // n] * n
-            batch = self._load(*self._arrays([0] * sum(lens), [self.pad_slot] * n, [start] * n, lens, shape))
+            batch = self._load(*self._arrays([], [], [], [], shape))  # padding alone: the same launches
             self.model.run_prefill(batch, self.state)  # compiles every kernel outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
@@ -113,10 +112,10 @@ class PrefillGraphs:
                     (torch.cuda.memory_reserved(self.device) - before) / 2**20)
 
     def shape_for(self, num_tokens: int, num_seqs: int, continuing: bool) -> PrefillShape | None:
-        """The smallest bucket that holds a step, or None."""
-        fits = [s for s in self.shapes if s.num_tokens >= num_tokens and s.num_seqs > num_seqs
-                and s.continuing == continuing]
-        return min(fits, key=lambda s: (s.num_tokens, s.num_seqs)) if fits else None
+        """The smallest bucket that holds a step (fresh steps in fresh buckets), or None."""
+        holds = [s for s in self.shapes if s.continuing == continuing
+                 and fits(s, num_tokens, num_seqs, continuing, self.num_levels)]
+        return min(holds, key=lambda s: (s.num_tokens, s.num_seqs)) if holds else None
 
     def run(self, token_ids: list[int], slots: list[int], starts: list[int],
             lens: list[int]) -> torch.Tensor | None:

@@ -1,15 +1,19 @@
 """Continuous batching over state slots: who runs how many tokens this step. Holds no tensors.
 
-Each step has one token budget. Decodes go first (one token per live sequence), then the next prompt
-chunk of requests already prefilling, then new requests from the waiting queue while slots and budget
-last: first come, first served, except that a request needing more slots than are free (n > 1) lets
-smaller ones behind it pass, at most ``max_bypass`` of them; after that the slots that free up are kept
-for it, so neither it nor the ones behind it wait forever. The waiting queue holds ``max_waiting``
-requests beyond those the free slots take at once. A prompt chunk is at most ``long_prefill_chunk``
-tokens; the runner routes by token count (more than one: chunk path, exactly one: step path). A request holds
-``n`` slots from admission to its end: its prompt runs in ``seqs[0]``'s slot and is forked into the
-others after the last chunk. ``prompt + max_tokens <= max_model_len`` is checked on arrival, so a
-running request never runs out of room and nothing is ever preempted.
+Each step has one token budget (``max_num_batched_tokens``, 2048 by default). Decodes go first (one
+token per live sequence, so a decode is never starved), then the next prompt chunk of requests already
+prefilling, then new requests from the waiting queue while slots and budget last. The budget bounds a
+step's prompt work, and so how much a mixed step delays the decodes in it; a prompt chunk may take all
+that the decodes leave (``long_prefill_chunk`` defaults to the budget: on prompt-heavy load that was
+faster than smaller chunks, with shorter mixed steps; docs/benchmarks.md). New requests are admitted
+first come, first served, except that a request needing more slots than are free (n > 1) lets smaller
+ones behind it pass, at most ``max_bypass`` of them; after that the slots that free up are kept for it,
+so neither it nor the ones behind it wait forever. The waiting queue holds ``max_waiting`` requests
+beyond those the free slots take at once. The runner routes by token count (more than one: chunk path,
+exactly one: step path). A request holds ``n`` slots from admission to its end: its prompt runs in
+``seqs[0]``'s slot and is forked into the others after the last chunk. ``prompt + max_tokens <=
+max_model_len`` is checked on arrival, so a running request never runs out of room and nothing is ever
+preempted.
 
 With a prefix cache (engine/prefix_cache.py), a new request restores the deepest cached state on its
 prompt's path into its slot instead of a reset and starts its prompt there; prompt chunks end at the

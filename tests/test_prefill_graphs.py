@@ -34,7 +34,7 @@ def test_token_buckets_cover_every_step():
 
 
 def test_bucket_shapes_hold_every_step_of_two_tokens_a_sequence():
-    shapes = bucket_shapes(512, 16)
+    shapes = bucket_shapes(512, 16, max_len=1024)
     assert len(set(shapes)) == len(shapes)
     for t in (2, 17, 100, 512):
         for n in range(1, min(16, t // 2) + 1):
@@ -42,6 +42,24 @@ def test_bucket_shapes_hold_every_step_of_two_tokens_a_sequence():
                 assert any(s.num_tokens >= t and s.num_seqs > n and s.continuing == continuing
                            for s in shapes), (t, n, continuing)
     assert all(2 * (s.num_seqs - 1) <= s.num_tokens for s in shapes)
+    # short sequences: a bucket holds no more tokens than its sequences can, from position 0
+    assert all(s.num_tokens <= 32 * s.num_seqs for s in bucket_shapes(2048, 4, max_len=32))
+
+
+def test_padding_spreads_over_sequences_within_the_levels():
+    """Spare tokens go to padding sequences of at most max_positions tokens each (levels 6: 32); a step
+    whose padding cannot fit so does not fit the bucket."""
+    from fenwick_llm.engine.prefill_batch import fits, prefill_arrays
+    pad = PrefillShape(96, 4, False)
+    parts, layout = prefill_arrays([1] * 10, [3], [0], [10], num_levels=6, window=False, chunk_plan=True,
+                                   pad=pad, pad_slot=7)
+    assert parts[3].tolist() == [10, 32, 32, 22] and parts[1].tolist() == [3, 7, 7, 7]
+    assert layout.num_tokens == 96 and layout.num_real == 1 and parts[0].tolist()[10:] == [0] * 86
+    assert not fits(PrefillShape(128, 4, False), 10, 1, False, num_levels=6)  # 118 spare > 3 x 32
+    assert not fits(pad, 10, 1, True, num_levels=6)  # a continuing step in a fresh bucket
+    with pytest.raises(ValueError, match="does not fit"):
+        prefill_arrays([1] * 10, [3], [0], [10], num_levels=6, window=False, chunk_plan=False,
+                       pad=PrefillShape(128, 4, False))
 
 
 def test_settings_are_checked(tiny_model_dir: Path):
