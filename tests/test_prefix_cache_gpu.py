@@ -1,6 +1,7 @@
-"""The prefix cache on a GPU (gpu marker): with decode CUDA graphs and overlapped decoding (the GPU defaults),
-with prompt-step graphs, and through the pinned host tier (demotions on the side stream), restored requests
-give the outputs of an engine without the cache; snapshot rows round-trip bit for bit on the device."""
+"""The prefix cache on a GPU (gpu marker): with CUDA graphs for decode and prompt steps and overlapped
+decoding (the GPU defaults), with eager prompt steps, and through the pinned host tier (demotions on the
+side stream), restored requests give the outputs of an engine without the cache; snapshot rows
+round-trip bit for bit on the device."""
 
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def assert_same_outputs(a: list[list], b: list[list]) -> None:
                 assert lp_a == pytest.approx(lp_b, abs=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["graphs+overlap", "prefill-graphs", "host-tier"])
+@pytest.mark.parametrize("variant", ["graphs+overlap", "eager-prompts", "host-tier"])
 def test_cache_with_cuda_graphs_equals_no_cache(tiny_model_dir: Path, variant: str) -> None:
     extra: dict = {}
-    if variant == "prefill-graphs":
-        extra = dict(prefill_graphs=8)
+    if variant == "eager-prompts":  # decode graphs only: restored slots continue in the eager prompt path
+        extra = dict(prefill_graph_max_tokens=0)
     probe = LLM(str(tiny_model_dir), enable_prefix_caching=False, **ENGINE)
     plain = conversations(probe, 3, seed=1)
     if variant == "host-tier":  # three device rows: every step demotes on the side stream
@@ -59,6 +60,7 @@ def test_cache_with_cuda_graphs_equals_no_cache(tiny_model_dir: Path, variant: s
         extra = dict(prefix_cache_bytes=3 * row, prefix_cache_host_bytes=64 * row)
     cached = LLM(str(tiny_model_dir), **ENGINE, **extra)
     assert cached.config.use_cuda_graphs and cached.config.use_overlap_decode
+    assert (cached.engine.runner.prefill_graphs is None) == (variant == "eager-prompts")
     outs = conversations(cached, 3, seed=1)
     assert_same_outputs(outs, plain)
     cache = cached.engine.prefix_cache
