@@ -12,8 +12,9 @@
 #
 # The device image lacks the server's web stack: carry it as wheels (see bench/serve_h200.sh), then
 #   bash bench/prefix_cache.sh                      with carry [".whl"]
-# DEVICE=cpu with a small MODEL_DIR and the sizes below made small is a smoke test off the GPU
-# (tests/test_bench_serve.py runs it so).
+# MODES=on or MODES=off runs one server only (two calls under a per-command time limit; the report needs
+# both in $OUT). DEVICE=cpu with a small MODEL_DIR and the sizes below made small is a smoke test off the
+# GPU (tests/test_bench_serve.py runs it so).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/prefix-cache}
@@ -23,6 +24,7 @@ DEVICE=${DEVICE:-cuda}
 MAX_MODEL_LEN=${MAX_MODEL_LEN:-16384}
 MAX_NUM_SEQS=${MAX_NUM_SEQS:-256}
 SERVER_ARGS=${SERVER_ARGS:-}  # extra `fenwick serve` flags for both runs (e.g. --prefix-cache-gib 8)
+MODES=${MODES:-"on off"}
 TURNS=${TURNS:-8} TURN_INPUT=${TURN_INPUT:-500} TURN_OUTPUT=${TURN_OUTPUT:-640} CONVERSATIONS=${CONVERSATIONS:-32}
 PREFIX=${PREFIX:-4096} PREFIX_SUFFIX=${PREFIX_SUFFIX:-128} PREFIX_OUTPUT=${PREFIX_OUTPUT:-32}
 PREFIX_REQUESTS=${PREFIX_REQUESTS:-1000} PREFIX_CONCURRENCY=${PREFIX_CONCURRENCY:-256}
@@ -50,7 +52,7 @@ t0=$SECONDS
 [ -f "$MODEL_DIR/config.json" ] || python3 tools/make_random_model.py --hidden 768 --layers 24 --tokenizer word \
     --out "$MODEL_DIR" || exit 1
 VOCAB=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$MODEL_DIR/config.json")
-echo "model ready after $((SECONDS - t0)) s" | tee "$OUT/commands.txt"
+echo "model ready after $((SECONDS - t0)) s" | tee -a "$OUT/commands.txt"
 
 SERVER_PID=
 stop_server() {
@@ -64,7 +66,7 @@ stop_server() {
 trap stop_server EXIT
 
 status=0
-for mode in on off; do
+for mode in $MODES; do
     flag=--enable-prefix-caching; [ "$mode" = off ] && flag=--no-enable-prefix-caching
     # shellcheck disable=SC2206  # SERVER_ARGS is a list of flags
     SERVER=(python3 -m fenwick_llm.server serve --model "$MODEL_DIR" --host 127.0.0.1 --port "$PORT" --device "$DEVICE"
@@ -103,6 +105,8 @@ for mode in on off; do
     stop_server
 done
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv >>"$OUT/commands.txt"
-python3 bench/prefix_cache_report.py "$OUT" | tee "$OUT/report.md" || status=1
+if [ -d "$OUT/on" ] && [ -d "$OUT/off" ]; then
+    python3 bench/prefix_cache_report.py "$OUT" | tee "$OUT/report.md" || status=1
+fi
 echo "done after $((SECONDS - t0)) s"
 exit "$status"
