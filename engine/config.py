@@ -12,6 +12,7 @@ from .model_config import ModelConfig
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+MiB, GiB = 1 << 20, 1 << 30
 _CANON = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -55,6 +56,14 @@ class EngineConfig:
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name
     memory_fraction: float = 0.9  # of free GPU memory / available RAM for the state pool
+    # keep snapshots of request states by token prefix and restore them into new requests (prefix_cache.py)
+    enable_prefix_caching: bool = True
+    prefix_cache_interval: int = 2048  # also snapshot prompts every this many tokens (0: only ends, branches)
+    # device memory for snapshots, taken only from what the state pool's budget leaves beside its slots;
+    # None: 4 GiB on CUDA, 64 MiB on the CPU
+    prefix_cache_bytes: int | None = None
+    # pinned host memory for snapshots evicted from the device; None: 4 GiB on CUDA, 0 on the CPU
+    prefix_cache_host_bytes: int | None = None
     model_config: ModelConfig = field(init=False, repr=False)  # config.json, parsed
 
     def __post_init__(self) -> None:
@@ -102,6 +111,14 @@ class EngineConfig:
             raise ValueError("prefill_graph_max_tokens must be >= 0 and prefill_graph_max_seqs >= 1")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError("memory_fraction must be in (0, 1]")
+        on_cuda = dev.type == "cuda"
+        if self.prefix_cache_bytes is None:
+            fix(self, "prefix_cache_bytes", 4 * GiB if on_cuda else 64 * MiB)
+        if self.prefix_cache_host_bytes is None:
+            fix(self, "prefix_cache_host_bytes", 4 * GiB if on_cuda else 0)
+        if min(self.prefix_cache_interval, self.prefix_cache_bytes, self.prefix_cache_host_bytes) < 0:
+            raise ValueError("prefix_cache_interval, prefix_cache_bytes and prefix_cache_host_bytes must be "
+                             ">= 0")
         sizes = self.cuda_graph_batch_sizes
         sizes = default_graph_sizes(self.max_num_seqs) if sizes is None else tuple(sorted(set(sizes)))
         if any(s < 1 for s in sizes):

@@ -23,6 +23,7 @@ from .errors import InvalidRequestError, PromptTooLongError
 from .grammar import compiler_for
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
+from .prefix_cache import PrefixCache, PrefixCacheConfig
 from .request import Request
 from .sampler import Sampler, SamplerOutput, TokenMask
 from .sampling_params import SamplingParams
@@ -40,6 +41,14 @@ logger = logging.getLogger(__name__)
 StatsListener = Callable[[EngineStats], None]
 
 
+def make_prefix_cache(pool: StatePool, interval: int) -> PrefixCache | None:
+    """The prefix cache over the pool's snapshot rows, or None where it has none (caching off)."""
+    bank = pool.snapshots
+    if bank is None:
+        return None
+    return PrefixCache(PrefixCacheConfig(bank.device_rows, bank.host_rows, pool.bytes_per_slot, interval))
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None) -> None:
         from .runner import ModelRunner
@@ -53,14 +62,18 @@ class EngineCore:
         self.model, self.tokenizer = model, tokenizer
         mc = self.model_config
         headroom = prefill_headroom_bytes(mc, config.max_num_seqs, int(config.max_num_batched_tokens or 0))
+        caching = config.enable_prefix_caching
         self.pool = StatePool(mc, max_num_seqs=config.max_num_seqs, device=config.torch_device,
                               dtype=config.torch_dtype, state_dtype=config.torch_state_dtype,
                               memory_fraction=config.memory_fraction, headroom_bytes=headroom,
-                              max_model_len=int(config.max_model_len or mc.max_model_len))
+                              max_model_len=int(config.max_model_len or mc.max_model_len),
+                              snapshot_bytes=int(config.prefix_cache_bytes or 0) if caching else 0,
+                              snapshot_host_bytes=int(config.prefix_cache_host_bytes or 0) if caching else 0)
+        self.prefix_cache = make_prefix_cache(self.pool, config.prefix_cache_interval)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=self.pool.num_slots, max_num_batched_tokens=int(config.max_num_batched_tokens or 0),
             long_prefill_chunk=config.long_prefill_chunk, max_waiting=config.max_waiting),
-            self.pool.allocator)
+            self.pool.allocator, self.prefix_cache)
         self.runner = ModelRunner(model, self.pool, config)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0))
@@ -170,13 +183,16 @@ class EngineCore:
                             finished=self._pending_finished)
         self._pending_finished = []
         outputs: list[RequestOutput] = []
-        if sched.chunks:
+        if not sched.chunks:
+            self.runner.copy_snapshots([*sched.snapshots.before, *sched.snapshots.restores])
+        else:
             touched, failed = self._run(sched, stats)
+            fed_last = frozenset(self._speculated[0]) if self._speculated is not None else frozenset()
             for request in touched:
                 error = failed.get(request.request_id)
                 if error is not None:
                     self._fail(request, error)
-                self.scheduler.free_finished(request)
+                self.scheduler.free_finished(request, fed_last)
                 if request.finished:
                     stats.finished.append(self._finished_stats(request, time.monotonic(), None))
                     outputs.append(self._retire(request, error))
@@ -294,6 +310,8 @@ class EngineCore:
         stats.slots_used = self.pool.allocator.num_used
         stats.slots_total = self.pool.num_slots
         stats.state_memory_bytes = self.pool.nbytes
+        if self.prefix_cache is not None:
+            stats.prefix_cache = self.prefix_cache.take_stats()
         for fn in self.stats_listeners:
             try:
                 fn(stats)

@@ -103,4 +103,4 @@ class OutputProcessor:
                                  logprobs=list(s.logprobs) if s.logprobs is not None else None)
                 for s in request.seqs]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                             finished=request.finished)
+                             finished=request.finished, num_cached_tokens=request.num_cached_tokens)

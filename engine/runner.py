@@ -4,6 +4,8 @@ Routing is by token count: chunks of more than one token are packed into one ``m
 (varlen, cu_seqlens), chunks of exactly one token (decodes, and one-token prompt remainders) go
 through ``model.decode`` -- replayed from a CUDA graph when one is captured for the batch size.
 Forks (n > 1) copy a finished prompt's slot into the request's other slots after both calls.
+Prefix-cache snapshots (engine/state_snapshot.py) are copied at three points of the step: saves of freed
+slots before the resets, restores into new slots after them, saves of prompt chunk ends after the forks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .model_state import device_ints
 from .prefill_graphs import PrefillGraphs
+from .prefix_cache import StateCopy
 from .scheduler import SchedulerOutput
 from .state_pool import StatePool
 
@@ -72,6 +75,12 @@ class ModelRunner:
             self.state.reset(self._tensor(keep), levels=False)
         if zero:
             self.state.reset(self._tensor(zero))
+
+    def copy_snapshots(self, copies: list[StateCopy]) -> None:
+        """Prefix-cache copies between slots and snapshot rows, queued in order (no host synchronisation)."""
+        if copies:
+            assert self.pool.snapshots is not None, "snapshot copies without snapshot rows"
+            self.pool.snapshots.copy(self.state, copies)
 
     def decode(self, input_ids: list[int], slots: list[int], eager: bool = False) -> torch.Tensor:
         """One token for each of N slots -> logits [N, vocab]; a CUDA graph unless eager or none fits N."""
@@ -131,9 +140,11 @@ class ModelRunner:
         lens = [len(out.chunks[i].token_ids) for i in multi]
         # a prompt chunk's tokens are counted as computed when scheduled: it starts before them
         starts = [out.chunks[i].seq.request.num_computed_tokens - n for i, n in zip(multi, lens, strict=True)]
+        self.copy_snapshots(out.snapshots.before)
         if out.reset_slots:
             fresh = not any(starts)  # then model.prefill writes every level of its slots
             self._reset(out.reset_slots, {out.chunks[i].seq.slot for i in multi} if fresh else set())
+        self.copy_snapshots(out.snapshots.restores)
         if multi:
             self.num_prefill_calls += 1
             base = sum(p.shape[0] for p in parts)
@@ -146,6 +157,7 @@ class ModelRunner:
             row_of.update((i, base + r) for r, i in enumerate(single))
         for src, dsts in out.forks:
             self.state.copy_(src, self._tensor(dsts))
+        self.copy_snapshots(out.snapshots.after)
         rows = [row_of[i] for i, c in enumerate(out.chunks) if c.sample]
         if not rows:
             return torch.empty(0, 0, device=self.device)

@@ -78,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait for each step's tokens before queueing the next decode step (default: queue it "
              "ahead with CUDA graphs)",
     )
+    serve.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+        help="keep request states by token prefix and restore them into new requests that share it, "
+             "prefilling only the rest (default: on)",
+    )
+    serve.add_argument(
+        "--prefix-cache-interval", type=int, default=None,
+        help="also snapshot long prompts every this many tokens (default 2048; 0: only at prompt ends, "
+             "request ends and branch points)",
+    )
+    serve.add_argument(
+        "--prefix-cache-gib", type=float, default=None,
+        help="GPU memory for prefix-cache snapshots, taken only from what the state slots leave "
+             "(default 4; 64 MiB on the CPU)",
+    )
+    serve.add_argument(
+        "--prefix-cache-host-gib", type=float, default=None,
+        help="pinned host memory for snapshots evicted from the GPU (default 4; 0 on the CPU)",
+    )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     limits = ServerConfig()
@@ -197,6 +216,13 @@ def build_configs(
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager
+    for key in ("enable_prefix_caching", "prefix_cache_interval"):
+        if getattr(args, key) is not None:
+            engine_kwargs[key] = getattr(args, key)
+    for tier in ("", "host_"):
+        gib = getattr(args, f"prefix_cache_{tier}gib")
+        if gib is not None:
+            engine_kwargs[f"prefix_cache_{tier}bytes"] = int(gib * (1 << 30))
     if args.no_overlap_decode:
         engine_kwargs["overlap_decode"] = False
     name = args.served_model_name or model_dir.name

@@ -108,6 +108,15 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            "fenwick_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "fenwick_prefix_cache_hits_total", "Prompt tokens restored from the prefix cache", registry=r
+        )
+        self.prefix_cache_bytes = Gauge(
+            "fenwick_prefix_cache_bytes", "Bytes of prefix-cache snapshots held", ["tier"], registry=r
+        )
         self.http_requests = Counter(
             "fenwick_http_requests_total", "HTTP responses by path and status", ["path", "status"], registry=r
         )
@@ -147,6 +156,12 @@ class Metrics:
             self.ttft.observe(t)
         for t in stats.inter_token_latencies:
             self.itl.observe(t)
+        cache = stats.prefix_cache
+        if cache is not None:
+            self.prefix_cache_queries.inc(cache.queries)
+            self.prefix_cache_hits.inc(cache.hits)
+            self.prefix_cache_bytes.labels(tier="device").set(cache.device_bytes)
+            self.prefix_cache_bytes.labels(tier="host").set(cache.host_bytes)
         for done in stats.finished:
             self.request_success.labels(finish_reason=done.finish_reason).inc()
             self.e2e.observe(done.e2e_latency)

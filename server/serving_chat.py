@@ -185,15 +185,15 @@ class ChatServing(Serving):
                 ]
             )
             replies = {i: ReplyStream(constraint) for i in progress}
-            prompt_tokens = len(prompt_ids)
+            prompt_tokens, cached_tokens = len(prompt_ids), 0
             async for _, out in stream:
-                prompt_tokens = len(out.prompt_token_ids)
+                prompt_tokens, cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
                 for c in out.outputs:
                     delta = self._delta(c, progress[c.index], body.logprobs, replies[c.index])
                     if delta is not None:
                         yield chunk([delta])
             if body.include_usage:
-                yield chunk([], streamed_usage(progress, prompt_tokens))
+                yield chunk([], streamed_usage(progress, prompt_tokens, cached_tokens))
 
         return await self.run(request, [prompt_ids], params, request_id, body.stream, events, respond)
 
