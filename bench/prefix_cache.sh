@@ -11,7 +11,7 @@
 # then bench/prefix_cache_report.py compares the runs against the issue's targets into $OUT/report.md.
 #
 # The device image lacks the server's web stack: carry it as wheels (see bench/serve_h200.sh), then
-#   bash bench/prefix_cache.sh                      with carry [".whl"]
+#   WHEELS=.whl bash bench/prefix_cache.sh          with carry [".whl"]
 # MODES=on or MODES=off runs one server only (two calls under a per-command time limit; the report needs
 # both in $OUT). DEVICE=cpu with a small MODEL_DIR and the sizes below made small is a smoke test off the
 # GPU (tests/test_bench_serve.py runs it so).
@@ -33,9 +33,10 @@ RANDOM_CONCURRENCY=${RANDOM_CONCURRENCY:-64}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+WHEELS=${WHEELS:-}  # a folder of wheels to install first (the device's missing web stack: WHEELS=.whl)
+if [ -n "$WHEELS" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
+        "$WHEELS"/*.whl || exit 1
     export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
 fi
 python3 -c "import fastapi, uvicorn, pydantic, httpx, matplotlib, torch
