@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import llguidance
 
 from .errors import InvalidRequestError
+from .json_formats import strict_formats
 from .structured_params import StructuredOutputsParams
 from .tokenizer import Tokenizer
 
@@ -49,7 +50,7 @@ def lark_of(params: StructuredOutputsParams) -> str:
     its kind, e.g. a schema that is not JSON)."""
     kind = params.kind
     if kind in ("json", "json_object"):
-        schema = json.loads(params.json) if kind == "json" else {"type": "object"}
+        schema = strict_formats(json.loads(params.json)) if kind == "json" else {"type": "object"}
         options = (COMPACT_JSON if params.whitespace_pattern is None else
                    {"whitespace_flexible": True, "whitespace_pattern": params.whitespace_pattern})
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)  # type: ignore[arg-type]
