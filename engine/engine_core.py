@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import EngineConfig
-from .detokenizer import StopStrings
-from .errors import InvalidRequestError, PromptTooLongError
+from .errors import InvalidRequestError
+from .input_processor import InputProcessor
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
-from .request import Request
+from .request import Request, RequestStatus
 from .sampler import Sampler, SamplerOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -39,7 +39,8 @@ StatsListener = Callable[[EngineStats], None]
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None,
+                 detokenize: bool = True) -> None:
         from .runner import ModelRunner
 
         self.config = config
@@ -61,15 +62,15 @@ class EngineCore:
             self.pool.allocator)
         self.runner = ModelRunner(model, self.pool, config)
         self.sampler = Sampler(config.torch_device, config.seed)
-        self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0))
-        # a longer text cannot fit max_model_len: no token decodes to more characters than its vocabulary
-        # entry has, so the check needs no tokenization (tokenizing megabytes takes seconds)
-        token_chars = int(getattr(tokenizer, "max_token_chars", 64))
-        self.max_prompt_chars = int(config.max_model_len or mc.max_model_len) * token_chars
+        # detokenize=False: the engine-core process, whose API servers turn token ids into text
+        self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0), detokenize)
         eos = set(mc.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.inputs = InputProcessor(tokenizer, max_model_len=int(config.max_model_len or mc.max_model_len),
+                                     vocab_size=mc.vocab_size, eos_token_ids=frozenset(eos),
+                                     max_num_seqs=self.scheduler.config.max_num_seqs)
+        self.max_prompt_chars = self.inputs.max_prompt_chars
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
         self._pending_finished: list[FinishedRequestStats] = []  # aborts between steps
@@ -79,49 +80,10 @@ class EngineCore:
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
-        """Validate and tokenize; raises InvalidRequestError / PromptTooLongError. Thread-safe (no state);
-        its cost grows with the prompt, so the online engine runs it off the event loop."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        limit = int(self.config.max_model_len or 0)
-        vocab = self.model_config.vocab_size
-        if isinstance(prompt, str):
-            text: str | None = prompt
-            if len(prompt) > self.max_prompt_chars:
-                raise PromptTooLongError(
-                    f"this model's maximum context length is {limit} tokens; a prompt of {len(prompt)} "
-                    f"characters is longer than that ({self.max_prompt_chars} characters at most)")
-            try:
-                prompt.encode("utf-8")
-                ids = list(self.tokenizer.encode(prompt)) if prompt else []
-            except (UnicodeError, TypeError, ValueError) as e:  # lone surrogates: the request's fault
-                raise InvalidRequestError(f"the prompt cannot be tokenized: {e}") from None
-        else:
-            text, ids = None, list(prompt)
-            if len(ids) > limit:
-                raise PromptTooLongError(f"this model's maximum context length is {limit} tokens; the prompt "
-                                         f"has {len(ids)}")
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
-        if len(ids) + max(max_tokens, 1) > limit:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {limit} tokens; the request needs "
-                f"{len(ids) + max_tokens} "
-                f"({len(ids)} in the prompt, {max_tokens} for the completion)")
-        n_max = min(self.scheduler.config.max_num_seqs, self.pool.num_slots)
-        if params.n > n_max:
-            raise InvalidRequestError(f"n={params.n} exceeds the {n_max} sequences the engine runs at once")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise InvalidRequestError(f"logprobs must be at most the vocabulary size {vocab}")
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
-        stops = StopStrings(params.stop) if params.stop else None
-        return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
-                       stop_strings=stops)
+        """Validate and tokenize (engine/input_processor.py); raises InvalidRequestError /
+        PromptTooLongError. Thread-safe (no state); its cost grows with the prompt, so the online engine
+        runs it off the event loop."""
+        return self.inputs.make_request(request_id, prompt, params)
 
     def add_request(self, request: Request) -> None:
         """Queue a request (QueueFullError when the waiting queue is full)."""
@@ -138,6 +100,22 @@ class EngineCore:
             return None
         now = time.monotonic()
         self._pending_finished.append(self._finished_stats(request, now, "abort"))
+        return self._retire(request)
+
+    def finish_sample(self, request_id: str, index: int) -> RequestOutput | None:
+        """End one decoding sample with "stop" (a stop string its API server matched in the text) and free
+        its slot now; the request's final output once all its samples are done, else None."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.DECODE or not 0 <= index < request.params.n:
+            return None
+        seq = request.seqs[index]
+        if seq.finished:
+            return None
+        seq.finish_reason = "stop"
+        self.scheduler.free_finished(request)
+        if not request.finished:
+            return None
+        self._pending_finished.append(self._finished_stats(request, time.monotonic(), None))
         return self._retire(request)
 
     def _retire(self, request: Request, error: str | None = None) -> RequestOutput:
