@@ -82,8 +82,9 @@ class FenwickServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run(app: FastAPI, engine: Any, config: ServerConfig) -> int:
-    """Serve until SIGTERM / SIGINT (0) or until the engine dies (1)."""
+def run(app: FastAPI, engine: Any, config: ServerConfig, sock: socket.socket | None = None) -> int:
+    """Serve until SIGTERM / SIGINT (0) or until the engine dies (1); on `sock`, a listening socket that
+    other API server processes share, else on config.host and config.port."""
     uvicorn_config = uvicorn.Config(
         app,
         host=config.host,
@@ -99,5 +100,5 @@ def run(app: FastAPI, engine: Any, config: ServerConfig) -> int:
     add_death_listener = getattr(engine, "add_death_listener", None)
     if add_death_listener is not None:
         add_death_listener(server.engine_death)
-    server.run()
+    server.run(sockets=None if sock is None else [sock])
     return 1 if server.engine_died else 0

@@ -1,8 +1,16 @@
-"""Prometheus metrics (DESIGN §6), fed from the engine's EngineStats. The only prometheus_client import."""
+"""Prometheus metrics (DESIGN §6), fed from the engine's EngineStats. The only prometheus_client import.
+
+With several API server processes (server/launcher.py) the metrics live in prometheus_client's
+multiprocess mode: every process writes its values to files in one directory (PROMETHEUS_MULTIPROC_DIR,
+set by the launcher before they start) and any of them renders the sum, so /metrics is one view whichever
+process answers. Each engine stat has one writer: the core sends its EngineStats to one API server only
+(engine/core_proc.py), so counters and histograms count once; the gauges keep the most recent write, so a
+new writer (after that API server died) takes over. HTTP counts are written by the process that served.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +21,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..engine.stats import EngineStats
 
@@ -58,18 +68,41 @@ _REQUEST_BUCKETS = (
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-class Metrics:
-    """One registry per app, so several apps in one process never collide."""
+class EngineUp:
+    """fenwick_engine_up, read at each scrape from this process's view of the engine."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)
-        self.running = Gauge("fenwick_num_requests_running", "Requests holding a state slot", registry=r)
-        self.waiting = Gauge("fenwick_num_requests_waiting", "Requests queued for a state slot", registry=r)
-        self.slots_used = Gauge("fenwick_state_slots_used", "State slots in use", registry=r)
-        self.slots_total = Gauge("fenwick_state_slots_total", "State slots allocated", registry=r)
-        self.state_memory = Gauge("fenwick_state_memory_bytes", "Bytes of the state pool", registry=r)
+        self.is_running: Callable[[], bool] = lambda: False
+
+    def collect(self) -> Iterator[Metric]:
+        doc = "1 while the engine's step loop runs, 0 once it has stopped"
+        up = GaugeMetricFamily("fenwick_engine_up", doc)
+        up.add_metric([], 1.0 if self.is_running() else 0.0)
+        yield up
+
+
+class Metrics:
+    """One registry per app, so several apps in one process never collide; multiprocess_dir: the
+    directory that API server processes share (see above)."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        r = CollectorRegistry()  # where this process's metrics register
+        self.registry = r  # what /metrics renders
+        if multiprocess_dir is not None:
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry, path=multiprocess_dir)
+        ProcessCollector(registry=self.registry)
+        self.engine_up = EngineUp()
+        self.registry.register(self.engine_up)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=r, multiprocess_mode="mostrecent")
+
+        self.running = gauge("fenwick_num_requests_running", "Requests holding a state slot")
+        self.waiting = gauge("fenwick_num_requests_waiting", "Requests queued for a state slot")
+        self.slots_used = gauge("fenwick_state_slots_used", "State slots in use")
+        self.slots_total = gauge("fenwick_state_slots_total", "State slots allocated")
+        self.state_memory = gauge("fenwick_state_memory_bytes", "Bytes of the state pool")
         self.prompt_tokens = Counter("fenwick_prompt_tokens_total", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("fenwick_generation_tokens_total", "Tokens generated", registry=r)
         self.request_success = Counter(
@@ -108,15 +141,12 @@ class Metrics:
         self.http_requests = Counter(
             "fenwick_http_requests_total", "HTTP responses by path and status", ["path", "status"], registry=r
         )
-        self.engine_up = Gauge(
-            "fenwick_engine_up", "1 while the engine's step loop runs, 0 once it has stopped", registry=r
-        )
         for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(finish_reason=reason)
 
     def watch_engine(self, is_running: Callable[[], bool]) -> None:
         """fenwick_engine_up reads is_running() at each scrape."""
-        self.engine_up.set_function(lambda: 1.0 if is_running() else 0.0)
+        self.engine_up.is_running = is_running
 
     def observe(self, stats: EngineStats) -> None:
         """An engine stats listener: called after every step, from the engine's loop."""
