@@ -85,8 +85,7 @@ class Launcher:
         if info is None:
             return 0 if self.signals else 1
         config = replace(self.server_config, metrics_dir=metrics_dir)
-        self.listener = socket.create_server((config.host, config.port), backlog=2048,
-                                             family=socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+        self.listener = listen(config.host, config.port)
         assert self.core is not None and self.core.pid is not None
         self.args = ApiServerArgs(config, info, address, self.core.pid, os.getpid())
         logger.info("serving on http://%s:%d with %d API server(s)", config.host, config.port,
@@ -185,6 +184,19 @@ class Launcher:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The API servers' listening socket. Its protocol is TCP by name, as asyncio's own are: sockets it
+    accepts then get TCP_NODELAY from asyncio (with protocol 0 they keep Nagle's algorithm, which holds
+    back the first streamed chunk behind the headers for a delayed ACK, ~40 ms)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0][4]
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    return sock
 
 
 def launch(engine_config: Any, server_config: ServerConfig) -> int:
