@@ -117,7 +117,7 @@ class EngineCoreProc:
         self.context.term()
 
     def _receive(self, block: bool) -> bool:
-        while block and not self.poller.poll(IDLE_POLL_MS):
+        while block and not self.stopping and not self.poller.poll(IDLE_POLL_MS):
             self._check_parent()
         got = False
         while True:
@@ -225,7 +225,7 @@ class EngineCoreProc:
             self.outbox.setdefault(first, [])
         for identity, deltas in self.outbox.items():
             message = StepOutputs(deltas, stats if identity == first else [])
-            self.socket.send_multipart([identity, self._encode(message)], copy=False)
+            self.socket.send_multipart([identity, self._encode(message)])
         self.outbox.clear()
 
 

@@ -8,11 +8,15 @@ conditions are checked here, and texts stay empty.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .detokenizer import Decoder
 from .outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from .request import Request, Sequence
-from .sampler import RowLogprobs
 from .text_processor import TextProcessor
+
+if TYPE_CHECKING:  # the sampler imports torch; the API server processes import this module without it
+    from .sampler import RowLogprobs
 
 
 def token_logprobs(token_id: int, row: RowLogprobs, text: TextProcessor | None) -> TokenLogprobs:
