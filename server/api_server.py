@@ -1,10 +1,9 @@
 """One API server process of `fenwick serve` (server/launcher.py starts N of them): HTTP, validation,
-tokenization, detokenization and SSE over an AsyncEngineClient, on the listening socket the launcher
-shares with the others. It imports no torch and never touches the GPU: the engine core owns it."""
+tokenization, detokenization and SSE over an AsyncEngineClient, listening on the port beside the others
+(SO_REUSEPORT). It imports no torch and never touches the GPU: the engine core owns it."""
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -26,8 +25,8 @@ class ApiServerArgs:
     launcher_pid: int  # watched too: nothing outlives `fenwick serve`
 
 
-def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
-    """The process's entry (spawned): serve on `sock` until SIGTERM (drained) or the engine's death (1)."""
+def run_api_server(args: ApiServerArgs) -> None:
+    """The process's entry (spawned): serve until SIGTERM (drained) or the engine's death (exit 1)."""
     config = args.server_config
     configure_logging(config.log_level)
     engine = AsyncEngineClient(
@@ -35,4 +34,5 @@ def run_api_server(args: ApiServerArgs, sock: socket.socket) -> None:
         watch={args.core_pid: "the engine core process", args.launcher_pid: "fenwick serve's launcher"})
     app = create_app(engine, config)
     freeze_heap()  # the imported web stack out of the garbage collector's sight
+    sock = http_server.listen(config.host, config.port, reuse_port=True)
     sys.exit(http_server.run(app, engine, config, sock))

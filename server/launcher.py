@@ -1,9 +1,12 @@
-"""`fenwick serve`'s processes (DESIGN §5): one engine core, N API servers on one listening socket, and
-this one, which starts them in order and watches them. Every child is spawned, never forked: the core
-alone initializes CUDA, and the API servers import no torch.
+"""`fenwick serve`'s processes (DESIGN §5): one engine core, N API servers on one port, and this one,
+which starts them in order and watches them. Every child is spawned, never forked: the core alone
+initializes CUDA, and the API servers import no torch.
 
-- Start: the core first; once it reports ready (model loaded, pool allocated, graphs captured), the port
-  is bound here and the API servers start with that socket (the kernel hands each connection to one).
+- Start: the core first; once it reports ready (model loaded, pool allocated, graphs captured), the API
+  servers, each listening on the port with SO_REUSEPORT: the kernel spreads connections evenly over them
+  (one shared socket would not: asyncio accepts every pending connection at once, so a burst lands on
+  one process and, kept alive, stays there). The port is checked free first, so that a second server
+  started by mistake fails instead of sharing it.
 - SIGTERM / SIGINT: the API servers drain (running streams finish, new requests get 503), then the core
   is told to stop; exit 0. A second signal kills everything (exit 1).
 - The core dies: the API servers, which watch it, end every open stream with an error event and exit;
@@ -54,7 +57,6 @@ class Launcher:
         self.core: BaseProcess | None = None
         self.servers: dict[int, tuple[BaseProcess, float]] = {}  # index -> (process, when it started)
         self.restarted: set[int] = set()  # indexes whose API server was replaced once
-        self.listener: socket.socket | None = None
         self.args: ApiServerArgs | None = None
 
     def run(self) -> int:
@@ -73,19 +75,20 @@ class Launcher:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals += 1
-        logger.info("received %s", signal.Signals(signum).name)
+        self.signals += 1  # the watch loop acts on it (no logging here: it may hold the lock we would take)
 
     def _run(self, workdir: str) -> int:
         address = f"ipc://{workdir}/core"
         metrics_dir = os.path.join(workdir, "metrics")
         os.mkdir(metrics_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client in the API servers
+        port = free_port(self.server_config.host, self.server_config.port)  # before minutes of loading
+        if port is None:
+            return 1
         info = self._start_core(address)
         if info is None:
             return 0 if self.signals else 1
-        config = replace(self.server_config, metrics_dir=metrics_dir)
-        self.listener = listen(config.host, config.port)
+        config = replace(self.server_config, port=port, metrics_dir=metrics_dir)
         assert self.core is not None and self.core.pid is not None
         self.args = ApiServerArgs(config, info, address, self.core.pid, os.getpid())
         logger.info("serving on http://%s:%d with %d API server(s)", config.host, config.port,
@@ -110,6 +113,7 @@ class Launcher:
         self.core = self.spawn.Process(target=run_engine_core, name="fenwick-core", args=args)
         self.core.start()
         writer.close()
+        logger.info("engine core: pid %s", self.core.pid)
         while not self.signals:
             if not wait([reader, self.core.sentinel], timeout=TICK_S):
                 continue
@@ -125,10 +129,10 @@ class Launcher:
         return None
 
     def _start_server(self, index: int) -> None:
-        process = self.spawn.Process(target=run_api_server, name=f"fenwick-api-{index}",
-                                     args=(self.args, self.listener))
+        process = self.spawn.Process(target=run_api_server, name=f"fenwick-api-{index}", args=(self.args,))
         process.start()
         self.servers[index] = (process, time.monotonic())
+        logger.info("API server %d: pid %s", index, process.pid)
 
     def _watch(self, send: Callable[[Any], None]) -> int:
         """Watch the processes until they have all stopped; the exit code."""
@@ -173,7 +177,7 @@ class Launcher:
                     process.kill()
 
     def _drain(self) -> float:
-        logger.info("draining %d API server(s)", len(self.servers))
+        logger.info("stopping: draining %d API server(s)", len(self.servers))
         for process, _ in self.servers.values():
             process.terminate()  # uvicorn's graceful shutdown: in-flight responses finish
         return time.monotonic()
@@ -186,17 +190,17 @@ class Launcher:
                 process.kill()
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The API servers' listening socket. Its protocol is TCP by name, as asyncio's own are: sockets it
-    accepts then get TCP_NODELAY from asyncio (with protocol 0 they keep Nagle's algorithm, which holds
-    back the first streamed chunk behind the headers for a delayed ACK, ~40 ms)."""
+def free_port(host: str, port: int) -> int | None:
+    """The port (port 0: a free one), if nothing listens on it; None, logged, if something does."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0][4]
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    sock.listen(2048)
-    return sock
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            logger.error("cannot listen on %s:%d: %s", host, port, e)
+            return None
+        return int(probe.getsockname()[1])
 
 
 def launch(engine_config: Any, server_config: ServerConfig) -> int:
