@@ -1,0 +1,214 @@
+"""The engine core's process loop (engine/core_proc.py, here in a thread) and its client
+(engine/core_client.py) give what the in-process engine gives: the same tokens, text, stop strings,
+logprobs and n > 1 samples; aborts, stops and rejections free or refuse slots; a slow reader holds one
+piece of news; a failing core ends every stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+from fenwick_llm.engine.config import EngineConfig
+from fenwick_llm.engine.core_client import AsyncEngineClient
+from fenwick_llm.engine.core_proc import EngineCoreProc
+from fenwick_llm.engine.engine_core import EngineCore
+from fenwick_llm.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from fenwick_llm.engine.llm import LLM
+from fenwick_llm.engine.loader import load_model
+from fenwick_llm.engine.messages import Shutdown
+from fenwick_llm.engine.outputs import RequestOutput
+from fenwick_llm.engine.sampling_params import SamplingParams
+from fenwick_llm.engine.stats import EngineStats
+from fenwick_llm.engine.tokenizer import Tokenizer
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+CONFIG = dict(max_num_seqs=4, max_model_len=128, max_waiting=2)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir: Path) -> LLM:
+    return LLM(str(tiny_model_dir), device="cpu", **CONFIG)
+
+
+class CoreThread:
+    """EngineCoreProc's loop in a thread of this process, with a client on the test's event loop."""
+
+    def __init__(self, model_dir: Path, address: str, **config: Any) -> None:
+        engine_config = EngineConfig(model=str(model_dir), device="cpu", **{**CONFIG, **config})
+        self.core = EngineCore(engine_config, *load_model(model_dir), detokenize=False)
+        self.proc = EngineCoreProc(self.core, address)
+        self.address = address
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+
+    def _run(self) -> None:
+        try:
+            self.proc.run()
+        except BaseException as e:  # what the process would die of: the client is told
+            self.error = e
+            self.proc.close(dead=repr(e))
+            return
+        self.proc.close()
+
+    def client(self, **kw: Any) -> AsyncEngineClient:
+        return AsyncEngineClient(self.proc.info(), self.address, self.tokenizer, **kw)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as control:
+                control.setsockopt(zmq.LINGER, 1000)
+                control.connect(self.address)
+                control.send(msgspec.msgpack.encode(Shutdown()))
+                self.thread.join(10)
+
+
+@pytest.fixture
+def core(tiny_model_dir: Path, tmp_path: Path) -> Iterator[CoreThread]:
+    c = CoreThread(tiny_model_dir, f"ipc://{tmp_path}/core")
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+async def client(core: CoreThread) -> AsyncIterator[AsyncEngineClient]:
+    c = core.client()
+    await c.start()
+    yield c
+    await c.shutdown(drain=False)
+
+
+async def last(client: AsyncEngineClient, prompt: Any, params: SamplingParams, rid: str) -> RequestOutput:
+    return [o async for o in client.generate(prompt, params, rid)][-1]
+
+
+async def until(cond: Any, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+CASES = {
+    "greedy": ("Hello, world!", dict(max_tokens=12, **GREEDY)),
+    "ids": ([5, 6, 7, 8], dict(max_tokens=9, **GREEDY)),
+    "logprobs": ("Once upon", dict(max_tokens=6, logprobs=3, **GREEDY)),
+    "seeded-n3": ("The quick", dict(max_tokens=8, n=3, temperature=1.0, seed=7, ignore_eos=True)),
+    "min-tokens-eos": ("Fenwick", dict(max_tokens=20, min_tokens=3, temperature=0.9, seed=3)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_outputs_equal_the_in_process_engine(llm: LLM, client: AsyncEngineClient, case: str) -> None:
+    prompt, kw = CASES[case]
+    params = SamplingParams(**kw)
+    want = llm.generate(prompt, params)[0]
+    got = await last(client, prompt, params, case)
+    assert got.finished and got.prompt_token_ids == want.prompt_token_ids
+    for g, w in zip(got.outputs, want.outputs, strict=True):
+        assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == (
+            w.token_ids, w.text, w.finish_reason, w.stop_reason)
+        assert g.logprobs == w.logprobs
+
+
+async def test_stop_strings_end_the_sample_here_and_free_the_slot(llm: LLM, core: CoreThread,
+                                                                  client: AsyncEngineClient) -> None:
+    full = llm.generate("Hello, world!", SamplingParams(max_tokens=24, **GREEDY))[0].outputs[0]
+    stop = full.text[6:9]
+    for include in (False, True):
+        params = SamplingParams(max_tokens=24, stop=[stop], include_stop_str_in_output=include, **GREEDY)
+        want = llm.generate("Hello, world!", params)[0].outputs[0]
+        snaps = [o async for o in client.generate("Hello, world!", params, f"stop-{include}")]
+        got = snaps[-1].outputs[0]
+        assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
+            want.text, want.token_ids, "stop", stop)
+        assert all(got.text.startswith(s.outputs[0].text) for s in snaps)  # nothing streamed is retracted
+    await until(lambda: core.core.pool.allocator.num_used == 0 and not core.core.has_unfinished())
+
+
+async def test_abort_stop_and_rejections(core: CoreThread, client: AsyncEngineClient) -> None:
+    stats: list[EngineStats] = []
+    client.add_stats_listener(stats.append)
+    long = SamplingParams(max_tokens=100, **GREEDY)
+    streams = [client.generate([5, 6, 7], long, f"r{i}") for i in range(4)]
+    for s in streams:
+        await s.__anext__()  # type: ignore[attr-defined]
+    assert core.core.pool.allocator.num_used == 4
+    waiting = [asyncio.create_task(last(client, [8, 9], long, f"w{i}")) for i in range(2)]
+    await until(lambda: core.core.scheduler.num_waiting == 2)
+    with pytest.raises(QueueFullError):
+        await last(client, [8, 9], long, "full")
+    with pytest.raises(InvalidRequestError):
+        await last(client, [5], SamplingParams(n=5), "too-many-samples")  # checked here, before the core
+    for s in streams:
+        await s.aclose()  # type: ignore[attr-defined]
+    for w in waiting:
+        w.cancel()
+    await until(lambda: core.core.pool.allocator.num_used == 0 and not core.core.has_unfinished())
+    await until(lambda: sum(f.finish_reason == "abort" for s in stats for f in s.finished) == 6)
+    assert stats[-1].slots_used == 0 and stats[-1].num_running == 0
+
+
+async def test_explicit_abort_returns_once_the_slot_is_free(core: CoreThread,
+                                                             client: AsyncEngineClient) -> None:
+    outs: list[RequestOutput] = []
+
+    async def consume() -> None:
+        async for o in client.generate([5, 6, 7], SamplingParams(max_tokens=100, **GREEDY), "x"):
+            outs.append(o)
+
+    task = asyncio.create_task(consume())
+    await until(lambda: len(outs) >= 2)
+    await client.abort("x")
+    assert core.core.pool.allocator.num_used == 0
+    await asyncio.wait_for(task, 10)
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+
+
+async def test_a_slow_reader_holds_one_piece_of_news(core: CoreThread, client: AsyncEngineClient) -> None:
+    stream = client.generate([5, 6, 7], SamplingParams(max_tokens=60, **GREEDY), "slow")
+    first = await stream.__anext__()  # type: ignore[attr-defined]
+    tracked = client._requests["slow"]
+    await until(lambda: len(tracked.request.seqs[0].token_ids) == 60)
+    assert len(tracked.holder) <= 1
+    rest = [o async for o in stream]
+    assert len(rest) == 1 and rest[0].finished and len(rest[0].outputs[0].token_ids) == 60
+    assert rest[0].outputs[0].token_ids[:len(first.outputs[0].token_ids)] == first.outputs[0].token_ids
+
+
+async def test_stream_interval_wakes_the_reader_every_k_tokens(core: CoreThread) -> None:
+    client = core.client(stream_interval=4)
+    await client.start()
+    try:
+        counts = [len(o.outputs[0].token_ids)
+                  async for o in client.generate([5, 6], SamplingParams(max_tokens=10, **GREEDY), "k")]
+    finally:
+        await client.shutdown()
+    assert counts[0] >= 1 and counts[-1] == 10
+    assert all(b - a >= 4 for a, b in zip(counts[:-2], counts[1:-1], strict=True))
+
+
+async def test_a_failing_core_ends_every_stream(core: CoreThread, client: AsyncEngineClient) -> None:
+    deaths: list[BaseException] = []
+    client.add_death_listener(deaths.append)
+    stream = client.generate([5, 6, 7], SamplingParams(max_tokens=100, **GREEDY), "doomed")
+    await stream.__anext__()  # type: ignore[attr-defined]
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("device lost")
+
+    core.core.runner.execute = broken  # type: ignore[method-assign]
+    with pytest.raises(EngineDeadError, match="device lost"):
+        async for _ in stream:
+            pass
+    assert len(deaths) == 1 and not client.is_running
+    with pytest.raises(EngineDeadError):
+        await last(client, [5], SamplingParams(), "late")
