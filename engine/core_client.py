@@ -1,16 +1,12 @@
 """AsyncEngineClient: AsyncLLM's interface over the engine-core process, for the API server processes.
 
-Requests are validated and tokenized here (in a worker thread), sent to the core as token ids and
-SamplingParams, and come back as token ids per step (engine/core_proc.py). Turning them into text and
-matching stop strings happens here too (engine/text_processor.py): a stop string ends the sample at
-once and the core is told to stop it; the tokens it samples meanwhile are dropped. Each request keeps its
-state (ids, text, logprobs) and a holder that only says "there is news": the reader builds its snapshot
-when it takes it, so a slow reader gets the news merged and nothing queues. With stream_interval K the
-reader is woken every K tokens (and for the first and the last).
+Requests are validated and tokenized here (text in a worker thread), sent to the core as token ids and
+SamplingParams, and come back as token ids per step (engine/core_proc.py), which OutputTracker turns into
+text, stop strings and wake-ups for the readers (engine/output_tracker.py). Inputs are batched: all that
+is posted in one event-loop turn goes out as one message; all that arrived meanwhile is read at once.
 
-Inputs are batched: everything posted in one event-loop turn goes out as one message. If the core process
-exits (watched through a pidfd, so a kill -9 shows at once) or reports its own failure, every stream ends
-with EngineDeadError and the death listeners are told (the server then exits non-zero).
+If the core process exits (watched through a pidfd, so a kill -9 shows at once) or reports its own
+failure, every stream ends with EngineDeadError and the death listeners are told (the server exits 1).
 """
 
 from __future__ import annotations
@@ -19,34 +15,24 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from .errors import EngineDeadError, EngineError, InvalidRequestError, QueueFullError, RequestFailedError
+from .errors import EngineDeadError, InvalidRequestError
 from .input_processor import InputProcessor
-from .messages import AddRequest, ClientInputs, EngineInfo, Hello, RequestDelta, SampleDelta, StepOutputs
-from .output_holder import OutputHolder
+from .messages import AddRequest, ClientInputs, EngineInfo, Hello, StepOutputs
 from .output_processor import make_output
-from .outputs import RequestOutput, TokenLogprobs
-from .request import Request
+from .output_tracker import OutputTracker
+from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .stats import EngineStats
-from .text_processor import TextProcessor
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 PID_POLL_S = 0.5  # where pidfds are missing, how often a watched process is looked for
-
-
-@dataclass(eq=False)
-class _Tracked:
-    request: Request  # this side's copy: each sample's token ids, text and logprobs so far
-    holder: OutputHolder[bool]  # news for the reader (True), or the exception that ends the request
-    delivered: int = 0  # tokens of the longest sample when the reader was last woken
 
 
 class AsyncEngineClient:
@@ -57,14 +43,11 @@ class AsyncEngineClient:
         self.model_config = info  # vocab_size, max_model_len
         self.tokenizer = tokenizer
         self.served_model_name = info.served_model_name
-        self.stream_interval = stream_interval
         self.address = address
         self.watch = dict(watch or {})  # pid -> what it is (the core, the launcher): if it exits, all ends
         self.inputs = InputProcessor(tokenizer, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                                      max_num_seqs=info.max_num_seqs, eos_token_ids=info.eos_token_ids)
-        self.text = TextProcessor(tokenizer)
-        self._requests: dict[str, _Tracked] = {}
-        self._news: set[str] = set()  # requests with news since the readers were last woken
+        self.outputs = OutputTracker(tokenizer, stream_interval)
         self._listeners: list[Callable[[EngineStats], None]] = []
         self._death_listeners: list[Callable[[BaseException], None]] = []
         self._abort_waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -107,9 +90,9 @@ class AsyncEngineClient:
         if self._task is None:
             return
         if not drain:
-            for request_id in list(self._requests):
+            for request_id in list(self.outputs.requests):
                 self._post_abort(request_id)
-        while self._requests and self._dead is None:
+        while self.outputs.requests and self._dead is None:
             assert self._idle is not None
             self._idle.clear()
             await self._idle.wait()
@@ -154,16 +137,14 @@ class AsyncEngineClient:
         Closing the iterator early (or cancelling its consumer) aborts the request and frees its slots.
         """
         self._check_open(request_id)
-        request = await asyncio.to_thread(self.inputs.make_request, request_id, prompt, params)
+        if isinstance(prompt, str):
+            request = await asyncio.to_thread(self.inputs.make_request, request_id, prompt, params)
+        else:  # token ids: checked at once (at most max_model_len of them), no thread hop
+            request = self.inputs.make_request(request_id, prompt, params)
         self._check_open(request_id)
-        tracked = _Tracked(request, OutputHolder())
-        self._requests[request_id] = tracked
+        tracked = self.outputs.add(request)
         assert self._idle is not None
         self._idle.clear()
-        self.text.add(request)
-        if params.logprobs is not None:
-            for seq in request.seqs:
-                seq.logprobs = []
         self._inputs.adds.append(AddRequest(request_id, request.prompt_token_ids, params, request.max_tokens,
                                             request.arrival_time))
         self._schedule_flush()
@@ -180,17 +161,16 @@ class AsyncEngineClient:
                 if finished:
                     return
         finally:
-            self._requests.pop(request_id, None)
-            self.text.release(request)
+            self.outputs.remove(request_id)
             if not finished:
                 self._post_abort(request_id)
-            if not self._requests:
+            if not self.outputs.requests:
                 self._idle.set()
 
     def _check_open(self, request_id: str) -> None:
         if self._dead is not None or self._task is None or not self._accepting:
             raise EngineDeadError("the engine is not running" if self._dead is None else str(self._dead))
-        if request_id in self._requests:
+        if request_id in self.outputs.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
 
     async def abort(self, request_id: str) -> None:
@@ -237,7 +217,7 @@ class AsyncEngineClient:
                         break
                 for payload in batch:
                     self._apply(decode(payload))
-                self._wake_readers()
+                self.outputs.wake_readers()
                 if self._dead is not None:
                     return
         except asyncio.CancelledError:
@@ -248,9 +228,10 @@ class AsyncEngineClient:
 
     def _apply(self, message: StepOutputs) -> None:
         for delta in message.requests:
-            tracked = self._requests.get(delta.request_id)
-            if tracked is not None:
-                self._apply_request(tracked, delta)
+            stops = self.outputs.apply(delta)
+            if stops:
+                self._inputs.stops.extend(stops)
+                self._schedule_flush()
             if delta.finished:
                 for waiter in self._abort_waiters.pop(delta.request_id, []):
                     if not waiter.done():
@@ -263,64 +244,6 @@ class AsyncEngineClient:
                     logger.exception("stats listener failed")
         if message.dead is not None:
             self._die(EngineDeadError(f"the engine loop failed: {message.dead}"))
-
-    def _apply_request(self, tracked: _Tracked, delta: RequestDelta) -> None:
-        request = tracked.request
-        if delta.error is not None:
-            if delta.rejected == "queue_full":
-                error: EngineError = QueueFullError(delta.error)
-            elif delta.rejected is not None:
-                error = InvalidRequestError(delta.error)
-            else:
-                error = RequestFailedError(delta.error)
-            tracked.holder.put(0, error)
-            return
-        for sample in delta.samples:
-            self._apply_sample(request, sample)
-        if delta.finished:  # whatever a sample still lacks (an abort before its first token)
-            for seq in request.live_seqs:
-                seq.finish_reason = "abort"
-        self._news.add(request.request_id)
-
-    def _apply_sample(self, request: Request, delta: SampleDelta) -> None:
-        seq = request.seqs[delta.index]
-        if seq.finished:  # ended here by a stop string: the tokens the core sampled past it are dropped
-            return
-        last = len(delta.token_ids) - 1
-        for j, token_id in enumerate(delta.token_ids):
-            seq.token_ids.append(token_id)
-            if delta.logprobs is not None and seq.logprobs is not None:
-                seq.logprobs.append(self._named(delta.logprobs[j]))
-            ends = j == last and delta.finish_reason is not None
-            if ends:
-                seq.finish_reason, seq.stop_reason = delta.finish_reason, delta.stop_reason
-            self.text.process(seq, token_id, stop_token=ends and delta.finish_reason == "stop")
-            if seq.finished and not ends:  # a stop string: the core has not seen it
-                self._inputs.stops.append((request.request_id, seq.index))
-                self._schedule_flush()
-                return
-        if last < 0 and delta.finish_reason is not None:
-            seq.finish_reason, seq.stop_reason = delta.finish_reason, delta.stop_reason
-
-    def _named(self, entry: TokenLogprobs) -> TokenLogprobs:
-        """The core's logprob entry with its token texts."""
-        entry.sampled.token = self.text.token_text(entry.sampled.token_id)
-        for lp in entry.top:
-            lp.token = self.text.token_text(lp.token_id)
-        return entry
-
-    def _wake_readers(self) -> None:
-        news, self._news = self._news, set()
-        for request_id in news:
-            tracked = self._requests.get(request_id)
-            if tracked is None:
-                continue
-            request = tracked.request
-            longest = max(len(s.token_ids) for s in request.seqs)
-            if request.finished or (longest > tracked.delivered and (
-                    tracked.delivered == 0 or longest - tracked.delivered >= self.stream_interval)):
-                tracked.delivered = longest
-                tracked.holder.put(0, True)
 
     # ---- the core's health ---------------------------------------------------------------------
     def _watch_process(self, pid: int, what: str) -> None:
@@ -347,8 +270,7 @@ class AsyncEngineClient:
         logger.error("the engine is gone: %s", error)
         self._dead = error
         self._accepting = False
-        for tracked in self._requests.values():
-            tracked.holder.put(0, EngineDeadError(str(error)))
+        self.outputs.fail_all(EngineDeadError(str(error)))
         for waiters in self._abort_waiters.values():
             for waiter in waiters:
                 if not waiter.done():

@@ -176,7 +176,7 @@ async def test_explicit_abort_returns_once_the_slot_is_free(core: CoreThread,
 async def test_a_slow_reader_holds_one_piece_of_news(core: CoreThread, client: AsyncEngineClient) -> None:
     stream = client.generate([5, 6, 7], SamplingParams(max_tokens=60, **GREEDY), "slow")
     first = await stream.__anext__()  # type: ignore[attr-defined]
-    tracked = client._requests["slow"]
+    tracked = client.outputs.requests["slow"]
     await until(lambda: len(tracked.request.seqs[0].token_ids) == 60)
     assert len(tracked.holder) <= 1
     rest = [o async for o in stream]

@@ -170,3 +170,13 @@ async def test_the_core_dies_and_every_stream_ends_and_the_server_exits_1(fresh:
     assert ended < 5.0
     assert two.proc.wait(timeout=10) == 1, two.output()
     assert time.monotonic() - killed < 10.0
+
+
+def test_api_servers_import_no_torch() -> None:
+    """An API server process never loads torch (memory, start-up) and so can never touch the GPU."""
+    import subprocess
+    import sys
+
+    code = "import sys, fenwick_llm.server.api_server; assert 'torch' not in sys.modules, 'torch'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
