@@ -12,6 +12,7 @@ failure, every stream ends with EngineDeadError and the death listeners are told
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -22,7 +23,7 @@ import zmq.asyncio
 
 from .errors import EngineDeadError, InvalidRequestError
 from .input_processor import InputProcessor
-from .messages import AddRequest, ClientInputs, EngineInfo, Hello, StepOutputs
+from .messages import AddRequest, ClientInputs, EngineInfo, Hello, StepOutputs, client_identity
 from .output_processor import make_output
 from .output_tracker import OutputTracker
 from .outputs import RequestOutput
@@ -33,6 +34,7 @@ from .tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 PID_POLL_S = 0.5  # where pidfds are missing, how often a watched process is looked for
+_clients = itertools.count()  # clients made in this process: each has a socket identity of its own
 
 
 class AsyncEngineClient:
@@ -69,7 +71,7 @@ class AsyncEngineClient:
             return
         self._context = zmq.asyncio.Context()
         sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"api-{os.getpid()}".encode())  # the launcher names us by pid
+        sock.setsockopt(zmq.IDENTITY, client_identity(os.getpid(), next(_clients)))
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
@@ -97,7 +99,10 @@ class AsyncEngineClient:
             self._idle.clear()
             await self._idle.wait()
         self._flush()
+        task = self._task
         self._close()
+        if task is not asyncio.current_task():
+            await asyncio.gather(task, return_exceptions=True)
 
     def _close(self) -> None:
         loop = asyncio.get_running_loop()

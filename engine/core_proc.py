@@ -38,6 +38,7 @@ from .messages import (
     SampleDelta,
     Shutdown,
     StepOutputs,
+    is_client_of,
 )
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
@@ -161,12 +162,13 @@ class EngineCoreProc:
             if identity not in self.clients:
                 self.clients.append(identity)
         elif isinstance(message, ClientGone):
-            gone = sum(owned.identity == message.identity for owned in self.owners.values())
+            gone = sum(is_client_of(owned.identity, message.pid) for owned in self.owners.values())
             if gone:
-                logger.warning("API server %r is gone: aborting its %d requests", message.identity, gone)
-            self._abort_all(lambda owner: owner == message.identity)
-            self.clients = [c for c in self.clients if c != message.identity]
-            self.outbox.pop(message.identity, None)
+                logger.warning("API server %d is gone: aborting its %d requests", message.pid, gone)
+            self._abort_all(lambda owner: is_client_of(owner, message.pid))
+            self.clients = [c for c in self.clients if not is_client_of(c, message.pid)]
+            for identity in [i for i in self.outbox if is_client_of(i, message.pid)]:
+                del self.outbox[identity]
         elif isinstance(message, Shutdown):
             self._abort_all(lambda _: True)
             self.stopping = True

@@ -40,9 +40,18 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
 
 
 class ClientGone(msgspec.Struct, tag="gone", array_like=True):
-    """From the launcher: the API server with this identity died; abort its requests."""
+    """From the launcher: the API server process with this pid died; abort its clients' requests."""
 
-    identity: bytes
+    pid: int
+
+
+def client_identity(pid: int, n: int) -> bytes:
+    """The socket identity of a process's n-th client: the launcher knows its API servers by pid."""
+    return f"api-{pid}-{n}".encode()
+
+
+def is_client_of(identity: bytes, pid: int) -> bool:
+    return identity.startswith(f"api-{pid}-".encode())
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):

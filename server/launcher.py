@@ -154,7 +154,7 @@ class Launcher:
                 if process.is_alive():
                     continue
                 del self.servers[index]
-                send(ClientGone(f"api-{process.pid}".encode()))
+                send(ClientGone(process.pid or 0))
                 if draining_since is not None:
                     continue
                 logger.error("API server %d (pid %s) exited (exit code %s)", index, process.pid,

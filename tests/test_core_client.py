@@ -103,6 +103,8 @@ CASES = {
     "logprobs": ("Once upon", dict(max_tokens=6, logprobs=3, **GREEDY)),
     "seeded-n3": ("The quick", dict(max_tokens=8, n=3, temperature=1.0, seed=7, ignore_eos=True)),
     "min-tokens-eos": ("Fenwick", dict(max_tokens=20, min_tokens=3, temperature=0.9, seed=3)),
+    "n2-stop-strings": ("A long time", dict(max_tokens=24, n=2, temperature=1.0, seed=11, stop=["e", "a"],
+                                           ignore_eos=True)),
 }
 
 
