@@ -10,6 +10,8 @@ new writer (after that API server died) takes over. HTTP counts are written by t
 
 from __future__ import annotations
 
+import bisect
+import collections
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
@@ -66,6 +68,20 @@ _REQUEST_BUCKETS = (
     600.0,
 )
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """histogram.observe(v) for each value, as one write per bucket touched and one to the sum: a step
+    of 256 streams has 256 inter-token latencies, and in multiprocess mode every write goes to a file."""
+    if len(values) < 2:
+        for v in values:
+            histogram.observe(v)
+        return
+    bounds = histogram._upper_bounds  # prometheus_client's own: the buckets' upper bounds, +Inf last
+    counts = collections.Counter(bisect.bisect_left(bounds, v) for v in values)  # the first bound >= v
+    histogram._sum.inc(sum(values))
+    for i, n in counts.items():
+        histogram._buckets[i].inc(n)
 
 
 class EngineUp:
@@ -161,14 +177,12 @@ class Metrics:
             self.generation_tokens.inc(stats.num_generation_tokens)
         if stats.iteration_tokens:
             self.iteration_tokens.observe(stats.iteration_tokens)
-        for t in stats.time_to_first_tokens:
-            self.ttft.observe(t)
-        for t in stats.inter_token_latencies:
-            self.itl.observe(t)
+        observe_all(self.ttft, stats.time_to_first_tokens)
+        observe_all(self.itl, stats.inter_token_latencies)
         for done in stats.finished:
             self.request_success.labels(finish_reason=done.finish_reason).inc()
-            self.e2e.observe(done.e2e_latency)
-            self.queue_time.observe(done.queue_time)
+        observe_all(self.e2e, [done.e2e_latency for done in stats.finished])
+        observe_all(self.queue_time, [done.queue_time for done in stats.finished])
 
     def count_http(self, path: str, status: int) -> None:
         self.http_requests.labels(path=path, status=str(status)).inc()
