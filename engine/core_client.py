@@ -34,6 +34,7 @@ from .tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 PID_POLL_S = 0.5  # where pidfds are missing, how often a watched process is looked for
+POLLIN = int(zmq.POLLIN)  # a plain int: pyzmq's flag enums cost microseconds per operation
 _clients = itertools.count()  # clients made in this process: each has a socket identity of its own
 
 
@@ -215,11 +216,8 @@ class AsyncEngineClient:
         try:
             while True:
                 batch = [await self._socket.recv()]
-                while True:  # everything that came meanwhile: a busy server merges steps
-                    try:
-                        batch.append(drain.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                while drain.get(zmq.EVENTS) & POLLIN:  # all that came meanwhile: a busy server merges steps
+                    batch.append(drain.recv())
                 for payload in batch:
                     self._apply(decode(payload))
                 self.outputs.wake_readers()

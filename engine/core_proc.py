@@ -48,6 +48,7 @@ from .stats import EngineStats
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 500  # while idle, how often the loop looks up from the socket to see whether its parent lives
+POLLIN = int(zmq.POLLIN)  # a plain int: pyzmq's flag enums cost microseconds per operation
 
 
 @dataclass
@@ -121,11 +122,9 @@ class EngineCoreProc:
         while block and not self.stopping and not self.poller.poll(IDLE_POLL_MS):
             self._check_parent()
         got = False
-        while True:
+        while self.socket.get(zmq.EVENTS) & POLLIN:  # no exception when there is nothing: most steps
             try:
-                identity, payload = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+                identity, payload = self.socket.recv_multipart()
             except ValueError:  # not [identity, payload]: not one of ours
                 continue
             try:

@@ -159,6 +159,7 @@ class Metrics:
         )
         for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(finish_reason=reason)
+        self._gauges: tuple[int, ...] = ()  # the gauges' values as last set
 
     def watch_engine(self, is_running: Callable[[], bool]) -> None:
         """fenwick_engine_up reads is_running() at each scrape."""
@@ -166,11 +167,13 @@ class Metrics:
 
     def observe(self, stats: EngineStats) -> None:
         """An engine stats listener: called after every step, from the engine's loop."""
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.slots_used.set(stats.slots_used)
-        self.slots_total.set(stats.slots_total)
-        self.state_memory.set(stats.state_memory_bytes)
+        gauges = (stats.num_running, stats.num_waiting, stats.slots_used, stats.slots_total,
+                  stats.state_memory_bytes)
+        if gauges != self._gauges:  # most steps change none: skip five file writes (multiprocess mode)
+            for gauge, value in zip((self.running, self.waiting, self.slots_used, self.slots_total,
+                                     self.state_memory), gauges, strict=True):
+                gauge.set(value)
+            self._gauges = gauges
         if stats.num_prompt_tokens:
             self.prompt_tokens.inc(stats.num_prompt_tokens)
         if stats.num_generation_tokens:
