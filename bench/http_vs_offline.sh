@@ -15,7 +15,9 @@
 #     annotated-types typing-inspection annotated-doc pyzmq==27.3.0 msgspec==0.23.0
 # then run `bash bench/http_vs_offline.sh` with carry [".whl"]; results (few files) land in $OUT.
 # Environment: OUT, MODEL_DIR, CONCURRENCY, API_SERVER_COUNTS (default "1 2"), MAX_DURATION (seconds per
-# concurrency level, default 20), INPUT_LEN, OUTPUT_LEN, DEVICE (cpu: a smoke test), FAULTS.
+# concurrency level, default 20), INPUT_LEN, OUTPUT_LEN, DEVICE (cpu: a smoke test), FAULTS, OFFLINE (an
+# earlier run's offline.json, on the same card and warm machine, to run only the HTTP half, e.g. for
+# API_SERVER_COUNTS=4 within the 10-minute limit of one command).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/http-vs-offline}
@@ -48,10 +50,12 @@ FLAGS=(--model "$MODEL_DIR" --device "$DEVICE" --dtype auto
        --max-num-seqs 256 --max-model-len 2048)
 status=0
 if [ "$FAULTS" != only ]; then
+    reuse=()  # OFFLINE=path/offline.json: the offline half of an earlier run (same card), not run again
+    [ -n "${OFFLINE:-}" ] && reuse=(--skip-offline "$OFFLINE")
     # shellcheck disable=SC2086  # lists of numbers
     python3 bench/http_vs_offline.py "${FLAGS[@]}" --input-len "${INPUT_LEN:-1024}" --output-len "${OUTPUT_LEN:-256}" \
         --concurrency $CONCURRENCY --api-server-counts $API_SERVER_COUNTS --max-duration "${MAX_DURATION:-20}" \
-        --result-dir "$WORK" 2>"$OUT/http_vs_offline.log" || status=1
+        "${reuse[@]}" --result-dir "$WORK" 2>"$OUT/http_vs_offline.log" || status=1
     cp "$WORK/report.md" "$WORK/offline.json" "$OUT/" 2>/dev/null
     for k in $API_SERVER_COUNTS; do cp "$WORK/http-$k/serve.json" "$OUT/serve-$k.json" 2>/dev/null; done
 fi
