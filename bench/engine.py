@@ -82,10 +82,8 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def bench_fenwick(llm: LLM, batch: int, a: argparse.Namespace, vocab: int) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=a.new_tokens, ignore_eos=True)
-    # warm-up at the timed shape: kernels, graphs, cuBLAS heuristics and allocator blocks of this batch;
-    # twice with prefill graphs, which capture a prompt shape the second time it runs
-    for seed in range(2 if a.prefill_graphs else 1):
-        llm.generate(prompts(batch, a.prompt_len, vocab, 10 + seed), params)
+    # warm-up at the timed shape: kernels, cuBLAS heuristics and allocator blocks of this batch
+    llm.generate(prompts(batch, a.prompt_len, vocab, 10), params)
     steps: list[tuple[float, EngineStats]] = []
     listener = lambda s: steps.append((time.perf_counter(), s))  # noqa: E731
     llm.engine.add_stats_listener(listener)
@@ -175,9 +173,6 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--no-overlap-decode", action="store_true", help="host and device in series (A/B)")
-    ap.add_argument("--prefill-graphs", type=int, default=0,
-                    help="opt-in prompt-step CUDA graphs kept (engine/prefill_graphs.py); 0: prompt steps "
-                         "eager, as the engine's default")
     ap.add_argument("--no-pdl", action="store_true", help="kernels without PDL (kernels/pdl.py)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -203,8 +198,7 @@ def main() -> None:
                       max_num_seqs=max(a.batches), max_model_len=a.prompt_len + a.new_tokens,
                       max_num_batched_tokens=max(a.max_num_batched_tokens, max(a.batches)),
                       long_prefill_chunk=a.prompt_len, enforce_eager=a.enforce_eager,
-                      overlap_decode=False if a.no_overlap_decode else None,
-                      prefill_graphs=a.prefill_graphs)
+                      overlap_decode=False if a.no_overlap_decode else None)
             weights = sum(p.numel() * p.element_size() for n, p in llm.engine.model.named_parameters()
                           if "embeddings" not in n)
             state = llm.engine.pool.bytes_per_slot

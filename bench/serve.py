@@ -12,6 +12,11 @@ make a sweep with a throughput-against-concurrency plot. Targets must be loopbac
 
     python bench/serve.py --base-url http://127.0.0.1:8000 --input-len 1024 --output-len 256 \
         --max-concurrency 1 16 64 256 --prompts-per-concurrency 4 --result-dir runs/serve
+
+Datasets: random (no reuse), shared-prefix (every prompt starts with one of --num-prefixes prefixes of
+--prefix-len tokens), multi-turn (bench/multi_turn.py: conversations through chat completions, each turn
+re-sending the history). Runs report the prompt tokens the server restored from its prefix cache
+(usage.prompt_tokens_details.cached_tokens) and the prompt tokens it prefilled (its /metrics).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class RequestResult:
     ok: bool
     prompt_tokens: int
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server restored from its prefix cache
     ttft: float = 0.0  # seconds
     e2el: float = 0.0  # seconds
     itl: list[float] = field(default_factory=list)  # seconds between streamed texts
@@ -127,6 +133,8 @@ async def send(client: httpx.AsyncClient, body: dict, prompt_len: int, t0: float
                     if msg.get("usage"):
                         res.output_tokens = msg["usage"]["completion_tokens"]
                         res.prompt_tokens = msg["usage"]["prompt_tokens"]
+                        details = msg["usage"].get("prompt_tokens_details") or {}
+                        res.cached_tokens = details.get("cached_tokens") or 0
         res.e2el = time.perf_counter() - start
         res.output_tokens = res.output_tokens or chunks
         res.ok = chunks > 0
@@ -239,6 +247,7 @@ def summarize(load: Load, results: list[RequestResult], duration: float,
     ok = [r for r in results if r.ok]
     n_in = sum(r.prompt_tokens for r in ok)
     n_out = sum(r.output_tokens for r in ok)
+    n_cached = sum(r.cached_tokens for r in ok)
     return {
         **asdict(load),
         "request_rate": load.request_rate if math.isfinite(load.request_rate) else "inf",
@@ -248,6 +257,8 @@ def summarize(load: Load, results: list[RequestResult], duration: float,
         "duration_s": duration,
         "total_input_tokens": n_in,
         "total_output_tokens": n_out,
+        "total_cached_tokens": n_cached,
+        "prefix_cache_hit_rate": n_cached / n_in if n_in else 0.0,
         "request_throughput": len(ok) / duration,
         "output_throughput": n_out / duration,
         "total_token_throughput": (n_in + n_out) / duration,
@@ -259,18 +270,29 @@ def summarize(load: Load, results: list[RequestResult], duration: float,
     }
 
 
+SERVER_SAMPLES = ("fenwick_state_", "fenwick_prefix_cache_", "fenwick_prompt_tokens_total")
+
+
 def server_gauges(client: httpx.Client) -> dict[str, float]:
-    """fenwick_state_* gauges from /metrics (state memory and slots), or {} if it is not there."""
+    """State memory and slots, prefix-cache counters and prompt tokens prefilled from /metrics ({} if it is
+    not there)."""
     try:
         text = client.get("/metrics").text
     except httpx.HTTPError:
         return {}
     out = {}
     for line in text.splitlines():
-        if line.startswith("fenwick_state_"):
+        if line.startswith(SERVER_SAMPLES) and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+def server_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the server counted during a run: prompt tokens prefilled, prefix-cache lookups and hits."""
+    keys = ("fenwick_prompt_tokens_total", "fenwick_prefix_cache_queries_total",
+            "fenwick_prefix_cache_hits_total")
+    return {k: after[k] - before.get(k, 0.0) for k in keys if k in after}
 
 
 def label(run: dict) -> str:
@@ -333,6 +355,11 @@ def print_run(run: dict) -> None:
     print(f"==== {label(run)}: {run['completed']} ok, {run['failed']} failed in {run['duration_s']:.2f} s")
     print(f"  requests/s {run['request_throughput']:.2f}   output tok/s {run['output_throughput']:.1f}   "
           f"total tok/s {run['total_token_throughput']:.1f}")
+    counted = run.get("server_counted") or {}
+    if run["total_input_tokens"]:
+        prefilled = counted.get("fenwick_prompt_tokens_total", float("nan"))
+        print(f"  prompt tokens sent {run['total_input_tokens']}, cached {run['total_cached_tokens']} "
+              f"(hit rate {run['prefix_cache_hit_rate']:.1%}), prefilled by the server {prefilled:.0f}")
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         s = run[key]
         if s:
@@ -370,10 +397,12 @@ def bench(a: argparse.Namespace) -> dict:
                 # fresh prompts per run (the same shared prefixes), so no run reuses another's prompts
                 prompts = make_prompts(pool_ids, load.num_prompts, a.input_len, a.prefix_len, a.num_prefixes,
                                        a.seed + 1000 * (i + 1))
+                before = server_gauges(sync)
                 results, duration = run_load(pp, workers, prompts, load, base, a, a.seed + i)
                 run = summarize(load, results, duration, tuple(a.percentiles))
                 run["client_processes"] = max(1, min(workers, load.max_concurrency or load.num_prompts))
                 run["server"] = server_gauges(sync)
+                run["server_counted"] = server_deltas(before, run["server"])
                 ok = [r for r in results if r.ok]
                 samples.append({"ttft": [r.ttft for r in ok], "itl": [x for r in ok for x in r.itl],
                                 "tpot": [t for r in ok if (t := r.tpot) is not None],
@@ -401,12 +430,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="a loopback server")
     p.add_argument("--model", help="served model name (default: the first of /v1/models)")
     p.add_argument("--api-key", default=os.environ.get("FENWICK_API_KEY"))
-    p.add_argument("--dataset", choices=["random", "shared-prefix"], default="random")
+    p.add_argument("--dataset", choices=["random", "shared-prefix", "multi-turn"], default="random")
     p.add_argument("--input-len", type=int, default=1024, help="random tokens per prompt (after any prefix)")
     p.add_argument("--output-len", type=int, default=256, help="max_tokens, with ignore_eos")
     p.add_argument("--prefix-len", type=int, default=0, help="shared-prefix: tokens of the shared prefix")
     p.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: distinct prefixes")
     p.add_argument("--vocab-size", type=int, help="draw ids from [0, N) (default: /tokenize of a text)")
+    p.add_argument("--num-turns", type=int, default=8, help="multi-turn: turns per conversation")
+    p.add_argument("--num-conversations", type=int, default=0,
+                   help="multi-turn: conversations per run (default: the concurrency)")
     p.add_argument("--num-prompts", type=int, default=64, help="requests per run (at least this many)")
     p.add_argument("--prompts-per-concurrency", type=float, help="requests per run = this x concurrency")
     p.add_argument("--max-concurrency", type=int, nargs="+", help="one run per value (default: unbounded)")
@@ -434,7 +466,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     check_loopback(a.base_url)
-    result = bench(a)
+    if a.dataset == "multi-turn":
+        from multi_turn import bench_multi_turn  # bench/ is the script's folder, first on sys.path
+
+        result = bench_multi_turn(a)
+    else:
+        result = bench(a)
     failed = sum(r["failed"] for r in result["runs"])
     print(f"wrote {a.result_dir / 'serve.json'} and {len(result['plots'])} plot(s)")
     return 1 if failed else 0

@@ -38,7 +38,7 @@ python3 bench/state_memory.py --config "$MODEL_DIR/config.json" >"$OUT/state_mem
 VOCAB=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$MODEL_DIR/config.json")
 echo "model ready after $((SECONDS - t0)) s"
 
-SERVER=(python3 -m server serve --model "$MODEL_DIR" --host 127.0.0.1 --port "$PORT" --device "$DEVICE"
+SERVER=(python3 -m fenwick_llm.server serve --model "$MODEL_DIR" --host 127.0.0.1 --port "$PORT" --device "$DEVICE"
         --dtype bfloat16 --max-num-seqs 256 --max-model-len 2048)
 echo "server: ${SERVER[*]}" | tee "$OUT/commands.txt"
 "${SERVER[@]}" >"$OUT/server.log" 2>&1 &

@@ -37,6 +37,7 @@ class AsyncLLM:
         self.core = EngineCore(config, model, tokenizer)
         self.tokenizer = self.core.tokenizer
         self.model_config = self.core.model_config
+        self.grammars = self.core.grammars  # thread-safe: the server compiles in worker threads
         self.served_model_name = str(config.served_model_name)
         self._listeners: list[Callable[[EngineStats], None]] = []
         self._death_listeners: list[Callable[[BaseException], None]] = []

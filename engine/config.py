@@ -12,6 +12,7 @@ from .model_config import ModelConfig
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+MiB, GiB = 1 << 20, 1 << 30
 _CANON = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -40,21 +41,29 @@ class EngineConfig:
     max_num_seqs: int = 256  # sequences holding a state slot at once (capped by memory at start-up)
     max_model_len: int | None = None  # prompt + output limit; None: the model's; never above it
     max_num_batched_tokens: int | None = None  # per-step tokens (decodes + prompt chunks)
-    long_prefill_chunk: int = 512  # most prompt tokens one request runs in one step
+    long_prefill_chunk: int | None = None  # most prompt tokens one request runs in one step; None: the budget
     max_waiting: int = 1024  # waiting-queue bound; beyond it requests get QueueFullError
     enforce_eager: bool = False  # no CUDA graphs for decode
     # queue the next decode step on the device before the host reads this step's tokens (EngineCore);
     # None: on where decode runs from CUDA graphs
     overlap_decode: bool | None = None
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; None: default set
-    # opt-in: prompt steps replayed from CUDA graphs, one per step shape (prompt lengths and start
-    # positions) seen twice (engine/prefill_graphs.py): at most this many kept (0: prompt steps eager),
-    # of at most so many tokens (None: max_num_batched_tokens)
-    prefill_graphs: int = 0
+    # prompt steps replayed from CUDA graphs captured at start-up per bucket of padded shape
+    # (engine/prefill_graphs.py), with graphs on: steps of up to so many tokens (None: max_num_batched_tokens;
+    # 0: prompt steps eager) in up to so many sequences
     prefill_graph_max_tokens: int | None = None
+    prefill_graph_max_seqs: int = 16
     seed: int = 0  # generator of requests without their own seed
     served_model_name: str | None = None  # name in the API; None: the model directory's name
     memory_fraction: float = 0.9  # of free GPU memory / available RAM for the state pool
+    # keep snapshots of request states by token prefix and restore them into new requests (prefix_cache.py)
+    enable_prefix_caching: bool = True
+    prefix_cache_interval: int = 2048  # also snapshot prompts every this many tokens (0: only ends, branches)
+    # device memory for snapshots, taken only from what the state pool's budget leaves beside its slots;
+    # None: 4 GiB on CUDA, 64 MiB on the CPU
+    prefix_cache_bytes: int | None = None
+    # pinned host memory for snapshots evicted from the device; None: 4 GiB on CUDA, 0 on the CPU
+    prefix_cache_host_bytes: int | None = None
     model_config: ModelConfig = field(init=False, repr=False)  # config.json, parsed
 
     def __post_init__(self) -> None:
@@ -92,14 +101,24 @@ class EngineConfig:
         elif self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs="
                              f"{self.max_num_seqs} (every running sequence decodes each step)")
+        if self.long_prefill_chunk is None:
+            fix(self, "long_prefill_chunk", self.max_num_batched_tokens)
         if self.long_prefill_chunk < 1 or self.max_waiting < 1:
             raise ValueError("long_prefill_chunk and max_waiting must be at least 1")
         if self.prefill_graph_max_tokens is None:
             fix(self, "prefill_graph_max_tokens", self.max_num_batched_tokens)
-        if self.prefill_graphs < 0 or self.prefill_graph_max_tokens < 1:
-            raise ValueError("prefill_graphs must be >= 0 and prefill_graph_max_tokens >= 1")
+        if self.prefill_graph_max_tokens < 0 or self.prefill_graph_max_seqs < 1:
+            raise ValueError("prefill_graph_max_tokens must be >= 0 and prefill_graph_max_seqs >= 1")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError("memory_fraction must be in (0, 1]")
+        on_cuda = dev.type == "cuda"
+        if self.prefix_cache_bytes is None:
+            fix(self, "prefix_cache_bytes", 4 * GiB if on_cuda else 64 * MiB)
+        if self.prefix_cache_host_bytes is None:
+            fix(self, "prefix_cache_host_bytes", 4 * GiB if on_cuda else 0)
+        if min(self.prefix_cache_interval, self.prefix_cache_bytes, self.prefix_cache_host_bytes) < 0:
+            raise ValueError("prefix_cache_interval, prefix_cache_bytes and prefix_cache_host_bytes must be "
+                             ">= 0")
         sizes = self.cuda_graph_batch_sizes
         sizes = default_graph_sizes(self.max_num_seqs) if sizes is None else tuple(sorted(set(sizes)))
         if any(s < 1 for s in sizes):

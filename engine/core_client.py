@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from .errors import EngineDeadError, InvalidRequestError
+from .grammar import compiler_for
 from .input_processor import InputProcessor
 from .messages import AddRequest, ClientInputs, EngineInfo, Hello, StepOutputs, client_identity
 from .output_processor import make_output
@@ -48,8 +49,11 @@ class AsyncEngineClient:
         self.served_model_name = info.served_model_name
         self.address = address
         self.watch = dict(watch or {})  # pid -> what it is (the core, the launcher): if it exits, all ends
+        # the server compiles grammars in worker threads (a 400 for one that cannot compile), before the core
+        self.grammars = compiler_for(tokenizer, info.vocab_size, sorted(info.eos_token_ids))
         self.inputs = InputProcessor(tokenizer, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
-                                     max_num_seqs=info.max_num_seqs, eos_token_ids=info.eos_token_ids)
+                                     max_num_seqs=info.max_num_seqs, eos_token_ids=info.eos_token_ids,
+                                     grammars=self.grammars)
         self.outputs = OutputTracker(tokenizer, stream_interval)
         self._listeners: list[Callable[[EngineStats], None]] = []
         self._death_listeners: list[Callable[[BaseException], None]] = []

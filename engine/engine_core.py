@@ -19,15 +19,18 @@ import torch
 
 from .config import EngineConfig
 from .errors import InvalidRequestError
+from .grammar import compiler_for
 from .input_processor import InputProcessor
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
+from .prefix_cache import PrefixCache, PrefixCacheConfig
 from .request import Request, RequestStatus
-from .sampler import Sampler, SamplerOutput
+from .sampler import Sampler, SamplerOutput, TokenMask
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .state_pool import StatePool, prefill_headroom_bytes
 from .stats import EngineStats, FinishedRequestStats
+from .structured_output import GRAMMAR_ERROR, StructuredOutputs
 
 if TYPE_CHECKING:
     from . import request
@@ -36,6 +39,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 StatsListener = Callable[[EngineStats], None]
+
+
+def make_prefix_cache(pool: StatePool, interval: int) -> PrefixCache | None:
+    """The prefix cache over the pool's snapshot rows, or None where it has none (caching off)."""
+    bank = pool.snapshots
+    if bank is None:
+        return None
+    return PrefixCache(PrefixCacheConfig(bank.device_rows, bank.host_rows, pool.bytes_per_slot, interval))
 
 
 class EngineCore:
@@ -52,14 +63,18 @@ class EngineCore:
         self.model, self.tokenizer = model, tokenizer
         mc = self.model_config
         headroom = prefill_headroom_bytes(mc, config.max_num_seqs, int(config.max_num_batched_tokens or 0))
+        caching = config.enable_prefix_caching
         self.pool = StatePool(mc, max_num_seqs=config.max_num_seqs, device=config.torch_device,
                               dtype=config.torch_dtype, state_dtype=config.torch_state_dtype,
                               memory_fraction=config.memory_fraction, headroom_bytes=headroom,
-                              max_model_len=int(config.max_model_len or mc.max_model_len))
+                              max_model_len=int(config.max_model_len or mc.max_model_len),
+                              snapshot_bytes=int(config.prefix_cache_bytes or 0) if caching else 0,
+                              snapshot_host_bytes=int(config.prefix_cache_host_bytes or 0) if caching else 0)
+        self.prefix_cache = make_prefix_cache(self.pool, config.prefix_cache_interval)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=self.pool.num_slots, max_num_batched_tokens=int(config.max_num_batched_tokens or 0),
             long_prefill_chunk=config.long_prefill_chunk, max_waiting=config.max_waiting),
-            self.pool.allocator)
+            self.pool.allocator, self.prefix_cache)
         self.runner = ModelRunner(model, self.pool, config)
         self.sampler = Sampler(config.torch_device, config.seed)
         # detokenize=False: the engine-core process, whose API servers turn token ids into text
@@ -67,10 +82,12 @@ class EngineCore:
         eos = set(mc.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
+        self.grammars = compiler_for(tokenizer, mc.vocab_size, sorted(eos))  # None: cannot
         self.inputs = InputProcessor(tokenizer, max_model_len=int(config.max_model_len or mc.max_model_len),
                                      vocab_size=mc.vocab_size, eos_token_ids=frozenset(eos),
-                                     max_num_seqs=self.scheduler.config.max_num_seqs)
+                                     max_num_seqs=self.scheduler.config.max_num_seqs, grammars=self.grammars)
         self.max_prompt_chars = self.inputs.max_prompt_chars
+        self.structured = StructuredOutputs(self.grammars, config.torch_device, self.pool.num_slots)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
         self._pending_finished: list[FinishedRequestStats] = []  # aborts between steps
@@ -80,9 +97,9 @@ class EngineCore:
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
-        """Validate and tokenize (engine/input_processor.py); raises InvalidRequestError /
-        PromptTooLongError. Thread-safe (no state); its cost grows with the prompt, so the online engine
-        runs it off the event loop."""
+        """Validate and tokenize (engine/input_processor.py), compile a grammar (cached); raises
+        InvalidRequestError / PromptTooLongError. Thread-safe (no state); its cost grows with the prompt,
+        so the online engine runs it off the event loop."""
         return self.inputs.make_request(request_id, prompt, params)
 
     def add_request(self, request: Request) -> None:
@@ -92,6 +109,7 @@ class EngineCore:
         self.scheduler.add(request)
         self.requests[request.request_id] = request
         self.outputs.add(request)
+        self.structured.add(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish a request with "abort" and free its slots now; its final output, or None if unknown."""
@@ -112,7 +130,7 @@ class EngineCore:
         if seq.finished:
             return None
         seq.finish_reason = "stop"
-        self.scheduler.free_finished(request)
+        self.scheduler.free_finished(request, self._fed_last())
         if not request.finished:
             return None
         self._pending_finished.append(self._finished_stats(request, time.monotonic(), None))
@@ -123,6 +141,7 @@ class EngineCore:
         out.error = error
         self.requests.pop(request.request_id, None)
         self.outputs.release(request)
+        self.structured.release(request)
         for seq in request.seqs:
             self.sampler.release(seq)
         return out
@@ -141,13 +160,16 @@ class EngineCore:
                             finished=self._pending_finished)
         self._pending_finished = []
         outputs: list[RequestOutput] = []
-        if sched.chunks:
+        if not sched.chunks:
+            self.runner.copy_snapshots([*sched.snapshots.before, *sched.snapshots.restores])
+        else:
             touched, failed = self._run(sched, stats)
+            fed_last = self._fed_last()
             for request in touched:
                 error = failed.get(request.request_id)
                 if error is not None:
                     self._fail(request, error)
-                self.scheduler.free_finished(request)
+                self.scheduler.free_finished(request, fed_last)
                 if request.finished:
                     stats.finished.append(self._finished_stats(request, time.monotonic(), None))
                     outputs.append(self._retire(request, error))
@@ -167,7 +189,9 @@ class EngineCore:
         if seqs and any(r > 1 for r in repeats):  # n > 1: a finished prompt's row feeds all its samples
             logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
         failed: dict[str, str] = {}
-        sampled = self._sample(logits, seqs, sched, failed) if seqs else None
+        # the host fills the grammars' masks while the device runs the forward queued above
+        mask = self.structured.masks(seqs)
+        sampled = self._sample(logits, seqs, sched, failed, mask) if seqs else None
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
@@ -184,17 +208,21 @@ class EngineCore:
                 stats.inter_token_latencies.append(now - (seq.last_token_time or now))
             seq.last_token_time = now
             try:
-                self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+                ended = self.structured.accept(seq, sampled.token_ids[i]) if mask is not None else None
+                if ended is None or ended[0] != GRAMMAR_ERROR:  # a dead end's token is not the sequence's
+                    self.outputs.process(seq, sampled.token_ids[i], sampled.logprobs[i])
+                if ended is not None:
+                    self.outputs.finish(seq, *ended)
             except Exception as e:  # detokenizing or matching one request's text: only it fails
                 failed[request.request_id] = self._log_failure(request, "processing its output", e)
         stats.num_generation_tokens = len(seqs)
         return list(touched.values()), failed
 
     def _sample(self, logits: torch.Tensor, seqs: list[request.Sequence], sched: SchedulerOutput,
-                failed: dict[str, str]) -> SamplerOutput:
+                failed: dict[str, str], mask: TokenMask | None) -> SamplerOutput:
         """Sample the batch; if that raises, sample row by row and fail only the rows that raise."""
         try:
-            return self.sampler.sample(logits, seqs, self._speculate(sched, seqs))
+            return self.sampler.sample(logits, seqs, self._speculate(sched, seqs), mask)
         except Exception:
             if self._speculated is not None:  # the next step is queued from these tokens: cannot redo them
                 raise
@@ -202,7 +230,8 @@ class EngineCore:
         logprobs: list = []
         for i, seq in enumerate(seqs):
             try:
-                one = self.sampler.sample(logits[i:i + 1], [seq])
+                row_mask = (None, mask.row(i)) if mask is not None else ()
+                one = self.sampler.sample(logits[i:i + 1], [seq], *row_mask)
                 token_ids.append(one.token_ids[0])
                 logprobs.append(one.logprobs[0])
             except Exception as e:
@@ -224,15 +253,16 @@ class EngineCore:
 
     def _speculate(self, sched: SchedulerOutput,
                    seqs: list[request.Sequence]) -> Callable[[torch.Tensor], None] | None:
-        """With overlap_decode, after a pure decode step: a hook for the sampler that queues the next
-        decode of the same sequences on the device from the tokens just sampled, before the host reads
-        them. The next step takes its rows for the decodes it schedules (every running sequence that did
-        not finish; a sequence that finished leaves a step in its freed slot, which is zeroed on reuse)
-        and runs only new prompt chunks. This relies on every decoding sequence decoding in every step
-        (max_num_batched_tokens >= max_num_seqs, checked at start-up): a sequence left out of this step
-        would run later with its token absorbed twice. Not when every sequence is at its max_tokens."""
-        if (not self.config.use_overlap_decode or sched.num_prompt_tokens or sched.reset_slots
-                or sched.forks or any(c.is_prompt for c in sched.chunks)
+        """With overlap_decode: a hook for the sampler that queues the next decode of every sequence that
+        got a token this step (decodes, and prompts that ended: their forks are copied by then) on the
+        device from the tokens just sampled, before the host reads them. The next step takes its rows for
+        the decodes it schedules (every running sequence that did not finish; a sequence that finished
+        leaves a step in its freed slot, which is zeroed on reuse) and runs only prompt chunks, so a
+        mixed step keeps its decodes at graph speed too. This relies on every decoding sequence decoding
+        in every step (max_num_batched_tokens >= max_num_seqs, checked at start-up): a sequence left out
+        of this step would run later with its token absorbed twice. Not when every sequence is at its
+        max_tokens."""
+        if (not self.config.use_overlap_decode
                 or all(len(s.token_ids) + 1 >= s.request.max_tokens for s in seqs)):
             return None
 
@@ -241,6 +271,10 @@ class EngineCore:
         def queue_next(token_ids: torch.Tensor) -> None:
             self._speculated = (ids, self.runner.decode_next(token_ids, slots))
         return queue_next
+
+    def _fed_last(self) -> frozenset[int]:
+        """Ids of the sequences whose last token the decode queued ahead has absorbed (overlap_decode)."""
+        return frozenset(self._speculated[0]) if self._speculated is not None else frozenset()
 
     def _finished_stats(self, request: Request, now: float, reason: str | None) -> FinishedRequestStats:
         reasons = [s.finish_reason for s in request.seqs if s.finish_reason]
@@ -257,6 +291,8 @@ class EngineCore:
         stats.slots_used = self.pool.allocator.num_used
         stats.slots_total = self.pool.num_slots
         stats.state_memory_bytes = self.pool.nbytes
+        if self.prefix_cache is not None:
+            stats.prefix_cache = self.prefix_cache.take_stats()
         for fn in self.stats_listeners:
             try:
                 fn(stats)

@@ -1,5 +1,6 @@
-"""From a prompt and SamplingParams to a validated engine Request: tokenizing and the checks that depend
-on the model (vocabulary, context, slots). No torch, so the API server processes run it too.
+"""From a prompt and SamplingParams to a validated engine Request: tokenizing, the checks that depend on
+the model (vocabulary, context, slots) and compiling a structured-output grammar (engine/grammar.py; the
+compile is cached, so the engine core finds it there). No torch, so the API server processes run it too.
 
 Tokenizing costs time in the prompt's length: the online engines run make_request off the event loop.
 """
@@ -11,18 +12,20 @@ from typing import Any
 
 from .detokenizer import StopStrings
 from .errors import InvalidRequestError, PromptTooLongError
+from .grammar import GrammarCompiler
 from .request import Request
 from .sampling_params import SamplingParams
 
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, *, max_model_len: int, vocab_size: int, max_num_seqs: int,
-                 eos_token_ids: frozenset[int]) -> None:
+                 eos_token_ids: frozenset[int], grammars: GrammarCompiler | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.max_num_seqs = max_num_seqs  # samples one request may ask for (n)
         self.eos_token_ids = eos_token_ids
+        self.grammars = grammars  # None: no grammar engine for this tokenizer, constrained requests refused
         # a longer text cannot fit max_model_len: no token decodes to more characters than its vocabulary
         # entry has, so the check needs no tokenization (tokenizing megabytes takes seconds)
         self.max_prompt_chars = max_model_len * int(getattr(tokenizer, "max_token_chars", 64))
@@ -66,6 +69,15 @@ class InputProcessor:
             raise InvalidRequestError(f"logprobs must be at most the vocabulary size {vocab}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
+        self.compile(params)
         stops = StopStrings(params.stop) if params.stop else None
         return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
                        stop_strings=stops)
+
+    def compile(self, params: SamplingParams) -> None:
+        """Compile (or find in the cache) a request's grammar; GrammarError names what is wrong."""
+        if params.structured_outputs is None:
+            return
+        if self.grammars is None:
+            raise InvalidRequestError("structured outputs are not available: no grammar engine")
+        self.grammars.get(params.structured_outputs)

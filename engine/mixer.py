@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels.chunk_plan import ChunkPlan
 from ..kernels.ops import mul_to, rms_norm
 from ..kernels.state import PooledState
 from .model_config import ModelConfig
@@ -144,7 +145,8 @@ class LogLinearMamba2Mixer(nn.Module):
     # ---- packed sequences continuing from the pool ----------------------------------------------
     def prefill(self, proj: torch.Tensor, cu_seqlens: torch.Tensor, conv_pool: torch.Tensor,
                 levels_pool: torch.Tensor, slots: torch.Tensor, initial: PooledState | None,
-                token_window: tuple | None = None, num_levels: int | None = None) -> torch.Tensor:
+                token_window: tuple | None = None, num_levels: int | None = None,
+                chunk_plan: ChunkPlan | None = None) -> torch.Tensor:
         """Continue N packed sequences from their slots, between in_proj and out_proj: conv + Δ + g + λ of
         the packed rows in one call (kernels.mixer_prefill_inputs, which also writes each slot's new
         conv state), the chunked attention, and D skip + gated norm in one kernel (kernels.gated_rmsnorm).
@@ -152,7 +154,8 @@ class LogLinearMamba2Mixer(nn.Module):
         proj: [T_total, in_proj_size] = in_proj(normed input); initial: the sequences' states, or None
         when every sequence starts empty. The final levels go straight into levels_pool[slots] (in its
         dtype; a windowed pool stores only its top levels). num_levels: the pool's Fenwick levels (None:
-        levels_pool.shape[1], a pool without a window). Returns y [T_total, I] in the model dtype, the
+        levels_pool.shape[1], a pool without a window). chunk_plan: the Triton prefill's plan of the step
+        (kernels/chunk_plan.py), shared by the layers. Returns y [T_total, I] in the model dtype, the
         input of out_proj.
         """
         c = self.config
@@ -168,7 +171,7 @@ class LogLinearMamba2Mixer(nn.Module):
         lam = lam[..., :num_levels or levels_pool.shape[1]]  # fewer levels for a shorter max_model_len
         o, _ = kernels.chunk_log_linear_attn(q[None], k[None], v[None], g[None], lam[None], scale=1.0,
                                              initial_state=initial, cu_seqlens=cu_seqlens,
-                                             final_into=(levels_pool, slots))
+                                             final_into=(levels_pool, slots), plan=chunk_plan)
         if token_window is not None:  # (the layer's token window, its WindowRows)
             kernels.write_window(*token_window, k, v, g)
         weight = self.norm.weight if c.rmsnorm else None

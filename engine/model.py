@@ -10,38 +10,16 @@ PyTorch references on the CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels.ops import mul_to
-from ..kernels.state import WindowPlan, window_plan
 from .mixer import LogLinearMamba2Mixer, RMSNorm
 from .model_config import ModelConfig
-from .model_state import ModelState, device_int_parts
-
-
-@dataclass(frozen=True)
-class PrefillPlan:
-    """The host-side part of a prefill call (``Model.plan_prefill``): lengths, starts and their device
-    copies. It depends on the lengths and starts alone, not on the slots or the tokens."""
-
-    bounds: list[int]  # cu_seqlens, N + 1 values
-    lens: list[int]
-    starts: list[int]
-    cu: torch.Tensor  # [N + 1] int64 on the device
-    lens_dev: torch.Tensor  # [N]
-    starts_dev: torch.Tensor  # [N]: state.positions[slots] as the host knows them
-    window: WindowPlan | None  # where the tokens land in a token-window pool
-
-    @property
-    def fresh(self) -> bool:
-        """Every sequence starts empty: no initial state to read or merge."""
-        return not any(self.starts)
-
+from .model_state import ModelState
+from .prefill_batch import PrefillBatch, PrefillShape, prefill_arrays, upload
 
 # Rows up to which decode on CUDA takes the fused GEMVs (kernels.rmsnorm_linear, ...) instead of cuBLAS
 # and separate norm kernels: faster up to 4 rows (bench/gemv.py; docs/kernels-notes.md)
@@ -163,62 +141,62 @@ class LogLinearMamba2ForCausalLM(nn.Module):
 
         Args:
             input_ids: [T_total] the new tokens of N sequences, packed;
-            cu_seqlens: [N + 1] cumulative lengths (each sequence has at least one token); a CPU tensor
-                saves a device round trip;
+            cu_seqlens: [N + 1] cumulative lengths (each sequence has at least one token);
             state: the pool; slots: [N] distinct slot indices;
             starts: state.positions[slots] as the host knows them (the engine does); read back if None.
         Returns:
             logits of each sequence's last token: [N, vocab] float32. Advances state.positions[slots].
         """
-        slots = torch.as_tensor(slots, device=self.device, dtype=torch.int64)
-        plan = self.plan_prefill(cu_seqlens, state, slots, starts, input_ids.numel())
-        return self.run_prefill(input_ids, state, slots, plan)
-
-    def plan_prefill(self, cu_seqlens: torch.Tensor, state: ModelState, slots: torch.Tensor,
-                     starts: list[int] | None, num_tokens: int) -> PrefillPlan:
-        """``prefill``'s host part: the lengths checked against the slots, the tokens and max_model_len,
-        and their device copies (queued uploads; a read-back only where ``starts`` is None)."""
         bounds = cu_seqlens.tolist()
-        if len(bounds) != slots.numel() + 1 or bounds[-1] != num_tokens:
-            raise ValueError(f"prefill: cu_seqlens {bounds} does not match {slots.numel()} slots and "
-                             f"{num_tokens} tokens")
         lens = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        starts = state.positions[slots].tolist() if starts is None else list(starts)
+        slot_list = torch.as_tensor(slots).tolist()
+        if starts is None:
+            starts = state.positions[torch.as_tensor(slots, device=state.device)].tolist()
+        if len(slot_list) != len(lens) or bounds[-1] != input_ids.numel():
+            raise ValueError(f"prefill: cu_seqlens {bounds} does not match {len(slot_list)} slots and "
+                             f"{input_ids.numel()} tokens")
+        batch = self.prefill_batch(input_ids.tolist(), slot_list, list(starts), lens, state)
+        return self.run_prefill(batch, state)
+
+    def prefill_batch(self, token_ids: list[int], slots: list[int], starts: list[int], lens: list[int],
+                      state: ModelState, pad: PrefillShape | None = None, pad_slot: int = 0) -> PrefillBatch:
+        """A prompt step's inputs, checked against max_model_len and moved to the device in one copy
+        (``prefill_batch.py``); padded to ``pad`` if given."""
         if len(starts) != len(lens) or any(n < 1 or s + n > self.config.max_model_len
                                            for s, n in zip(starts, lens, strict=True)):
             raise ValueError(f"prefill: sequence lengths {lens} from positions {starts} must be >= 1 token "
                              f"and end within max_model_len={self.config.max_model_len}")
-        window = None if state.all_window is None else window_plan(starts, lens, self.device)
-        cu, lens_dev, starts_dev = device_int_parts([bounds, lens, starts], self.device)
-        return PrefillPlan(bounds, lens, starts, cu, lens_dev, starts_dev, window)
+        parts, layout = prefill_arrays(token_ids, slots, starts, lens, num_levels=state.num_levels,
+                                       window=state.all_window is not None,
+                                       chunk_plan=self.device.type == "cuda" and kernels.has_triton(),
+                                       pad=pad, pad_slot=pad_slot)
+        bounds = parts[2].tolist()
+        return PrefillBatch.bind(upload(parts, layout, self.device), layout, bounds, parts[4].tolist())
 
     @torch.no_grad()
-    def run_prefill(self, input_ids: torch.Tensor, state: ModelState, slots: torch.Tensor,
-                    plan: PrefillPlan) -> torch.Tensor:
-        """``prefill`` after ``plan_prefill``: device work only (no upload, no read-back), so that it can
-        be captured in a CUDA graph (engine/prefill_graphs.py). The slots' positions must be the plan's
-        starts."""
-        cu, start = plan.cu, plan.starts_dev
-        h = self.backbone.embeddings(input_ids.to(self.device))  # (T_total, hidden)
-        rows = None if plan.window is None else plan.window.bind(slots)
-        initial = None if plan.fresh else start
+    def run_prefill(self, batch: PrefillBatch, state: ModelState) -> torch.Tensor:
+        """``prefill`` of a step's inputs on the device: device work only (no upload, no read-back), so
+        that it can be captured in a CUDA graph (engine/prefill_graphs.py). The slots' positions must be
+        the batch's starts. Returns the logits of every sequence of the batch, padding included:
+        [N, vocab] float32."""
+        cu, start, slots = batch.cu, batch.starts, batch.slots
+        h = self.backbone.embeddings(batch.ids)  # (T_total, hidden)
+        rows = None if batch.window is None else batch.window.bind(slots)
         eps = self.config.norm_eps
         delta = None
-        # cu and start are the same, unchanged, in every layer; their values are known here
-        with kernels.chunk_plan_cache(self.device, known=[(cu, plan.bounds), (start, plan.starts)]):
-            for i, layer in enumerate(self.backbone.layers):
-                x, h = kernels.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
-                mixer = layer.mixer
-                pooled = None if initial is None else state.pooled(i, slots, initial)  # read in the kernel
-                window = None if rows is None else (state.window(i), rows)
-                y = mixer.prefill(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, pooled, window,
-                                  state.num_levels)
-                delta = mixer.out_proj(y)
-                x, h = kernels.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
-                delta = layer.mlp.forward_fused(x)
+        for i, layer in enumerate(self.backbone.layers):
+            x, h = kernels.add_rmsnorm(h, delta, layer.mixer_norm.weight, eps)
+            mixer = layer.mixer
+            pooled = state.pooled(i, slots, start) if batch.continuing else None  # read in the kernel
+            window = None if rows is None else (state.window(i), rows)
+            y = mixer.prefill(mixer.in_proj(x), cu, state.conv[i], state.levels[i], slots, pooled, window,
+                              state.num_levels, batch.chunk)
+            delta = mixer.out_proj(y)
+            x, h = kernels.add_rmsnorm(h, delta, layer.mlp_norm.weight, eps)
+            delta = layer.mlp.forward_fused(x)
         last = cu[1:] - 1
         x = kernels.add_rmsnorm(h[last], delta[last], self.backbone.norm_f.weight, eps)[0]
-        end = start + plan.lens_dev
+        end = start + batch.lens
         state.settle(slots, end)
         state.positions[slots] = end
         return self.lm_head(x).float()

@@ -20,18 +20,6 @@ def device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def device_int_parts(parts: Sequence[Sequence[int]], device: torch.device) -> list[torch.Tensor]:
-    """Several int lists in one ``device_ints`` upload, each part starting on a 16-byte boundary (Triton
-    specialises pointer arguments on that alignment: an odd offset would compile other kernels)."""
-    flat: list[int] = []
-    at = []
-    for part in parts:
-        at.append(len(flat))
-        flat += [*part, *[0] * (len(part) % 2)]
-    t = device_ints(flat, device)
-    return [t[a:a + len(part)] for a, part in zip(at, parts, strict=True)]
-
-
 @dataclass
 class ModelState:
     """Slot p of every tensor belongs to one sequence; the engine hands out slots.

@@ -45,11 +45,10 @@ class OutputProcessor:
     def process(self, seq: Sequence, token_id: int, logprobs: RowLogprobs | None) -> None:
         """Append one sampled token to a running sequence; sets finish_reason when it ends."""
         request, params = seq.request, seq.request.params
-        num_before = len(seq.token_ids)
+        stop_token = is_stop_token(seq, token_id)
         seq.token_ids.append(token_id)
         if logprobs is not None and seq.logprobs is not None:
             seq.logprobs.append(token_logprobs(token_id, logprobs, self.text))
-        stop_token = token_id in request.stop_ids and num_before >= params.min_tokens
         if stop_token:
             seq.finish_reason = "stop"
             seq.stop_reason = token_id if token_id in params.stop_token_ids else None
@@ -58,9 +57,23 @@ class OutputProcessor:
         if self.text is not None:
             self.text.process(seq, token_id, stop_token)
 
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a running sequence for a reason found outside the text (its grammar is complete or stuck)."""
+        if seq.finished:
+            return
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if self.text is not None:
+            self.text.finish(seq)
+
     def make_output(self, request: Request) -> RequestOutput:
         """A snapshot that later steps do not mutate (cumulative text, ids and logprobs)."""
         return make_output(request)
+
+
+def is_stop_token(seq: Sequence, token_id: int) -> bool:
+    """Whether token_id, about to be appended to seq, ends it: a stop token id (or EOS unless ignore_eos)
+    once min_tokens are out. Such a token stays in token_ids but adds no text."""
+    return token_id in seq.request.stop_ids and len(seq.token_ids) >= seq.request.params.min_tokens
 
 
 def make_output(request: Request) -> RequestOutput:
@@ -70,4 +83,4 @@ def make_output(request: Request) -> RequestOutput:
                              logprobs=list(s.logprobs) if s.logprobs is not None else None)
             for s in request.seqs]
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
-                         finished=request.finished)
+                         finished=request.finished, num_cached_tokens=request.num_cached_tokens)

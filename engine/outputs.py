@@ -39,4 +39,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False  # all n samples finished
+    num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not prefilled
     error: str | None = None  # why the engine failed this request (its samples end with "error")

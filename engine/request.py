@@ -59,6 +59,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0  # prompt tokens absorbed into the state so far
+    num_cached_tokens: int = 0  # of them, restored from the prefix cache at admission
     scheduled_time: float | None = None  # wall clock of the first scheduled step (queue time ends)
     seqs: list[Sequence] = field(default_factory=list)  # the n samples; seqs[0] runs the prefill
     # the stop strings' automaton, built where the request is made (not in the engine's step)

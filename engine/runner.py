@@ -4,11 +4,12 @@ Routing is by token count: chunks of more than one token are packed into one ``m
 (varlen, cu_seqlens), chunks of exactly one token (decodes, and one-token prompt remainders) go
 through ``model.decode`` -- replayed from a CUDA graph when one is captured for the batch size.
 Forks (n > 1) copy a finished prompt's slot into the request's other slots after both calls.
+Prefix-cache snapshots (engine/state_snapshot.py) are copied at three points of the step: saves of freed
+slots before the resets, restores into new slots after them, saves of prompt chunk ends after the forks.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .model_state import device_ints
 from .prefill_graphs import PrefillGraphs
+from .prefix_cache import StateCopy
 from .scheduler import SchedulerOutput
 from .state_pool import StatePool
 
@@ -40,9 +42,10 @@ class ModelRunner:
             sizes = sorted({min(s, pool.num_slots) for s in config.cuda_graph_batch_sizes or ()})
             self.graphs = DecodeGraphs(model, self.state, pool.dummy_slot, sizes, self.device)
         self.prefill_graphs: PrefillGraphs | None = None
-        if config.use_cuda_graphs and config.prefill_graphs and kernels.has_triton():
-            self.prefill_graphs = PrefillGraphs(model, self.state, self.device, config.prefill_graphs,
-                                                config.prefill_graph_max_tokens, pool.num_slots)
+        if config.use_cuda_graphs and config.prefill_graph_max_tokens and kernels.has_triton():
+            self.prefill_graphs = PrefillGraphs(
+                model, self.state, self.device, config.prefill_graph_max_tokens,
+                min(config.prefill_graph_max_seqs, pool.num_slots), pool.dummy_slot)
 
     @torch.inference_mode()
     def _warm_up_prefill(self, max_model_len: int) -> None:
@@ -73,6 +76,12 @@ class ModelRunner:
         if zero:
             self.state.reset(self._tensor(zero))
 
+    def copy_snapshots(self, copies: list[StateCopy]) -> None:
+        """Prefix-cache copies between slots and snapshot rows, queued in order (no host synchronisation)."""
+        if copies:
+            assert self.pool.snapshots is not None, "snapshot copies without snapshot rows"
+            self.pool.snapshots.copy(self.state, copies)
+
     def decode(self, input_ids: list[int], slots: list[int], eager: bool = False) -> torch.Tensor:
         """One token for each of N slots -> logits [N, vocab]; a CUDA graph unless eager or none fits N."""
         self.num_decode_calls += 1
@@ -90,16 +99,16 @@ class ModelRunner:
         return self.model.decode(input_ids, self.state, self._tensor(slots))
 
     def _prefill(self, chunks: list, lens: list[int], starts: list[int]) -> torch.Tensor:
-        """One model.prefill of the chunks (N >= 1 tokens each) -> logits [N, vocab], replayed from a CUDA
-        graph when the step's shape has one (engine/prefill_graphs.py)."""
+        """One prompt step of the chunks (N >= 1 tokens each) -> logits [N, vocab], replayed from the CUDA
+        graph of its bucket where one holds it (engine/prefill_graphs.py), else run eagerly."""
         token_ids = [t for c in chunks for t in c.token_ids]
         slots = [c.seq.slot for c in chunks]
         if self.prefill_graphs is not None:
-            logits = self.prefill_graphs.run(token_ids, lens, slots, starts)
+            logits = self.prefill_graphs.run(token_ids, slots, starts, lens)
             if logits is not None:
                 return logits
-        cu = torch.tensor([0, *itertools.accumulate(lens)])  # (N + 1,) on the host: no round trip
-        return self.model.prefill(self._tensor(token_ids), cu, self.state, self._tensor(slots), starts)
+        batch = self.model.prefill_batch(token_ids, slots, starts, lens, self.state)
+        return self.model.run_prefill(batch, self.state)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, speculated: Speculated | None = None) -> torch.Tensor:
@@ -131,9 +140,11 @@ class ModelRunner:
         lens = [len(out.chunks[i].token_ids) for i in multi]
         # a prompt chunk's tokens are counted as computed when scheduled: it starts before them
         starts = [out.chunks[i].seq.request.num_computed_tokens - n for i, n in zip(multi, lens, strict=True)]
+        self.copy_snapshots(out.snapshots.before)
         if out.reset_slots:
             fresh = not any(starts)  # then model.prefill writes every level of its slots
             self._reset(out.reset_slots, {out.chunks[i].seq.slot for i in multi} if fresh else set())
+        self.copy_snapshots(out.snapshots.restores)
         if multi:
             self.num_prefill_calls += 1
             base = sum(p.shape[0] for p in parts)
@@ -146,6 +157,7 @@ class ModelRunner:
             row_of.update((i, base + r) for r, i in enumerate(single))
         for src, dsts in out.forks:
             self.state.copy_(src, self._tensor(dsts))
+        self.copy_snapshots(out.snapshots.after)
         rows = [row_of[i] for i, c in enumerate(out.chunks) if c.sample]
         if not rows:
             return torch.empty(0, 0, device=self.device)

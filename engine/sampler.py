@@ -7,6 +7,7 @@ pair of torch.Generators, one draw of [V] each per token, so its samples do not 
 runs in; two generators seeded with the seed's low and high 32 bits make all 64 count (the CPU
 generator, a Mersenne Twister, keeps only 32 bits of its seed). Overflowed or NaN logits (extreme
 penalties) are clamped to finite values, so a row always has a token to pick.
+A grammar's token mask (structured outputs) applies right after min_tokens.
 Logprobs are the log-softmax of the raw model logits (before penalties, temperature and filtering).
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from .request import Sequence
 
 
@@ -25,6 +27,19 @@ class RowLogprobs:
     sampled: float  # logprob of the sampled token
     top_ids: list[int]  # the params.logprobs most likely tokens, most likely first
     top_logprobs: list[float]
+
+
+@dataclass
+class TokenMask:
+    """The tokens grammars allow in this step, for the constrained rows only."""
+
+    bitmask: torch.Tensor  # [R, ceil(V / 32)] int32 on the logits' device; bit v allows token v
+    rows: torch.Tensor  # [R] int64 on the logits' device: the logits row of each bitmask row
+
+    def row(self, i: int) -> TokenMask | None:
+        """The mask of logits row i alone, as row 0 (row-by-row sampling); None if it has none."""
+        hit = (self.rows == i).nonzero().flatten()
+        return TokenMask(self.bitmask[hit], torch.zeros_like(hit)) if hit.numel() else None
 
 
 @dataclass
@@ -69,8 +84,10 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence],
-               before_sync: Callable[[torch.Tensor], None] | None = None) -> SamplerOutput:
-        """logits: [N, V] (any float dtype), row i for seqs[i] -> one token per row.
+               before_sync: Callable[[torch.Tensor], None] | None = None,
+               mask: TokenMask | None = None) -> SamplerOutput:
+        """logits: [N, V] (any float dtype), row i for seqs[i] -> one token per row; ``mask`` restricts
+        the rows of constrained sequences to the tokens their grammars allow (logprobs stay raw).
 
         before_sync(token_ids [N] on the device) runs once every device op of the sampling is queued and
         the results' copies to the host are in flight, before the host waits for them: work it queues
@@ -78,6 +95,8 @@ class Sampler:
         """
         n_rows, vocab = logits.shape
         if all(_plain_greedy(s) for s in seqs):  # argmax of the raw logits, nothing else to do
+            if mask is not None:  # no logprobs in this path: the logits themselves may be masked
+                kernels.apply_token_bitmask_(logits, mask.bitmask, mask.rows)
             sampled = logits.argmax(dim=-1)
             (ids,) = _to_host([sampled], before_sync, sampled)
             return SamplerOutput(ids, [None] * n_rows)
@@ -87,6 +106,8 @@ class Sampler:
         self._apply_penalties(x, seqs)
         x.nan_to_num_(nan=-_FINITE, posinf=_FINITE, neginf=-_FINITE)  # extreme penalties overflow
         self._mask_min_tokens(x, seqs)
+        if mask is not None:
+            kernels.apply_token_bitmask_(x, mask.bitmask, mask.rows)
         greedy = [p.greedy for p in params]
         sampled = x.argmax(dim=-1)  # (N,)
         if not all(greedy):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .structured_params import StructuredOutputsParams
+
 SEED_MIN = -(2**63)  # seeds are taken modulo 2**64: [-2**63, 2**64) covers int64 and uint64
 SEED_MAX = 2**64 - 1
 INT64_MAX = 2**63 - 1
@@ -45,6 +47,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token (0: only the sampled token's)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

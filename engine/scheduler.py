@@ -1,15 +1,23 @@
 """Continuous batching over state slots: who runs how many tokens this step. Holds no tensors.
 
-Each step has one token budget. Decodes go first (one token per live sequence), then the next prompt
-chunk of requests already prefilling, then new requests from the waiting queue while slots and budget
-last: first come, first served, except that a request needing more slots than are free (n > 1) lets
-smaller ones behind it pass, at most ``max_bypass`` of them; after that the slots that free up are kept
-for it, so neither it nor the ones behind it wait forever. The waiting queue holds ``max_waiting``
-requests beyond those the free slots take at once. A prompt chunk is at most ``long_prefill_chunk``
-tokens; the runner routes by token count (more than one: chunk path, exactly one: step path). A request holds
-``n`` slots from admission to its end: its prompt runs in ``seqs[0]``'s slot and is forked into the
-others after the last chunk. ``prompt + max_tokens <= max_model_len`` is checked on arrival, so a
-running request never runs out of room and nothing is ever preempted.
+Each step has one token budget (``max_num_batched_tokens``, 2048 by default). Decodes go first (one
+token per live sequence, so a decode is never starved), then the next prompt chunk of requests already
+prefilling, then new requests from the waiting queue while slots and budget last. The budget bounds a
+step's prompt work, and so how much a mixed step delays the decodes in it; a prompt chunk may take all
+that the decodes leave (``long_prefill_chunk`` defaults to the budget: on prompt-heavy load that was
+faster than smaller chunks, with shorter mixed steps; docs/benchmarks.md). New requests are admitted
+first come, first served, except that a request needing more slots than are free (n > 1) lets smaller
+ones behind it pass, at most ``max_bypass`` of them; after that the slots that free up are kept for it,
+so neither it nor the ones behind it wait forever. The waiting queue holds ``max_waiting`` requests
+beyond those the free slots take at once. The runner routes by token count (more than one: chunk path,
+exactly one: step path). A request holds ``n`` slots from admission to its end: its prompt runs in
+``seqs[0]``'s slot and is forked into the others after the last chunk. ``prompt + max_tokens <=
+max_model_len`` is checked on arrival, so a running request never runs out of room and nothing is ever
+preempted.
+
+With a prefix cache (engine/prefix_cache.py), a new request restores the deepest cached state on its
+prompt's path into its slot instead of a reset and starts its prompt there; prompt chunks end at the
+cache's snapshot points; finished sequences are saved before their slots are freed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError, QueueFullError
+from .prefix_cache import PrefixCache, SnapshotOps
 from .request import Request, RequestStatus, Sequence
 from .state_pool import SlotAllocator
 
@@ -45,6 +54,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)  # decodes first, then prompt chunks
     reset_slots: list[int] = field(default_factory=list)  # zero before running (new requests' slot 0)
     forks: list[tuple[int, list[int]]] = field(default_factory=list)  # (src, dsts): copy after the step
+    snapshots: SnapshotOps = field(default_factory=SnapshotOps)  # prefix-cache saves and restores
     num_prompt_tokens: int = 0
     num_decode_tokens: int = 0
 
@@ -63,9 +73,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, slots: SlotAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, slots: SlotAllocator,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.config = config
         self.slots = slots
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # admitted, in admission order
         self.num_running_seqs = 0
@@ -96,10 +108,13 @@ class Scheduler:
         self.free_finished(request)
         return request
 
-    def free_finished(self, request: Request) -> None:
-        """Return the slots of finished sequences; retire the request once all n are done."""
+    def free_finished(self, request: Request, fed_last: frozenset[int] = frozenset()) -> None:
+        """Return the slots of finished sequences; retire the request once all n are done. fed_last: ids of
+        sequences whose last token a decode queued ahead has absorbed (overlap decoding)."""
         for seq in request.seqs:
             if seq.finished and seq.slot >= 0:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.sequence_finished(seq, seq.seq_id in fed_last)
                 self.slots.free(seq.slot)
                 seq.slot = -1
                 self.num_running_seqs -= 1
@@ -121,6 +136,8 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.prefix_cache is not None:
+            self.prefix_cache.begin_step()
         budget = self.config.max_num_batched_tokens
         for request in self.running.values():
             if request.status is not RequestStatus.DECODE:
@@ -157,13 +174,27 @@ class Scheduler:
             request.status = RequestStatus.PREFILL
             request.scheduled_time = now
             self.running[request.request_id] = request
-            out.reset_slots.append(request.seqs[0].slot)
+            self._restore_or_reset(request, out)
             budget -= self._schedule_prompt_chunk(request, budget, out)
+        if self.prefix_cache is not None:
+            out.snapshots = self.prefix_cache.take_ops()
         return out
+
+    def _restore_or_reset(self, request: Request, out: SchedulerOutput) -> None:
+        """Start a new request's slot from the deepest cached state of its prompt, or from zero."""
+        slot = request.seqs[0].slot
+        cached = 0 if self.prefix_cache is None else self.prefix_cache.restore(request, slot)
+        if cached:
+            request.num_computed_tokens = request.num_cached_tokens = cached
+        else:
+            out.reset_slots.append(slot)
 
     def _schedule_prompt_chunk(self, request: Request, budget: int, out: SchedulerOutput) -> int:
         start = request.num_computed_tokens
         size = min(request.num_prompt_tokens - start, self.config.long_prefill_chunk, budget)
+        if self.prefix_cache is not None:
+            size = min(size, self.prefix_cache.next_point(request, start) - start)
+            self.prefix_cache.prompt_chunk_done(request, start + size, request.seqs[0].slot)
         request.num_computed_tokens += size
         last = request.num_computed_tokens == request.num_prompt_tokens
         out.chunks.append(ScheduledChunk(request.seqs[0], request.prompt_token_ids[start:start + size],

@@ -4,6 +4,11 @@ Slot count = min(max_num_seqs, what fits in the memory budget). On CUDA the budg
 the memory free after the model is loaded, minus headroom for prefill activations; on the CPU a
 fraction of the available RAM. One extra slot past the allocator's range is reserved as the dummy
 that CUDA-graph padding rows write into; no request ever holds it.
+
+The prefix cache's device rows (engine/state_snapshot.py) take only what the budget has left once the
+slots are sized, so the cache never costs a running request its slot; its host rows are extra. Each tier
+holds at most SNAPSHOTS_PER_SLOT rows per slot, so that small states do not turn a byte budget into a
+pointless number of rows.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from typing import Any
 import torch
 
 from .model_state import ModelState
+from .state_snapshot import SnapshotBank
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+SNAPSHOTS_PER_SLOT = 16  # most snapshot rows per tier and state slot
 
 
 class SlotAllocator:
@@ -91,9 +98,11 @@ class StatePool:
 
     def __init__(self, model_config: Any, *, max_num_seqs: int, device: torch.device, dtype: torch.dtype,
                  state_dtype: torch.dtype, memory_fraction: float, headroom_bytes: int = 0,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, snapshot_bytes: int = 0,
+                 snapshot_host_bytes: int = 0) -> None:
         """max_model_len: the longest sequence the engine admits; slots then hold only the Fenwick levels
-        such sequences reach (num_levels_for(max_model_len), at most the model's lambda_levels)."""
+        such sequences reach (num_levels_for(max_model_len), at most the model's lambda_levels).
+        snapshot_bytes, snapshot_host_bytes: at most so much device / host memory for prefix-cache rows."""
         levels = None if max_model_len is None else ModelState.levels_for(model_config, max_model_len)
         self.bytes_per_slot = state_bytes_per_slot(model_config, dtype, state_dtype, levels)
         budget = memory_budget(device, memory_fraction, headroom_bytes)
@@ -114,6 +123,17 @@ class StatePool:
         logger.info("state pool: %d slots (+1 dummy) x %.2f MiB per request (%d levels, %s) = %.1f MiB on %s",
                     num_slots, self.bytes_per_slot / 2**20, self.state.num_levels, state_dtype,
                     self.nbytes / 2**20, device)
+        most = SNAPSHOTS_PER_SLOT * num_slots
+        device_rows = int(min(snapshot_bytes // self.bytes_per_slot, fit - num_slots, most))
+        host_rows = int(min(snapshot_host_bytes // self.bytes_per_slot, most))
+        self.snapshots: SnapshotBank | None = None
+        if device_rows or host_rows:
+            self.snapshots = SnapshotBank(self.state, model_config, device_rows, host_rows)
+            logger.info("prefix cache: %d snapshots on %s + %d in host memory, %.2f MiB each", device_rows,
+                        device, host_rows, self.bytes_per_slot / 2**20)
+        elif snapshot_bytes or snapshot_host_bytes:
+            logger.warning("prefix cache: no memory left for one snapshot (%.2f MiB) beside the slots",
+                           self.bytes_per_slot / 2**20)
 
     @property
     def num_slots(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .prefix_cache import PrefixCacheStats
+
 
 @dataclass
 class FinishedRequestStats:
@@ -27,3 +29,4 @@ class EngineStats:
     time_to_first_tokens: list[float] = field(default_factory=list)  # for requests that got their first token
     inter_token_latencies: list[float] = field(default_factory=list)  # one per decode token this step
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    prefix_cache: PrefixCacheStats | None = None  # lookups and hits this step, bytes held (None: caching off)

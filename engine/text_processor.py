@@ -48,6 +48,14 @@ class TextProcessor:
         matched = self._add_text(seq, detok.flush() if stop_token else detok.step(token_id))
         if not matched and seq.finish_reason == "length":
             self._add_text(seq, detok.flush())
+        self._update_emitted(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """A sample that ended for a reason outside its text (its grammar): the text held back goes out."""
+        self._add_text(seq, self._detok[seq.seq_id].flush())
+        self._update_emitted(seq)
+
+    def _update_emitted(self, seq: Sequence) -> None:
         stops = self._stops.get(seq.request.request_id)
         held = 0 if seq.finished or stops is None else stops.held(self._stop_state[seq.seq_id])
         seq.emitted_len = max(seq.emitted_len, len(seq.text) - held)

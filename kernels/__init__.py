@@ -11,14 +11,13 @@ imported, CUDA tensors take the PyTorch path too.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
 from functools import cache
 from types import SimpleNamespace
 
 import torch
 
 from . import (
+    bitmask_torch,
     chunk_torch,
     fused_recurrent_torch,
     gemv_torch,
@@ -27,18 +26,18 @@ from . import (
     norm_torch,
     window_torch,
 )
+from .chunk_plan import ChunkPlan
 from .state import FenwickState, PooledState, WindowRows, max_positions, num_levels_for
 
 __all__ = [
     "FenwickState",
     "PooledState",
     "add_rmsnorm",
+    "apply_token_bitmask_",
     "chunk_log_linear_attn",
-    "chunk_plan_cache",
     "fused_recurrent_step",
     "gated_rmsnorm",
     "has_triton",
-    "held_chunk_plan",
     "linear_residual",
     "max_positions",
     "mixer_decode_inputs",
@@ -57,11 +56,19 @@ __all__ = [
 def _triton() -> SimpleNamespace | None:
     """The Triton modules, imported once; None where triton cannot be imported."""
     try:
-        from . import chunk, fused_recurrent, gemv_triton, mixer_triton, norm_triton, window_triton
+        from . import (
+            bitmask_triton,
+            chunk,
+            fused_recurrent,
+            gemv_triton,
+            mixer_triton,
+            norm_triton,
+            window_triton,
+        )
     except ImportError:
         return None
     return SimpleNamespace(chunk=chunk, step=fused_recurrent, gemv=gemv_triton, mixer=mixer_triton,
-                           norm=norm_triton, window=window_triton)
+                           norm=norm_triton, window=window_triton, bitmask=bitmask_triton)
 
 
 def _gpu(x: torch.Tensor) -> SimpleNamespace | None:
@@ -81,32 +88,18 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
                           level_scales: torch.Tensor, *, scale: float | None = None,
                           initial_state: FenwickState | PooledState | None = None,
                           output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None
-                          ) -> tuple[torch.Tensor, FenwickState | None]:
+                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          plan: ChunkPlan | None = None) -> tuple[torch.Tensor, FenwickState | None]:
     """Prefill. Shapes in ``chunk.chunk_log_linear_attn`` (``naive.recurrent_log_linear_attn`` is the
     specification); ``final_into`` (pool, slots) writes the final levels into pool[slots] instead of
-    returning them."""
+    returning them; ``plan`` (chunk_plan.py), the Triton path's plan of these sequences, built once for
+    the layers of a model pass (the PyTorch path plans on the host and ignores it)."""
+    kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+              cu_seqlens=cu_seqlens, final_into=final_into)
     tri = _gpu(q)
-    impl = tri.chunk.chunk_log_linear_attn if tri else chunk_torch.chunk_log_linear_attn
-    return impl(q, k, v, g, level_scales, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens, final_into=final_into)
-
-
-def chunk_plan_cache(device: torch.device, known: Sequence[tuple[torch.Tensor, list[int]]] = ()
-                     ) -> contextlib.AbstractContextManager:
-    """A block in which Triton prefill calls with the very same cu_seqlens / positions tensors (the
-    layers of one model pass) share one host plan: built once, not once per layer. known: (device
-    tensor, its values) pairs the caller already has on the host, so the plan reads none back. A no-op
-    off CUDA or without triton."""
-    tri = _triton() if device.type == "cuda" else None
-    return tri.chunk.plan_cache(known) if tri else contextlib.nullcontext()
-
-
-def held_chunk_plan() -> object | None:
-    """The chunk plan built in the current ``chunk_plan_cache`` block, for a CUDA graph captured in it
-    to keep alive; None without triton."""
-    tri = _triton()
-    return tri.chunk.held_plan() if tri else None
+    if tri:
+        return tri.chunk.chunk_log_linear_attn(q, k, v, g, level_scales, plan=plan, **kw)
+    return chunk_torch.chunk_log_linear_attn(q, k, v, g, level_scales, **kw)
 
 
 def fused_recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -229,3 +222,14 @@ def rmsnorm_linear_silu_mul(h: torch.Tensor, norm_weight: torch.Tensor, eps: flo
     tri = _gemv(h)
     impl = tri.gemv.rmsnorm_linear_silu_mul_triton if tri else gemv_torch.rmsnorm_linear_silu_mul_ref
     return impl(h, norm_weight, eps, weight_gate_up)
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """-inf, in place, on the logits a grammar's token bitmask forbids
+    (``bitmask_torch.apply_token_bitmask_ref``)."""
+    tri = _gpu(logits)
+    impl = tri.bitmask.apply_token_bitmask_triton if tri else bitmask_torch.apply_token_bitmask_ref
+    impl(logits, bitmask, rows)

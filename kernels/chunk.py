@@ -20,15 +20,12 @@ before absorbing token p0): for any query t >= p0, ``M[l]`` sits at level ``max(
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .chunk_plan import CHUNK_SIZE, DIRECT_LEVELS, ChunkPlan, build_plan
 from .pool_torch import initial_levels, merge_for_query
 from .pool_triton import pooled_merged_levels
 from .state import (
@@ -41,21 +38,21 @@ from .state import (
 )
 from .triton_utils import bitlen, bitlen_fast, dot, log2_pow2, popcount
 
-CHUNK_SIZE = 64  # BT: levels <= log2(BT) are intra-chunk
-DIRECT_LEVELS = 3  # Z0: nodes of up to 2^Z0 chunks are summed straight from k and v
 NUM_WARPS = 4
 
 
 @triton.jit
 def _chunk_node_kernel(
     k, v, g, nodes, node_decay,
-    chunk_seq, seq_bos, seq_start, seq_len, seq_node0,
+    num_chunks, chunk_seq, seq_bos, seq_start, seq_len, seq_node0,
     s_kt, s_kg, s_vt, s_vh, s_gt,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, Z0: tl.constexpr,
     IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_hv, i_c = tl.program_id(0), tl.program_id(1)
+    if i_c >= tl.load(num_chunks):  # the grid holds the plan's capacity
+        return
     i_h, i_v = i_hv // NV, i_hv % NV
     i_g = i_h // (H // G)
     i_n = tl.load(chunk_seq + i_c).to(tl.int64)
@@ -104,9 +101,12 @@ def _node_fold_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, Z0: tl.constexpr,
 ):
     """One program per (head, node) folds its children into every V tile of the node, then stores the
-    node's decay: once, after every tile has read the node's own (a program per tile would race on it)."""
+    node's decay: once, after every tile has read the node's own (a program per tile would race on it).
+    Slots of -1 (past this step's nodes of the size) return at once."""
     i_h, i_x = tl.program_id(0), tl.program_id(1)
     i_c = tl.load(fold_idx + i_x).to(tl.int64)
+    if i_c < 0:
+        return
     i_n = tl.load(chunk_seq + i_c).to(tl.int64)
     p0 = tl.load(seq_start + i_n).to(tl.int64)
     node0 = tl.load(seq_node0 + i_n).to(tl.int64)
@@ -158,7 +158,7 @@ def _level_state(nodes, node_decay, m_lv, cm_lv, l, c, cf, lc, p0, node0, i_n, i
 @triton.jit
 def _chunk_output_kernel(
     q, k, v, g, lam, o, nodes, node_decay, m_lv, cm_lv, final_lv, final_rows,
-    chunk_seq, seq_bos, seq_start, seq_len, seq_node0,
+    num_chunks, chunk_seq, seq_bos, seq_start, seq_len, seq_node0,
     s_qt, s_qg, s_kt, s_kg, s_vt, s_vh, s_gt, s_lt, s_lh, s_ot, s_oh,
     scale,
     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
@@ -167,6 +167,8 @@ def _chunk_output_kernel(
     IN_DT: tl.constexpr, ST_DT: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr, LO: tl.constexpr,
 ):
     i_hv, i_c = tl.program_id(0), tl.program_id(1)
+    if i_c >= tl.load(num_chunks):  # the grid holds the plan's capacity
+        return
     i_h, i_v = i_hv // NV, i_hv % NV
     i_g = i_h // (H // G)
     i_n = tl.load(chunk_seq + i_c).to(tl.int64)
@@ -321,7 +323,8 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
                           initial_state: FenwickState | PooledState | None = None,
                           output_final_state: bool = False,
                           cu_seqlens: torch.Tensor | None = None,
-                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None
+                          final_into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          plan: ChunkPlan | None = None
                           ) -> tuple[torch.Tensor, FenwickState | None]:
     """Prefill: log-linear attention over whole chunks, continuing each sequence from its state.
 
@@ -337,17 +340,20 @@ def chunk_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
             each sequence's final levels straight into pool[slots] in the pool's dtype (no float32
             copy); a sequence with no new token keeps its row. The call then returns no state. A pool
             of L' < L levels holds the top L' (a windowed pool, state.py): the rest are dropped.
+        plan: the chunk plan of these sequences (``chunk_plan.py``, built for the same lengths, start
+            positions, L and chunking); None: built here from cu_seqlens and the initial positions
+            (read back from the device).
     Returns:
         o: [B, T, H, V] in v's dtype; FenwickState(levels [N, L, H, K, V] fp32, positions [N] int64)
         if output_final_state (and no final_into) else None.
     """
     return chunk_log_linear_attn_impl(q, k, v, g, level_scales, scale=scale, initial_state=initial_state,
                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                      final_into=final_into)
+                                      final_into=final_into, plan=plan)
 
 
 def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_state=None,
-                               output_final_state=False, cu_seqlens=None, final_into=None,
+                               output_final_state=False, cu_seqlens=None, final_into=None, plan=None,
                                chunk_size: int = CHUNK_SIZE, direct_levels: int = DIRECT_LEVELS):
     """``chunk_log_linear_attn`` with its tiling exposed (tests use small chunks)."""
     check_shapes(q, k, v, g, level_scales)
@@ -358,13 +364,20 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     dev = q.device
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs B == 1, got B = {B}")
-    plan = _plan(B, T, cu_seqlens, None if initial_state is None else initial_state.positions, L,
-                 chunk_size, direct_levels, dev)
-    N, NC = plan.N, plan.NC
+    if plan is None:
+        bounds = [b * T for b in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+        lens = [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+        starts = [0] * len(lens) if initial_state is None else initial_state.positions.tolist()
+        if len(starts) != len(lens):
+            raise ValueError(f"{len(starts)} initial positions for {len(lens)} sequences")
+        plan = build_plan(starts, lens, L, dev, chunk_size, direct_levels)
+    elif plan.chunk_size != chunk_size or plan.direct_levels != direct_levels:
+        raise ValueError("the plan was built for another chunking")
+    N, NC = plan.num_seqs, plan.capacity.chunks
     check_initial_state(initial_state, N, (L, H, K, V))
     BT = chunk_size
     BTLOG = BT.bit_length() - 1
-    t_seq, t_bos, t_start, t_len, t_node0 = plan.device_rows
+    t_bos, t_start, t_len, t_node0 = plan.seq_rows
 
     qr, kr, vr, gr, lr = (_rows(x) for x in (q, k, v, g, level_scales))
     o = torch.empty(B * T, H, V, dtype=v.dtype, device=dev)
@@ -395,23 +408,24 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
         # bits of any chunk index below max_positions(L): fixed per model, so a prompt reaching a new
         # power of two never compiles a new output kernel in the middle of serving
         cbits = max(((max_positions(L) - 1) // BT).bit_length(), 1)
+        rows = (plan.num_chunks, plan.chunk_seq, t_bos, t_start, t_len, t_node0)
         _chunk_node_kernel[(H * NV, NC)](
-            kr, vr, gr, nodes, node_decay, t_seq, t_bos, t_start, t_len, t_node0,
+            kr, vr, gr, nodes, node_decay, *rows,
             kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), gr.stride(0),
             H=H, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels,
             IN_DT=in_dt, ST_DT=st_dt, PREC=prec, num_warps=NUM_WARPS,
         )
-        for z, idx in zip(plan.fold_sizes, plan.fold_idx, strict=True):
-            _node_fold_kernel[(H, len(idx))](
-                nodes, node_decay, idx, t_seq, t_start, t_node0, z,
-                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels, num_warps=NUM_WARPS,
-            )
+        for z, idx in plan.folds:
+            if idx.numel():
+                _node_fold_kernel[(H, idx.numel())](
+                    nodes, node_decay, idx, plan.chunk_seq, t_start, t_node0, z,
+                    H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NV=NV, Z0=direct_levels, num_warps=NUM_WARPS,
+                )
         dummy = nodes
         _chunk_output_kernel[(H * NV, NC)](
             qr, kr, vr, gr, lr, o, nodes, node_decay,
             m_lv if has_init else dummy, cm_lv if has_init else dummy, final if final is not None else dummy,
-            final_rows if final is not None else dummy,
-            t_seq, t_bos, t_start, t_len, t_node0,
+            final_rows if final is not None else dummy, *rows,
             qr.stride(0), qr.stride(1), kr.stride(0), kr.stride(1), vr.stride(0), vr.stride(1), gr.stride(0),
             lr.stride(0), lr.stride(1),
             o.stride(0), o.stride(1), scale,
@@ -422,115 +436,7 @@ def chunk_log_linear_attn_impl(q, k, v, g, level_scales, *, scale=None, initial_
     o = o.view(B, T, H, V)
     if final is None or final_into is not None:
         return o, None
-    if plan.empty is not None:
-        final[plan.empty] = initial_levels(initial_state)[plan.empty].float() if has_init else 0.0
+    empty = t_len == 0  # sequences with no new token keep their state (a read-back: not the engine's path)
+    if bool(empty.any()):
+        final[empty] = initial_levels(initial_state)[empty].float() if has_init else 0.0
     return o, FenwickState(final, plan.ends.clone())  # a plan may serve several calls: no shared tensor
-
-
-@dataclass
-class _Plan:
-    """Host-side layout of one call: which chunk belongs to which sequence, node offsets, fold groups."""
-    N: int
-    NC: int
-    device_rows: tuple[torch.Tensor, ...]  # chunk_seq [NC], bos, start, len, node0 [N], int64 on the device
-    fold_sizes: list[int]
-    fold_idx: list[torch.Tensor]
-    ends: torch.Tensor  # [N] int64 on the device: positions after the call
-    empty: torch.Tensor | None  # sequences with no new token, or None
-
-
-# Inside ``plan_cache()``: the last plan and the tensors it was read from, and the host values of
-# device tensors that the caller already knows. The layers of one model.prefill pass the same
-# cu_seqlens and positions tensors, unchanged, so only the first layer builds the plan (from the known
-# values: no read-back) and copies it to the device (one pinned, asynchronous copy).
-_cache: dict = {"depth": 0, "entry": None, "known": {}}
-
-
-@contextmanager
-def plan_cache(known: Sequence[tuple[torch.Tensor, list[int]]] = ()) -> Iterator[None]:
-    """Reuse the host plan across calls that pass the very same cu_seqlens / positions tensors.
-
-    known: (tensor, its values as a list) pairs, read instead of the tensor (no device round trip).
-    The caller promises not to change those tensors in place inside the block (tensor identity is
-    the key: inference tensors have no version counter to check)."""
-    saved = _cache["known"]
-    _cache["known"] = {**saved, **{id(t): (t, list(v)) for t, v in known}}
-    _cache["depth"] += 1
-    try:
-        yield
-    finally:
-        _cache["depth"] -= 1
-        _cache["known"] = saved
-        if _cache["depth"] == 0:
-            _cache["entry"] = None
-
-
-def held_plan() -> tuple | None:
-    """The plan cached in the current ``plan_cache()`` block, with the tensors it was built from. A CUDA
-    graph captured in the block reads the plan's device rows on every replay: its owner keeps this
-    (the rows are freed when the block ends otherwise)."""
-    return _cache["entry"]
-
-
-def _host_list(t: torch.Tensor) -> list[int]:
-    hit = _cache["known"].get(id(t))
-    return list(hit[1]) if hit is not None and hit[0] is t else t.tolist()
-
-
-def _plan(B: int, T: int, cu_seqlens: torch.Tensor | None, positions: torch.Tensor | None, L: int,
-          chunk_size: int, direct_levels: int, dev: torch.device) -> _Plan:
-    key = (B, T, L, chunk_size, direct_levels, dev, id(cu_seqlens), id(positions))
-    entry = _cache["entry"]
-    if _cache["depth"] and entry is not None and entry[0] == key:
-        return entry[1]
-    if cu_seqlens is None:
-        N, lens = B, [T] * B
-    else:
-        bounds = _host_list(cu_seqlens)
-        N = len(bounds) - 1
-        lens = [bounds[i + 1] - bounds[i] for i in range(N)]
-    starts = _host_list(positions) if positions is not None else [0] * N
-    if len(starts) != N:
-        raise ValueError(f"{len(starts)} initial positions for {N} sequences")
-    ends = [s + n for s, n in zip(starts, lens, strict=True)]
-    if N and max(ends) > max_positions(L):
-        raise ValueError(f"sequence reaches {max(ends)} tokens but {L} levels hold at most "
-                         f"{max_positions(L)}")
-    BT = chunk_size
-    starts_np, lens_np = np.asarray(starts, np.int64), np.asarray(lens, np.int64)
-    cf = starts_np // BT
-    ce = (starts_np + lens_np - 1) // BT
-    nchunks = np.where(lens_np > 0, ce - cf + 1, 0)
-    node0 = np.concatenate([[0], np.cumsum(nchunks)[:-1]]).astype(np.int64)
-    bos = np.concatenate([[0], np.cumsum(lens_np)[:-1]]).astype(np.int64)
-    NC = int(nchunks.sum())
-    chunk_seq = np.repeat(np.arange(N, dtype=np.int64), nchunks)
-    c_abs = cf[chunk_seq] + np.arange(NC, dtype=np.int64) - node0[chunk_seq]
-    nxt = c_abs + 1
-    zc = np.log2(nxt & -nxt).astype(np.int64)
-    needs_fold = (c_abs < ce[chunk_seq]) & (zc > direct_levels)
-
-    fold_sizes = sorted(set(zc[needs_fold].tolist()))
-    empty = np.nonzero(lens_np == 0)[0]
-    parts = [chunk_seq, bos, starts_np, lens_np, node0, np.asarray(ends, np.int64), empty,
-             *(np.nonzero(needs_fold & (zc == z))[0] for z in fold_sizes)]
-    rows = _upload(parts, dev)
-    plan = _Plan(N, NC, tuple(rows[:5]), fold_sizes, rows[7:], rows[5], rows[6] if len(empty) else None)
-    if _cache["depth"]:  # the tensors ride along so that their ids cannot be reused while cached
-        _cache["entry"] = (key, plan, cu_seqlens, positions)
-    return plan
-
-
-def _upload(arrays: list[np.ndarray], dev: torch.device) -> list[torch.Tensor]:
-    """int64 host arrays -> device tensors through one buffer: pinned and copied without a wait on
-    CUDA (the host runs on while the copy is queued), one copy anyway. Each array starts on a 16-byte
-    boundary: Triton specialises pointer arguments on that alignment, so views at odd offsets would
-    compile new kernels for batches of other sizes in the middle of serving."""
-    sizes = [int(np.size(a)) for a in arrays]
-    padded = [n + n % 2 for n in sizes]
-    flat = np.zeros(sum(padded), np.int64)
-    for a, at in zip(arrays, np.cumsum([0, *padded[:-1]]), strict=True):
-        flat[at:at + np.size(a)] = np.asarray(a, np.int64).ravel()
-    buf = torch.from_numpy(flat)
-    buf = buf.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else buf.to(dev)
-    return [t[:n] for t, n in zip(torch.split(buf, padded), sizes, strict=True)]

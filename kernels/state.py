@@ -1,7 +1,7 @@
 """Data layout and validation shared by every op: the Fenwick state, the engine's pooled state, the
 token window's constants and host plan, level arithmetic and the shape checks.
 
-A leaf: it imports torch only. ``naive.py`` is the specification built on it; the ``*_torch.py`` and
+A leaf: it imports numpy and torch only. ``naive.py`` is the specification built on it; the ``*_torch.py`` and
 ``*_triton.py`` modules are the two implementations of each op.
 
 The token window (``window_torch.py``, ``window_triton.py``): at position t (tokens absorbed), levels
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BW = 5  # levels 0..BW of a windowed pool are its last block's tokens
@@ -227,60 +228,45 @@ def window_step_traffic(t: int) -> tuple[int, int, int]:
 
 @dataclass
 class WindowRows:
-    """Where a prefill's packed rows land in the windows: the rows of each sequence's last block."""
+    """Where a prefill's packed rows land in the token windows: the rows of each sequence's last block
+    (rows first .. first + count - 1 of that block's buffer), per sequence."""
 
-    src: torch.Tensor  # [M] packed row
-    seq: torch.Tensor  # [M] sequence index
-    slot: torch.Tensor  # [M]
-    buf: torch.Tensor  # [M] block parity
-    row: torch.Tensor  # [M] row in the block
-    first: torch.Tensor  # [N] first row written per sequence (> 0: the block began before this call)
-    seq_slot: torch.Tensor  # [N]
-    seq_buf: torch.Tensor  # [N]
-    seq_count: torch.Tensor  # [N] rows written per sequence
-    seq_src: torch.Tensor  # [N] packed row of the first of them
+    first: torch.Tensor  # [N] first row written (> 0: the block began before this call)
+    slot: torch.Tensor  # [N]
+    buf: torch.Tensor  # [N] block parity
+    count: torch.Tensor  # [N] rows written
+    src: torch.Tensor  # [N] packed row of the first of them
 
 
 def window_rows(starts: list[int], lens: list[int], slots: torch.Tensor) -> WindowRows:
     """The plan of ``write_window`` for sequences continuing from ``starts`` (host values) by ``lens``
     tokens into ``slots`` (a device tensor): one upload, no read-back."""
-    return window_plan(starts, lens, slots.device).bind(slots)
+    arrays = window_plan_arrays(starts, lens)
+    t = torch.tensor(np.stack(arrays), dtype=torch.int64)
+    t = t.pin_memory().to(slots.device, non_blocking=True) if slots.is_cuda else t.to(slots.device)
+    return WindowPlan(tuple(t.unbind(0))).bind(slots)
 
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """``WindowRows`` before the slots are known: the host-built rows, on the device. ``bind`` adds the
-    slots with device ops only, so a CUDA graph can capture it over a static slots buffer."""
+    """``WindowRows`` before the slots are known, on the device. ``bind`` adds the slots without a
+    device op, so a CUDA graph can capture it over a static slots buffer."""
 
-    rows: tuple[torch.Tensor, ...]  # src, seq, buf, row [M]; first, seq_buf, count, seq_src [N]
+    rows: tuple[torch.Tensor, ...]  # first, buf, count, src [N]
 
     def bind(self, slots: torch.Tensor) -> WindowRows:
-        src, seq, buf, row, first, seq_buf, count, seq_src = self.rows
-        slots = slots.long()
-        return WindowRows(src, seq, slots[seq], buf, row, first, slots, seq_buf, count, seq_src)
+        first, buf, count, src = self.rows
+        return WindowRows(first, slots, buf, count, src)
 
 
-def window_plan(starts: list[int], lens: list[int], device: torch.device) -> WindowPlan:
-    """``window_rows`` without the slots: one upload (pinned and queued on CUDA: no wait)."""
-    src, seq, buf, row, first, seq_buf, count, seq_src = [], [], [], [], [], [], [], []
-    bos = 0
-    for i, (s, n) in enumerate(zip(starts, lens, strict=True)):
-        end = s + n
-        block = (end - 1) >> BW
-        lo = max(s, block << BW)
-        src += [bos + q - s for q in range(lo, end)]
-        row += [q - (block << BW) for q in range(lo, end)]
-        seq += [i] * (end - lo)
-        buf += [block % 2] * (end - lo)
-        first.append(lo - (block << BW))
-        seq_buf.append(block % 2)
-        count.append(end - lo)
-        seq_src.append(bos + lo - s)
-        bos += n
-
-    def up(rows: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        t = torch.tensor(rows, dtype=torch.int64)
-        t = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-        return t.unbind(0)
-
-    return WindowPlan((*up([src, seq, buf, row]), *up([first, seq_buf, count, seq_src])))
+def window_plan_arrays(starts: list[int], lens: list[int]) -> list[np.ndarray]:
+    """``WindowPlan``'s rows on the host: int64 first, buf, count, src [N] (a sequence with no new token
+    writes no row)."""
+    starts_np, lens_np = np.asarray(starts, np.int64), np.asarray(lens, np.int64)
+    end = starts_np + lens_np
+    block = np.maximum(end - 1, 0) >> BW
+    lo = np.maximum(starts_np, block << BW)
+    bos = np.concatenate([[0], np.cumsum(lens_np)[:-1]]).astype(np.int64)
+    first = np.where(lens_np > 0, lo - (block << BW), 0)
+    count = np.where(lens_np > 0, end - lo, 0)
+    return [first, block % 2, count, bos + np.where(lens_np > 0, lo - starts_np, 0)]

@@ -120,12 +120,16 @@ def write_window_ref(window: tuple[torch.Tensor, ...], rows: WindowRows, k: torc
     of the packed rows); rows already there from earlier calls stay, their gc continues."""
     win_k, win_v, win_g = window
     N, H = rows.first.numel(), g.shape[-1]
-    base = win_g[rows.seq_slot, rows.seq_buf, (rows.first - 1).clamp(min=0)]  # (N, H), before the writes
+    dev = g.device
+    seq = torch.repeat_interleave(torch.arange(N, device=dev), rows.count)  # (M,) one entry per row written
+    offs = torch.arange(seq.numel(), device=dev) - (rows.count.cumsum(0) - rows.count)[seq]
+    row, src, slot, buf = rows.first[seq] + offs, rows.src[seq] + offs, rows.slot[seq], rows.buf[seq]
+    base = win_g[rows.slot, rows.buf, (rows.first - 1).clamp(min=0)]  # (N, H), before the writes
     base = torch.where((rows.first > 0)[:, None], base, 0.0)
-    inc = torch.where((rows.row > 0)[:, None], g[rows.src].float(), 0.0)  # (M, H)
-    dense = torch.zeros(N, W, H, dtype=torch.float32, device=g.device)
-    dense[rows.seq, rows.row] = inc
-    gc = base[rows.seq] + dense.cumsum(1)[rows.seq, rows.row]
-    win_k[rows.slot, rows.buf, rows.row] = k[rows.src].to(win_k.dtype)
-    win_v[rows.slot, rows.buf, rows.row] = v[rows.src].to(win_v.dtype)
-    win_g[rows.slot, rows.buf, rows.row] = gc.to(win_g.dtype)
+    inc = torch.where((row > 0)[:, None], g[src].float(), 0.0)  # (M, H)
+    dense = torch.zeros(N, W, H, dtype=torch.float32, device=dev)
+    dense[seq, row] = inc
+    gc = base[seq] + dense.cumsum(1)[seq, row]
+    win_k[slot, buf, row] = k[src].to(win_k.dtype)
+    win_v[slot, buf, row] = v[src].to(win_v.dtype)
+    win_g[slot, buf, row] = gc.to(win_g.dtype)

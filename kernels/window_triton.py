@@ -24,7 +24,7 @@ from .state import BW, W, WindowRows, check_pool_levels, check_shapes
 from .triton_utils import bitlen, log2_pow2, program_ids, token_inputs, wait_then_release
 
 # With PDL, batches of up to PREWAIT_MAX_ROWS read the window rows before waiting for the previous kernel
-# (H200: batch-1 step 0.476 -> 0.471 ms; at batch 32 the early programs cost 0.12 ms a step instead)
+# (faster at batch 1, slower at batch 32: docs/kernels-notes.md)
 PREWAIT_MAX_ROWS = 4
 
 
@@ -206,7 +206,7 @@ def write_window_triton(window: tuple[torch.Tensor, ...], rows: WindowRows, k: t
         return
     BC = min(block_cols, triton.next_power_of_2(H * V))
     _write_window_kernel[(N, 1 + triton.cdiv(H * V, BC))](
-        k, v, g, win_k, win_v, win_g, rows.seq_slot, rows.seq_buf, rows.first, rows.seq_count, rows.seq_src,
+        k, v, g, win_k, win_v, win_g, rows.slot, rows.buf, rows.first, rows.count, rows.src,
         k.stride(0), v.stride(0), g.stride(0),
         GK=G * K, HV=H * V, H=H, BGK=triton.next_power_of_2(G * K), BH=max(2, triton.next_power_of_2(H)),
         BC=BC, WN=W, num_warps=4,

@@ -27,6 +27,7 @@ from .request_stream import EngineClient
 from .serving_chat import ChatServing
 from .serving_completions import CompletionServing
 from .shutdown import Shutdown
+from .structured import Constraints
 
 ROUTES = frozenset(
     {
@@ -61,8 +62,9 @@ def create_app(engine: EngineClient, config: ServerConfig | None = None) -> Fast
     engine.add_stats_listener(metrics.observe)
     metrics.watch_engine(lambda: engine.is_running)
     shutdown = Shutdown(config.shutdown_timeout)
-    completions = CompletionServing(engine, model_name, config, shutdown)
-    chat = ChatServing(engine, model_name, config, shutdown)
+    constraints = Constraints(engine.grammars, engine.tokenizer.chat_template, metrics)
+    completions = CompletionServing(engine, model_name, config, shutdown, constraints)
+    chat = ChatServing(engine, model_name, config, shutdown, constraints)
     max_model_len = max_model_len_of(engine)
     version = fenwick_version()
 

@@ -79,9 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
              "ahead with CUDA graphs)",
     )
     serve.add_argument(
-        "--prefill-graphs", type=int, default=None,
-        help="opt-in: prompt steps replayed from CUDA graphs, at most this many kept, one per step shape "
-             "(prompt lengths and start positions) seen twice (default 0: prompt steps eager)",
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+        help="keep request states by token prefix and restore them into new requests that share it, "
+             "prefilling only the rest (default: on)",
+    )
+    serve.add_argument(
+        "--prefix-cache-interval", type=int, default=None,
+        help="also snapshot long prompts every this many tokens (default 2048; 0: only at prompt ends, "
+             "request ends and branch points)",
+    )
+    serve.add_argument(
+        "--prefix-cache-gib", type=float, default=None,
+        help="GPU memory for prefix-cache snapshots, taken only from what the state slots leave "
+             "(default 4; 64 MiB on the CPU)",
+    )
+    serve.add_argument(
+        "--prefix-cache-host-gib", type=float, default=None,
+        help="pinned host memory for snapshots evicted from the GPU (default 4; 0 on the CPU)",
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -207,10 +221,17 @@ def build_configs(
         engine_kwargs["max_model_len"] = args.max_model_len
     if args.max_waiting is not None:
         engine_kwargs["max_waiting"] = args.max_waiting
-    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed", "prefill_graphs"):
+    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed"):
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager
+    for key in ("enable_prefix_caching", "prefix_cache_interval"):
+        if getattr(args, key) is not None:
+            engine_kwargs[key] = getattr(args, key)
+    for tier in ("", "host_"):
+        gib = getattr(args, f"prefix_cache_{tier}gib")
+        if gib is not None:
+            engine_kwargs[f"prefix_cache_{tier}bytes"] = int(gib * (1 << 30))
     if args.no_overlap_decode:
         engine_kwargs["overlap_decode"] = False
     name = args.served_model_name or model_dir.name

@@ -67,6 +67,9 @@ _REQUEST_BUCKETS = (
     300.0,
     600.0,
 )
+_COMPILE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -154,12 +157,32 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            "fenwick_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "fenwick_prefix_cache_hits_total", "Prompt tokens restored from the prefix cache", registry=r
+        )
+        self.prefix_cache_bytes = Gauge(
+            "fenwick_prefix_cache_bytes", "Bytes of prefix-cache snapshots held", ["tier"], registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.http_requests = Counter(
             "fenwick_http_requests_total", "HTTP responses by path and status", ["path", "status"], registry=r
+        )
+        self.grammar_compile = Histogram(
+            "fenwick_grammar_compile_seconds",
+            "Grammar compiles for structured outputs (cache misses)",
+            buckets=_COMPILE_BUCKETS,
+            registry=r,
+        )
+        self.structured_requests = Counter(
+            "fenwick_structured_requests_total", "Constrained requests by kind", ["kind"], registry=r
         )
         for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(finish_reason=reason)
         self._gauges: tuple[int, ...] = ()  # the gauges' values as last set
+        self._cache_bytes: tuple[int, int] | None = None  # the prefix cache's bytes as last set
 
     def watch_engine(self, is_running: Callable[[], bool]) -> None:
         """fenwick_engine_up reads is_running() at each scrape."""
@@ -182,10 +205,27 @@ class Metrics:
             self.iteration_tokens.observe(stats.iteration_tokens)
         observe_all(self.ttft, stats.time_to_first_tokens)
         observe_all(self.itl, stats.inter_token_latencies)
+        cache = stats.prefix_cache
+        if cache is not None:
+            if cache.queries:
+                self.prefix_cache_queries.inc(cache.queries)
+            if cache.hits:
+                self.prefix_cache_hits.inc(cache.hits)
+            held = (cache.device_bytes, cache.host_bytes)
+            if held != self._cache_bytes:
+                self.prefix_cache_bytes.labels(tier="device").set(cache.device_bytes)
+                self.prefix_cache_bytes.labels(tier="host").set(cache.host_bytes)
+                self._cache_bytes = held
         for done in stats.finished:
             self.request_success.labels(finish_reason=done.finish_reason).inc()
         observe_all(self.e2e, [done.e2e_latency for done in stats.finished])
         observe_all(self.queue_time, [done.queue_time for done in stats.finished])
+
+    def observe_structured(self, kind: str, compile_seconds: float | None) -> None:
+        """A constrained request was accepted; compile_seconds when its grammar was not cached."""
+        self.structured_requests.labels(kind=kind).inc()
+        if compile_seconds is not None:
+            self.grammar_compile.observe(compile_seconds)
 
     def count_http(self, path: str, status: int) -> None:
         self.http_requests.labels(path=path, status=str(status)).inc()

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from ..engine.sampling_params import INT64_MAX, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+from .protocol_structured import ResponseFormat, StructuredOutputsRequest, Tool, ToolCall, ToolChoice
 
 
 def _unicode_text(value: str) -> str:
@@ -71,6 +72,8 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[NonNegativeTokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None  # vLLM-named extras (server/structured.py)
 
     @field_validator("stop")
     @classmethod
@@ -144,6 +147,8 @@ class ChatMessage(BaseModel):
     role: Text = Field(min_length=1)
     content: Text | list[dict[str, Any]] | None = None
     name: Text | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, in OpenAI's shape
+    tool_call_id: Text | None = None  # a "tool" turn: the call it answers
 
     def text(self) -> str:
         """The content as one string; only text parts are supported."""
@@ -167,8 +172,9 @@ class ChatCompletionRequest(SamplingRequest):
     # vLLM's extra: a Jinja template to use instead of the model's; refused unless the operator allows
     # it (--trust-request-chat-template), then rendered in a separate process with a time and size budget
     chat_template: Text | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True
 
 
 class TokenizeRequest(BaseModel):
@@ -189,10 +195,15 @@ class DetokenizeRequest(BaseModel):
 # ---- responses -------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of prefilled
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -236,6 +247,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -258,6 +270,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # entries from server/tool_calls.CallStream
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

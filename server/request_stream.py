@@ -29,6 +29,7 @@ class EngineClient(Protocol):
     tokenizer: Any  # engine.tokenizer.Tokenizer
     model_config: Any  # engine.model_config.ModelConfig
     config: Any  # engine.config.EngineConfig
+    grammars: Any  # engine.grammar.GrammarCompiler, or None: no structured outputs
     served_model_name: str
     is_running: bool  # the step loop is alive
 

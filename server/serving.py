@@ -19,9 +19,10 @@ from ..engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from ..engine.sampling_params import SamplingParams
 from .config import ServerConfig
 from .errors import APIError, bad_request, error_body, from_engine_error, from_value_error
-from .protocol import SamplingRequest, UsageInfo
+from .protocol import PromptTokensDetails, SamplingRequest, UsageInfo
 from .request_stream import EngineClient, RequestStream, unless_disconnected
 from .shutdown import Shutdown
+from .structured import Constraints
 
 logger = logging.getLogger("fenwick.server")
 
@@ -38,13 +39,15 @@ SSE_DONE = "data: [DONE]\n\n"
 
 class Serving:
     def __init__(
-        self, engine: EngineClient, model_name: str, config: ServerConfig, shutdown: Shutdown
+        self, engine: EngineClient, model_name: str, config: ServerConfig, shutdown: Shutdown,
+        constraints: Constraints | None = None,
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.config = config
         self.sampling_defaults: Mapping[str, Any] = config.sampling_defaults
         self.shutdown = shutdown
+        self.constraints = constraints or Constraints(None, None)
         self.vocab_size = int(engine.model_config.vocab_size)
         # engine requests that can be queued at once: more prompts in one request would never all fit
         engine_config = engine.config
@@ -185,7 +188,9 @@ class Serving:
 def usage_of(outputs: list[RequestOutput]) -> UsageInfo:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 @dataclass
@@ -214,8 +219,13 @@ class ChoiceProgress:
         return text, new_logprobs
 
 
-def streamed_usage(progress: Mapping[int, ChoiceProgress], prompt_tokens: int) -> UsageInfo:
+def streamed_usage(
+    progress: Mapping[int, ChoiceProgress], prompt_tokens: int, cached_tokens: int
+) -> UsageInfo:
     completion = sum(p.num_tokens for p in progress.values())
     return UsageInfo(
-        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )

@@ -22,7 +22,6 @@ from .protocol import (
     ChatLogprobEntry,
     ChatLogprobs,
     ChatMessage,
-    ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
     TopLogprob,
@@ -31,6 +30,8 @@ from .protocol import (
 from .request_stream import EngineClient, RequestStream
 from .serving import ChoiceProgress, Serving, sse, streamed_usage, usage_of
 from .shutdown import Shutdown
+from .structured import Constraints
+from .tool_replies import ReplyStream, reply_message
 
 
 def _top(token: str, logprob: float) -> TopLogprob:
@@ -54,7 +55,14 @@ def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:
 def chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
     try:
         return [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages
+            {
+                "role": m.role,
+                "content": m.text(),
+                **({"name": m.name} if m.name else {}),
+                **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
+                **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {}),
+            }
+            for m in messages
         ]
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
@@ -65,9 +73,10 @@ class ChatServing(Serving):
     a request's own template only when the operator allows it, in ChatTemplateSandbox's process."""
 
     def __init__(
-        self, engine: EngineClient, model_name: str, config: ServerConfig, shutdown: Shutdown
+        self, engine: EngineClient, model_name: str, config: ServerConfig, shutdown: Shutdown,
+        constraints: Constraints | None = None,
     ) -> None:
-        super().__init__(engine, model_name, config, shutdown)
+        super().__init__(engine, model_name, config, shutdown, constraints)
         self.sandbox = ChatTemplateSandbox(config.chat_template_timeout, config.max_prompt_chars)
 
     async def render(
@@ -120,35 +129,38 @@ class ChatServing(Serving):
 
     async def create(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
-        if body.tools:
-            raise bad_request("tools are not supported", "tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        constraint = self.constraints.for_chat(body)
         params = self.sampling_params(
             body,
             body.max_completion_tokens or body.max_tokens,
             (body.top_logprobs or 0) if body.logprobs else None,
             "top_logprobs",
         )
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools:  # the template tells the model about them (Hugging Face's `tools` variable)
+            template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
         prompt_ids = await self.encode_chat(
-            body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.chat_template
+            body.messages, body.add_generation_prompt, template_kwargs, body.chat_template
         )
+        params = await self.constraints.apply(constraint, params)
         request_id = self.new_id("chatcmpl")
         created = ChatCompletionChunk(id=request_id, model=self.model_name, choices=[]).created
 
         def respond(outputs: list[RequestOutput]) -> ChatCompletionResponse:
-            choices = [
-                ChatChoice(
-                    index=c.index,
-                    message=ChatResponseMessage(content=c.text),
-                    logprobs=chat_logprobs(c.logprobs or []) if body.logprobs else None,
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
+            choices = []
+            for c in outputs[0].outputs:
+                message, finish_reason = reply_message(c, constraint)
+                choices.append(
+                    ChatChoice(
+                        index=c.index,
+                        message=message,
+                        logprobs=chat_logprobs(c.logprobs or []) if body.logprobs else None,
+                        finish_reason=finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
                 )
-                for c in outputs[0].outputs
-            ]
             return ChatCompletionResponse(
                 id=request_id,
                 created=created,
@@ -172,28 +184,36 @@ class ChatServing(Serving):
                     for i in progress
                 ]
             )
-            prompt_tokens = len(prompt_ids)
+            replies = {i: ReplyStream(constraint) for i in progress}
+            prompt_tokens, cached_tokens = len(prompt_ids), 0
             async for _, out in stream:
-                prompt_tokens = len(out.prompt_token_ids)
+                prompt_tokens, cached_tokens = len(out.prompt_token_ids), out.num_cached_tokens
                 for c in out.outputs:
-                    delta = self._delta(c, progress[c.index], body.logprobs)
+                    delta = self._delta(c, progress[c.index], body.logprobs, replies[c.index])
                     if delta is not None:
                         yield chunk([delta])
             if body.include_usage:
-                yield chunk([], streamed_usage(progress, prompt_tokens))
+                yield chunk([], streamed_usage(progress, prompt_tokens, cached_tokens))
 
         return await self.run(request, [prompt_ids], params, request_id, body.stream, events, respond)
 
     @staticmethod
-    def _delta(c: CompletionOutput, p: ChoiceProgress, want_logprobs: bool) -> ChatStreamChoice | None:
+    def _delta(
+        c: CompletionOutput, p: ChoiceProgress, want_logprobs: bool, reply: ReplyStream
+    ) -> ChatStreamChoice | None:
         new = p.advance(c, want_logprobs)
         if new is None:
             return None
         text, new_logprobs = new
+        delta = DeltaMessage(content=text) if text or not c.finished else DeltaMessage()
+        if reply.constraint.calls:  # the text may be tool calls: the reply stream decides what it says
+            delta = reply.delta(c.text, c.finished)
+            if delta is None and not new_logprobs and not c.finished:
+                return None
         return ChatStreamChoice(
             index=c.index,
-            delta=DeltaMessage(content=text) if text or not c.finished else DeltaMessage(),
+            delta=delta or DeltaMessage(),
             logprobs=chat_logprobs(new_logprobs) if want_logprobs else None,
-            finish_reason=c.finish_reason,
+            finish_reason=reply.finish_reason(c),
             stop_reason=c.stop_reason,
         )

@@ -49,7 +49,9 @@ class CompletionServing(Serving):
             raise from_value_error(exc) from None
         self.check_prompt_count(len(prompts))
         self.check_token_ids(prompts)
+        constraint = self.constraints.for_request(body)
         params = self.sampling_params(body, body.max_tokens, body.logprobs, "logprobs")
+        params = await self.constraints.apply(constraint, params)
         request_id = self.new_id("cmpl")
         created = CompletionResponse(id=request_id, model=self.model_name, choices=[]).created
 
@@ -69,8 +71,10 @@ class CompletionServing(Serving):
         async def events(stream: RequestStream) -> AsyncIterator[str]:
             progress: dict[int, ChoiceProgress] = {}
             prompt_tokens: dict[int, int] = {}
+            cached_tokens: dict[int, int] = {}
             async for i, out in stream:
                 prompt_tokens[i] = len(out.prompt_token_ids)
+                cached_tokens[i] = out.num_cached_tokens
                 for c in out.outputs:
                     index = i * body.n + c.index
                     p = progress.setdefault(index, ChoiceProgress())
@@ -78,7 +82,8 @@ class CompletionServing(Serving):
                     if chunk is not None:
                         yield sse(response([chunk]))
             if body.include_usage:
-                yield sse(response([], streamed_usage(progress, sum(prompt_tokens.values()))))
+                usage = streamed_usage(progress, sum(prompt_tokens.values()), sum(cached_tokens.values()))
+                yield sse(response([], usage))
 
         return await self.run(request, prompts, params, request_id, body.stream, events, respond)
 

@@ -55,6 +55,7 @@ class FakeEngine:
         self.model_config = SimpleNamespace(vocab_size=100, max_model_len=256)
         self.config = SimpleNamespace(model="/models/fake", max_model_len=None, max_num_seqs=max_num_seqs)
         self.served_model_name = "fake"
+        self.grammars = None  # no grammar engine: constrained requests get 400
         self.max_waiting = max_waiting
         self.step_s = step_s
         self.slots = asyncio.Semaphore(max_num_seqs)

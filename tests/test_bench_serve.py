@@ -141,3 +141,46 @@ def test_state_memory_arithmetic(tmp_path: Path) -> None:
                                         lambda_mode="linear"))
     model = LogLinearMamba2ForCausalLM(config, device="meta")
     assert result["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_multi_turn_reports_turns_and_cache_hits(server_url: str, tmp_path: Path) -> None:
+    """--dataset multi-turn: conversations through chat completions; later turns restore earlier ones."""
+    out = tmp_path / "multi"
+    result = run_bench(server_url, out, "--dataset", "multi-turn", "--num-turns", "3", "--input-len", "12",
+                       "--output-len", "4", "--max-concurrency", "2", "--num-conversations", "3",
+                       "--num-warmups", "1")
+    (run,) = result["runs"]
+    assert result["dataset"] == "multi-turn" and run["completed"] == 9 and run["failed"] == 0
+    assert [t["turn"] for t in run["turns"]] == [1, 2, 3] and all(t["completed"] == 3 for t in run["turns"])
+    assert run["turns"][0]["hit_rate"] == 0 and run["turns"][2]["hit_rate"] > 0.3
+    reqs = run["requests"]
+    for conv in range(3):
+        turns = [r for r in reqs if r["conversation"] == conv]
+        assert [r["turn"] for r in turns] == [0, 1, 2] and all(r["output_tokens"] == 4 for r in turns)
+        for a, b in zip(turns, turns[1:], strict=False):  # each turn re-sends the last one's prompt and reply
+            assert b["prompt_tokens"] > a["prompt_tokens"] + 4 and b["cached_tokens"] >= a["prompt_tokens"]
+    assert run["server_counted"]["fenwick_prefix_cache_hits_total"] == run["total_cached_tokens"]
+    assert [Path(p).name for p in result["plots"]] == ["ttft_per_turn.png"]
+
+
+def test_prefix_cache_script_on_the_cpu(tmp_path: Path) -> None:
+    """bench/prefix_cache.sh at a tiny scale: two servers (cache on, off), three datasets, the report."""
+    model = tmp_path / "model"
+    make = [sys.executable, str(REPO / "tools" / "make_random_model.py"), "--hidden", "64", "--layers", "2",
+            "--head-dim", "16", "--state-size", "16", "--vocab", "512", "--tokenizer", "word", "--dtype",
+            "float32", "--out", str(model)]
+    subprocess.run(make, check=True, capture_output=True, timeout=120)
+    sizes = dict(TURNS=3, TURN_INPUT=16, TURN_OUTPUT=4, CONVERSATIONS=2, PREFIX=48, PREFIX_SUFFIX=4,
+                 PREFIX_OUTPUT=2, PREFIX_REQUESTS=6, PREFIX_CONCURRENCY=2, RANDOM_INPUT=16, RANDOM_OUTPUT=4,
+                 RANDOM_PROMPTS=4, RANDOM_CONCURRENCY=2, MAX_MODEL_LEN=512, MAX_NUM_SEQS=4)
+    env = {**os.environ, **{k: str(v) for k, v in sizes.items()}, "DEVICE": "cpu", "MODEL_DIR": str(model),
+           "OUT": str(tmp_path / "out"), "PORT": str(free_port()),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this interpreter
+    p = subprocess.run(["bash", str(REPO / "bench" / "prefix_cache.sh")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report) == {"multi-turn", "shared", "random"}
+    assert report["multi-turn"]["identical_replies"] == report["multi-turn"]["replies"] == 6
+    assert report["multi-turn"]["hit_rate"] > 0.3 and report["shared"]["prefilled_share"] < 0.7
+    assert "## Multi-turn chat" in (tmp_path / "out" / "report.md").read_text()

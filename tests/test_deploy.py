@@ -22,12 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest brings tomli there
+    import tomli as tomllib
+
 import dockerfile
 import httpx
 import kubernetes_validate
 import promql_parser
 import pytest
 import yaml
+from fenwick_llm.models import DEMO_MODEL_NAME
 from prometheus_client.parser import text_string_to_metric_families
 from server_utils import free_port, wait_healthy
 from tiny import make_tiny_model
@@ -349,14 +355,28 @@ def test_dockerfile_contract() -> None:
     assert "/models" in instruction(final, "VOLUME").value
     user = instruction(final, "USER").value[0].split(":")[0]
     assert user not in ("0", "root")
-    # everything COPY takes from the context exists and is let through by .dockerignore
-    allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.startswith("!")}
-    for c in final:
-        if c.cmd == "COPY" and not any(f.startswith("--from") for f in c.flags):
-            for src in c.value[:-1]:
-                assert src.rstrip("/") in allowed, f"{src} is not let through .dockerignore"
-                assert (REPO / src).exists() or src.startswith("models/"), src
+    # the package installs from the context, bind-mounted (no source layer), and /models/<demo> is its model
+    (install,) = [c for c in final if c.cmd == "RUN" and "--mount=type=bind" in " ".join(c.flags)]
+    assert "pip install" in install.value[0] and "demo_model_dir" in install.value[0]
+    assert cmd[cmd.index("--model") + 1] == f"/models/{DEMO_MODEL_NAME}"
+    from_context = [c for c in final
+                    if c.cmd in ("COPY", "ADD") and not any(f.startswith("--from") for f in c.flags)]
+    assert not from_context, "a COPY from the context leaves the sources in a layer"
+
+
+def test_dockerignore_lets_the_package_through() -> None:
+    """The build context holds what `pip install .` reads: pyproject.toml, its readme and every folder that
+    package-dir maps into fenwick_llm (the demo model among them), and nothing else at the top."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    package_dirs = project["tool"]["setuptools"]["package-dir"].values()
+    needed = {"pyproject.toml", project["project"]["readme"], *package_dirs}
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*", "an allowlist: everything else stays out of the context"
+    allowed = {line[1:].rstrip("/") for line in rules if line.startswith("!")}
+    assert allowed == needed
+    assert all((REPO / path).exists() for path in needed)
+    assert {"**/__pycache__", "**/*.egg-info"} <= set(rules)
 
 
 # ---- the image's command, run here ---------------------------------------------------------------

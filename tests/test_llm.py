@@ -140,14 +140,14 @@ def test_chunked_prefill_equals_one_shot(llm: LLM, tiny_model_dir: Path) -> None
 
 def test_n_samples_fork_one_prefill(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     model = llm.engine.model
-    prefill = model.prefill
+    run_prefill = model.run_prefill
     calls: list[int] = []
 
-    def counted(input_ids: torch.Tensor, *args: object) -> torch.Tensor:
-        calls.append(input_ids.numel())
-        return prefill(input_ids, *args)
+    def counted(batch, *args: object) -> torch.Tensor:
+        calls.append(batch.layout.num_tokens)
+        return run_prefill(batch, *args)
 
-    monkeypatch.setattr(model, "prefill", counted)
+    monkeypatch.setattr(model, "run_prefill", counted)
     out = llm.generate(PROMPTS[1], SamplingParams(n=3, max_tokens=5, temperature=1.0, seed=5, logprobs=0,
                                                   ignore_eos=True))[0]
     assert sum(calls) == len(out.prompt_token_ids)  # the prompt ran once for all three samples

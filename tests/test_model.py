@@ -6,7 +6,7 @@ import pytest
 import torch
 from fenwick_llm.engine.model import LogLinearMamba2ForCausalLM
 from fenwick_llm.engine.model_config import ModelConfig
-from fenwick_llm.engine.model_state import ModelState, device_int_parts
+from fenwick_llm.engine.model_state import ModelState
 from tiny import randomize_, tiny_config
 
 MODES = ["linear", "mlp", "none"]
@@ -152,32 +152,27 @@ def test_state_reset_and_sizes() -> None:
     assert meta.bytes_per_slot == ModelState.allocate(config, 1).bytes_per_slot
 
 
-def test_device_int_parts_pack_each_part_on_16_bytes() -> None:
-    parts = [[5, 6, 7], [8], [], [9, 10]]
-    got = device_int_parts(parts, torch.device("cpu"))
-    assert [t.tolist() for t in got] == parts
-    base = got[0].data_ptr()
-    assert got[0].untyped_storage().data_ptr() == base  # one buffer, one upload
-    assert all((t.data_ptr() - base) % 16 == 0 for t in got)
-
-
-def test_prefill_plan_is_the_host_part_of_prefill() -> None:
-    """prefill == plan_prefill + run_prefill, and the plan carries the starts it was given."""
+def test_prefill_batch_is_one_buffer_with_each_part_on_16_bytes() -> None:
+    """prefill == prefill_batch + run_prefill; the batch's parts are views of one upload, each starting
+    16-byte aligned (Triton compiles per pointer alignment), and starts are read back when not given."""
     model = make_model("mlp")
     cu = torch.tensor([0, 5, 12])
     a, b = ModelState.allocate(model.config, 3), ModelState.allocate(model.config, 3)
     slots, ids = torch.tensor([2, 0]), tokens(model, 12)
     with torch.no_grad():
         want = model.prefill(ids, cu, a, slots, [0, 0])
-        plan = model.plan_prefill(cu, b, slots, [0, 0], 12)
-        assert plan.fresh and plan.lens == [5, 7] and plan.starts_dev.tolist() == [0, 0]
-        assert plan.cu.tolist() == [0, 5, 12] and plan.lens_dev.tolist() == [5, 7]
-        got = model.run_prefill(ids, b, slots, plan)
+        batch = model.prefill_batch(ids.tolist(), [2, 0], [0, 0], [5, 7], b)
+        assert not batch.continuing and batch.lens.tolist() == [5, 7] and batch.starts.tolist() == [0, 0]
+        assert batch.cu.tolist() == [0, 5, 12] and batch.slots.tolist() == [2, 0]
+        base = batch.ids.untyped_storage().data_ptr()
+        parts = [batch.ids, batch.slots, batch.cu, batch.lens, batch.starts, *batch.window.rows]
+        assert all(t.untyped_storage().data_ptr() == base and (t.data_ptr() - base) % 16 == 0 for t in parts)
+        got = model.run_prefill(batch, b)
         assert torch.equal(got, want)
-        more = model.plan_prefill(torch.tensor([0, 3, 4]), b, slots, None, 4)  # starts read back
-        assert not more.fresh and more.starts == [5, 7]
+        more = model.prefill(tokens(model, 4), torch.tensor([0, 3, 4]), b, slots)  # starts read back
+        assert more.shape == (2, model.config.vocab_size) and b.positions[slots].tolist() == [8, 8]
     with pytest.raises(ValueError, match="cu_seqlens"):
-        model.plan_prefill(cu, b, slots, [0, 0], 11)
+        model.prefill(ids[:11], cu, b, slots, [0, 0])
 
 
 def test_bf16_state_and_model_close_to_fp32() -> None:

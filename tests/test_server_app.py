@@ -17,6 +17,7 @@ async def test_completion_and_stream_agree(client: httpx.AsyncClient) -> None:
         "prompt_tokens": 6,
         "completion_tokens": 6,
         "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 0},  # the fake engine caches nothing
     }
     choice = full["choices"][0]
     assert choice["finish_reason"] == "length" and len(choice["logprobs"]["tokens"]) == 6

@@ -70,8 +70,6 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
             "7",
             "--enforce-eager",
             "--no-overlap-decode",
-            "--prefill-graphs",
-            "2",
         ]
     )
     engine_config, server_config = cli.build_configs(args)
@@ -80,7 +78,7 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert engine_config.memory_fraction == 0.5 and engine_config.seed == 7
     assert engine_config.enforce_eager
     assert engine_config.overlap_decode is False and not engine_config.use_overlap_decode
-    assert engine_config.prefill_graphs == 2 and engine_config.prefill_graph_max_tokens == 256
+    assert engine_config.prefill_graph_max_tokens == 256  # prompt graphs up to the step budget
     assert engine_config.served_model_name == server_config.served_model_name == "my-model"
     assert server_config.api_key == "k" and server_config.port == 9123
     assert dict(server_config.sampling_defaults) == {"temperature": 0.7, "top_k": 40}
@@ -89,7 +87,7 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
     defaults, _ = cli.build_configs(cli.build_parser().parse_args(["serve", "--model", str(model)]))
     assert defaults.state_dtype == "float32" and not defaults.enforce_eager
     assert defaults.overlap_decode is None
-    assert defaults.prefill_graphs == 0  # prompt steps eager unless asked
+    assert defaults.prefill_graph_max_tokens == defaults.max_num_batched_tokens
     too_long = cli.build_parser().parse_args(
         ["serve", "--model", str(model), "--max-model-len", str(1 << 30)]
     )

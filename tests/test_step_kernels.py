@@ -61,26 +61,3 @@ def test_step_matches_reference(results, case):
 
 if __name__ == "__main__":
     print(json.dumps({name: _run_case(*args) for name, args in CASES.items()}))
-
-
-def test_prefill_plan_is_shared_only_inside_plan_cache():
-    from fenwick_llm.kernels.chunk import _plan, plan_cache
-
-    cu = torch.tensor([0, 5, 70, 71])
-    pos = torch.tensor([0, 130, 7])
-    args = (1, 71, cu, pos, 12, 16, 1, torch.device("cpu"))
-    assert _plan(*args) is not _plan(*args)  # no cache outside the block
-    with plan_cache():
-        first = _plan(*args)
-        assert _plan(*args) is first  # the same tensors: the same plan, no second read-back
-        other = _plan(1, 71, cu, pos.clone(), 12, 16, 1, torch.device("cpu"))
-        assert other is not first and other.ends.tolist() == first.ends.tolist() == [5, 195, 8]
-    # every plan tensor starts 16-byte aligned (Triton compiles per pointer alignment), for odd counts too
-    assert all(t.data_ptr() % 16 == 0 for t in (*first.device_rows, *first.fold_idx, first.ends))
-    with plan_cache():
-        assert _plan(*args) is not first  # the cache ends with its block
-    # values the caller already knows are taken instead of reading the tensors back (here they differ
-    # from the tensors' contents on purpose, to show which one was read)
-    with plan_cache(known=[(cu, [0, 2, 70, 71]), (pos, [1, 2, 3])]):
-        assert _plan(*args).ends.tolist() == [3, 70, 4]
-    assert _plan(*args).ends.tolist() == [5, 195, 8]  # known values end with their block

@@ -153,27 +153,60 @@ def _case_prefill_then_steps(name, *, T=45, steps=6, G=1, H=2, K=16, V=16, L=8):
 
 
 def _case_layers_share_plan(name, *, lens=(5, 70, 37), starts=(3, 17, 64), G=1, H=2, K=16, V=16, L=9):
-    """Three "layers" in one plan_cache block: the same cu_seqlens / positions tensors, new q, k, v, g, λ
-    each time (as model.prefill calls it); every layer against the recurrence."""
+    """Three "layers" over one plan built once (as model.run_prefill passes it), new q, k, v, g, λ each
+    time; every layer against the recurrence."""
     from fenwick_llm.kernels import naive
-    from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl, plan_cache
+    from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl
+    from fenwick_llm.kernels.chunk_plan import build_plan
     from fenwick_llm.kernels.state import FenwickState
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
     pos = torch.tensor(starts)
+    plan = build_plan(list(starts), list(lens), L, torch.device("cpu"), chunk_size=16, direct_levels=1)
     worst = {"o": 0.0, "state": 0.0}
-    with plan_cache():
-        for layer in range(3):
-            q, k, v, g, lam = _inputs(1, sum(lens), G, H, K, V, L, seed=layer)
-            levels = _states(list(starts), G, H, K, V, L, seed=50 + 10 * layer)
-            init = FenwickState(levels.float(), pos)
-            o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
-                                               cu_seqlens=cu, chunk_size=16, direct_levels=1)
-            ro, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
-                                                     initial_state=FenwickState(levels, pos),
-                                                     output_final_state=True, cu_seqlens=cu)
-            worst["o"] = max(worst["o"], _rel(o, ro))
-            worst["state"] = max(worst["state"], _rel(st.levels, rst.levels))
+    for layer in range(3):
+        q, k, v, g, lam = _inputs(1, sum(lens), G, H, K, V, L, seed=layer)
+        levels = _states(list(starts), G, H, K, V, L, seed=50 + 10 * layer)
+        init = FenwickState(levels.float(), pos)
+        o, st = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, output_final_state=True,
+                                           cu_seqlens=cu, chunk_size=16, direct_levels=1, plan=plan)
+        ro, rst = naive.recurrent_log_linear_attn(*(x.double() for x in (q, k, v, g, lam)),
+                                                 initial_state=FenwickState(levels, pos),
+                                                 output_final_state=True, cu_seqlens=cu)
+        worst["o"] = max(worst["o"], _rel(o, ro))
+        worst["state"] = max(worst["state"], _rel(st.levels, rst.levels))
     return {name: worst}
+
+
+def _case_padded_plan(name, *, lens=(5, 70, 37), starts=(3, 17, 64), pad_tokens=144, pad_seqs=6, G=1, H=2,
+                      K=16, V=16, L=9):
+    """A step padded as the engine pads it for a CUDA graph (engine/prefill_batch.py): a padding sequence
+    of the spare tokens and empty ones, all into one dummy row, a plan at the bucket's capacity (spare
+    chunks, fold slots of -1). The step's own sequences against the recurrence; the other rows kept."""
+    from fenwick_llm.kernels import naive
+    from fenwick_llm.kernels.chunk import chunk_log_linear_attn_impl
+    from fenwick_llm.kernels.chunk_plan import build_plan, chunk_capacity
+    from fenwick_llm.kernels.state import FenwickState
+    n, T = len(lens), sum(lens)
+    all_lens = [*lens, pad_tokens - T] + [0] * (pad_seqs - n - 1)
+    all_starts = [*starts] + [0] * (pad_seqs - n)
+    cu = torch.tensor([0, *torch.tensor(all_lens).cumsum(0).tolist()])
+    q, k, v, g, lam = _inputs(1, pad_tokens, G, H, K, V, L, seed=3)
+    levels = _states(all_starts, G, H, K, V, L, seed=70)
+    init = FenwickState(levels.float(), torch.tensor(all_starts))
+    capacity = chunk_capacity(pad_tokens, pad_seqs, L, chunk_size=16, direct_levels=1)
+    plan = build_plan(all_starts, all_lens, L, torch.device("cpu"), 16, 1, capacity)
+    dummy = pad_seqs
+    slots = torch.tensor([*range(n)] + [dummy] * (pad_seqs - n))
+    pool = torch.full((pad_seqs + 2, L, H, K, V), float("nan"))
+    o, _ = chunk_log_linear_attn_impl(q, k, v, g, lam, initial_state=init, cu_seqlens=cu, chunk_size=16,
+                                      direct_levels=1, final_into=(pool, slots), plan=plan)
+    own = slice(0, n)
+    ro, rst = naive.recurrent_log_linear_attn(*(x[:, :T].double() for x in (q, k, v, g, lam)),
+                                             initial_state=FenwickState(levels[own], init.positions[own]),
+                                             output_final_state=True, cu_seqlens=cu[:n + 1])
+    return {name: {"o": _rel(o[:, :T], ro), "state": _rel(pool[:n].double(), rst.levels),
+                   "kept": bool(torch.isnan(pool[n:dummy]).all() and torch.isnan(pool[dummy + 1:]).all()),
+                   "spare_chunks": capacity.chunks - int(plan.num_chunks.item())}}
 
 
 def _case_final_into(name, *, lens=(5, 0, 70, 37), starts=(0, 3, 17, 64), G=1, H=2, K=16, V=16, L=9):
@@ -208,6 +241,7 @@ def _interpret_cases() -> dict:
     res = {}
     res.update(_case_final_into("final_into"))
     res.update(_case_layers_share_plan("layers_share_plan"))
+    res.update(_case_padded_plan("padded_plan"))
     for name, shapes in CHUNK_CASES.items():
         res.update(_case_chunk(name, **shapes))
     res.update(_case_step("step_edges", positions=[0, 1, 7, 8, 15, 16, 255, 1000]))
@@ -257,6 +291,11 @@ def test_step_with_deferred_decay_interpreted(interpret_results, case, tol):
 def test_layers_sharing_one_plan_interpreted(interpret_results):
     r = interpret_results["layers_share_plan"]
     assert r["o"] < 1e-5 and r["state"] < 1e-5, r
+
+
+def test_padded_plan_interpreted(interpret_results):
+    r = interpret_results["padded_plan"]
+    assert r["o"] < 1e-5 and r["state"] < 1e-5 and r["kept"] and r["spare_chunks"] > 0, r
 
 
 def test_prefill_then_steps_interpreted(interpret_results):

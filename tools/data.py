@@ -16,17 +16,70 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, "<|system|>", "<|user|>", "<|assistant|>", PAD]
 
 # Each turn is `<|role|>\n{content}<|endoftext|>\n`; the prompt for a reply ends with `<|assistant|>\n`.
+# With tools (docs/structured-outputs.md), a first system turn lists them as JSON inside <tools></tools>
+# (after the system message's own content, which it replaces); an assistant turn's calls are blocks
+# `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` joined by newlines, after its text; a
+# "tool" turn (a call's result) is a user turn `<tool_response>\n{content}\n</tool_response>`.
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_INSTRUCTION = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ " + repr(TOOLS_PREAMBLE) + " }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    "{{ " + repr(TOOLS_INSTRUCTION + EOS + "\n") + " }}{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|user|>\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|endoftext|>\\n' }}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|assistant|>\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{% if not loop.first or message['content'] %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}{{ '<|endoftext|>\\n' }}"
+    "{% else %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|endoftext|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
 
-def render_chat(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+def render_chat(messages: list[dict], add_generation_prompt: bool = False,
+                tools: list[dict] | None = None) -> str:
     """Python twin of CHAT_TEMPLATE (the tests check that both agree)."""
-    text = "".join(f"<|{m['role']}|>\n{m['content']}{EOS}\n" for m in messages)
+    text = ""
+    if tools:
+        system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+        listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+        text = f"<|system|>\n{system}{TOOLS_PREAMBLE}{listed}{TOOLS_INSTRUCTION}{EOS}\n"
+    for i, m in enumerate(messages):
+        if tools and i == 0 and m["role"] == "system":
+            continue
+        if m["role"] == "tool":
+            text += f"<|user|>\n<tool_response>\n{m['content']}\n</tool_response>{EOS}\n"
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            content = m.get("content") or ""
+            calls = []
+            for call in m["tool_calls"]:
+                name, args = call["function"]["name"], call["function"]["arguments"]
+                args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+                calls.append(f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>')
+            sep = "\n" if content else ""
+            text += f"<|assistant|>\n{content}{sep}" + "\n".join(calls) + f"{EOS}\n"
+        else:
+            text += f"<|{m['role']}|>\n{m['content']}{EOS}\n"
     return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 

@@ -3,7 +3,10 @@
 The weights follow FLA's initialisation in spirit (normal 0.02 matrices, unit norms and D, A = 1..H,
 Δ log-uniform in [1e-3, 0.1], λ ≈ 1), so activations stay finite at any depth. The tokenizer is a
 synthetic byte-level BPE of exactly ``--vocab`` tokens built from printable ASCII, so that every id the
-model samples decodes to text at once (a random model samples all ids).
+model samples decodes to text at once (a random model samples all ids), or with ``--tokenizer word`` a
+word-level one whose text of any ids encodes back to those ids: a random model's replies then re-tokenize
+to the tokens it generated, as a trained model's mostly do (a BPE re-tokenizes random ids differently),
+which multi-turn chat benchmarks of the prefix cache need. Both have the demo model's chat template.
 
     python tools/make_random_model.py --hidden 768 --layers 24 --out /tmp/fenwick-250m   # ~259 M params
 """
@@ -23,6 +26,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 EOS = "<|endoftext|>"
+SPECIAL = [EOS, "<|system|>", "<|user|>", "<|assistant|>", "<unk>"]
+CHAT_TEMPLATE = (  # the demo model's
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|endoftext|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,6 +56,24 @@ def ascii_bpe(vocab_size: int) -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOS])
+    return tok
+
+
+def word_level(vocab_size: int) -> HFTokenizer:
+    """Lowercase words split at whitespace and joined by spaces (``decode`` without a decoder), exactly
+    ``vocab_size`` tokens with EOS at 0 and the chat roles as special tokens."""
+    def word(i: int) -> str:
+        s = ""
+        while True:
+            s, i = chr(97 + i % 26) + s, i // 26 - 1
+            if i < 0:
+                return s
+
+    vocab = {s: i for i, s in enumerate(SPECIAL)}
+    vocab.update((word(i), len(SPECIAL) + i) for i in range(vocab_size - len(SPECIAL)))
+    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL)
     return tok
 
 
@@ -86,6 +113,8 @@ def main() -> None:
     ap.add_argument("--lambda-levels", type=int, default=15)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="of the saved weights")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe",
+                    help="byte-level BPE, or word-level (replies re-tokenize exactly: multi-turn benchmarks)")
     a = ap.parse_args()
 
     config = ModelConfig.from_dict({
@@ -97,7 +126,8 @@ def main() -> None:
     })
     model = LogLinearMamba2ForCausalLM(config, device="cpu", dtype=DTYPES[a.dtype])
     randomize_(model, a.seed)
-    tokenizer = Tokenizer(ascii_bpe(a.vocab), eos_token=EOS)
+    hf = ascii_bpe(a.vocab) if a.tokenizer == "bpe" else word_level(a.vocab)
+    tokenizer = Tokenizer(hf, eos_token=EOS, chat_template=CHAT_TEMPLATE)
     save_model(model, tokenizer, a.out, generation_config={"eos_token_id": 0, "pad_token_id": 0})
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {a.out}: {n / 1e6:.1f} M parameters ({a.dtype}), vocab {a.vocab}, H = {config.num_heads}, "

@@ -5,6 +5,7 @@ gradients. ``quadratic_log_linear_attn`` is the parallel form of DESIGN §1 writ
 cheap: the per-pair level scale ``λ[t, level(t, s)]`` is a matmul of λ with a constant one-hot level
 table (no [B, H, T, T] int64 gather), decays are taken in fp32, and the two contractions run in the
 autocast dtype. Memory is O(B·H·T²): fine for T ≤ 1024 on a GPU, and for the tiny CPU runs in the tests.
+``chunked`` (tools/chunk_attn.py) is the O(T·C) chunked form for longer training sequences.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Iterator
 
 import torch
 from fenwick_llm.kernels.state import level_matrix
+from fenwick_llm.tools.chunk_attn import chunked_log_linear_attn
 
-ATTENTION_CHOICES = ("quadratic", "naive", "kernel")
+ATTENTION_CHOICES = ("quadratic", "chunked", "naive", "kernel")
 
 
 @functools.lru_cache(maxsize=16)
@@ -75,9 +77,10 @@ def naive_log_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
 
 
 def get_attention(name: str):
-    """The training attention by name: "quadratic" (default), "naive" (the fp32 reference) or "kernel"."""
-    table = {"quadratic": quadratic_log_linear_attn, "naive": naive_log_linear_attn,
-             "kernel": kernel_log_linear_attn}
+    """The training attention by name: "quadratic" (default), "chunked" (O(T·C) memory, for long
+    sequences), "naive" (the fp32 reference) or "kernel"."""
+    table = {"quadratic": quadratic_log_linear_attn, "chunked": chunked_log_linear_attn,
+             "naive": naive_log_linear_attn, "kernel": kernel_log_linear_attn}
     if name not in table:
         raise ValueError(f"unknown training attention {name!r}; choose from {ATTENTION_CHOICES}")
     return table[name]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fenwick_client._async_client import AsyncClient, AsyncStream
 from fenwick_client._client import Client, Stream
-from fenwick_client._params import NOT_GIVEN
+from fenwick_client._params import NOT_GIVEN, json_schema_format
 from fenwick_client._policy import RetryPolicy, Timeout
 from fenwick_client._version import __version__
 from fenwick_client.errors import (
@@ -43,12 +43,14 @@ from fenwick_client.types import (
     Model,
     ModelList,
     TokenizeResponse,
+    ToolCall,
     Usage,
     VersionResponse,
 )
 
 __all__ = [
     "NOT_GIVEN",
+    "json_schema_format",
     "APIConnectionError",
     "APIError",
     "APIResponseValidationError",
@@ -82,6 +84,7 @@ __all__ = [
     "Timeout",
     "TokenizeResponse",
     "UnprocessableEntityError",
+    "ToolCall",
     "Usage",
     "VersionResponse",
     "__version__",

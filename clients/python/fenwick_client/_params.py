@@ -83,11 +83,22 @@ def _jsonable(value: Any) -> Any:
     """Sequences (but strings) as lists, `ChatMessage`s and other mappings as dicts."""
     if isinstance(value, ChatMessage):
         return value.model_dump(exclude_none=True)
+    if isinstance(value, type) and issubclass(value, BaseModel):  # response_format=SomeModel
+        return json_schema_format(value)
     if isinstance(value, Mapping):
         return dict(value)
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [_jsonable(item) for item in value]
     return value
+
+
+def json_schema_format(model: type[BaseModel], strict: bool = True) -> dict[str, Any]:
+    """`response_format` asking for JSON that validates against a pydantic model's JSON Schema."""
+    return {"type": "json_schema",
+            "json_schema": {"name": model.__name__, "schema": model.model_json_schema(), "strict": strict}}
+
+
+ResponseFormat = Mapping[str, Any] | type[BaseModel]
 
 
 def _body(args: Mapping[str, Any], *leave_out: str) -> dict[str, Any]:
@@ -135,13 +146,18 @@ def completion_request(
     min_tokens: int | None = None,
     ignore_eos: bool | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    response_format: ResponseFormat | None = None,
+    structured_outputs: Mapping[str, Any] | None = None,
     extra_body: Mapping[str, Any] | None = None,
     extra_headers: Mapping[str, str] | None = None,
     timeout: TimeoutLike | NotGiven = NOT_GIVEN,
 ) -> RequestSpec[Completion, Completion]:
     """POST /v1/completions. `stream=True` gives an iterator of `Completion` chunks; `include_usage` asks
     for a last chunk carrying `usage`. `top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`
-    and `stop_token_ids` are Fenwick's sampling extras; `extra_body` adds raw fields."""
+    and `stop_token_ids` are Fenwick's sampling extras; `extra_body` adds raw fields.
+    `response_format` is OpenAI's (`{"type": "json_schema", ...}`, or a pydantic model class);
+    `structured_outputs` is Fenwick's constraint extra, one of `{"json": schema}`, `{"json_object": True}`,
+    `{"regex": ...}`, `{"choice": [...]}` or `{"grammar": lark_or_gbnf}`."""
     return _sampling_request("/v1/completions", Completion, Completion, locals())
 
 
@@ -168,13 +184,20 @@ def chat_completion_request(
     min_tokens: int | None = None,
     ignore_eos: bool | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    response_format: ResponseFormat | None = None,
+    structured_outputs: Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
     extra_body: Mapping[str, Any] | None = None,
     extra_headers: Mapping[str, str] | None = None,
     timeout: TimeoutLike | NotGiven = NOT_GIVEN,
 ) -> RequestSpec[ChatCompletion, ChatCompletionChunk]:
     """POST /v1/chat/completions; `messages` are dicts (`{"role": "user", "content": "hi"}`) or
-    `ChatMessage`s. `stream=True` gives an iterator of `ChatCompletionChunk`s. Other arguments as for
-    `completions.create`."""
+    `ChatMessage`s. `stream=True` gives an iterator of `ChatCompletionChunk`s. `tools` are OpenAI's
+    function tools and `tool_choice` "none", "auto", "required" or `{"type": "function", "function":
+    {"name": ...}}`: calls come back in `message.tool_calls` (`delta.tool_calls` when streaming). Other
+    arguments as for `completions.create`."""
     return _sampling_request("/v1/chat/completions", ChatCompletion, ChatCompletionChunk, locals())
 
 

@@ -5,6 +5,7 @@ Every model accepts fields it does not know, so a newer server never breaks an o
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -65,9 +66,25 @@ class ChoiceLogprobs(_Model):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+    def parsed_arguments(self) -> Any:
+        return json.loads(self.arguments)
+
+
+class ToolCall(_Model):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool", "developer"] | str
     content: str | list[dict[str, Any]] | None = None  # a string, or OpenAI's content parts
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's function calls
+    tool_call_id: str | None = None  # a "tool" turn: the call it answers
 
 
 class ChatChoice(_Model):
@@ -88,9 +105,22 @@ class ChatCompletion(_Model):
     usage: Usage | None = None
 
 
+class ChoiceDeltaFunction(_Model):
+    name: str | None = None  # in a call's first delta
+    arguments: str | None = None  # a piece of the arguments' JSON text
+
+
+class ChoiceDeltaToolCall(_Model):
+    index: int  # which call of the message; its first delta also has id, type and the function's name
+    id: str | None = None
+    type: str | None = None
+    function: ChoiceDeltaFunction | None = None
+
+
 class ChoiceDelta(_Model):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ChoiceDeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Model):
