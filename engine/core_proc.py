@@ -67,8 +67,7 @@ class _Owned:
             return None
         self.sent[i], self.ended[i] = n, ended
         logprobs = sample.logprobs[sent:] if sample.logprobs is not None else None
-        stop = sample.stop_reason if isinstance(sample.stop_reason, int) else None
-        return SampleDelta(i, sample.token_ids[sent:], logprobs, sample.finish_reason, stop)
+        return SampleDelta(i, sample.token_ids[sent:], logprobs, sample.finish_reason, sample.stop_reason)
 
 
 class EngineCoreProc:
@@ -207,14 +206,16 @@ class EngineCoreProc:
                 continue
             samples = [d for s in request.seqs if (d := owned.delta(s)) is not None]
             if samples:
-                self._queue(owned.identity, RequestDelta(request_id, samples))
+                self._queue(owned.identity, RequestDelta(request_id, samples,
+                                                         num_cached_tokens=request.num_cached_tokens))
 
     def _final(self, out: RequestOutput) -> None:
         owned = self.owners.pop(out.request_id, None)
         if owned is None:
             return
         samples = [d for c in out.outputs if (d := owned.delta(c)) is not None]
-        self._queue(owned.identity, RequestDelta(out.request_id, samples, finished=True, error=out.error))
+        self._queue(owned.identity, RequestDelta(out.request_id, samples, finished=True, error=out.error,
+                                                 num_cached_tokens=out.num_cached_tokens))
 
     def _queue(self, identity: bytes, delta: RequestDelta) -> None:
         self.outbox.setdefault(identity, []).append(delta)

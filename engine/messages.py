@@ -65,8 +65,11 @@ class SampleDelta(msgspec.Struct, array_like=True):
     index: int  # which of the request's n samples
     token_ids: list[int]  # sampled since the last message
     logprobs: list[TokenLogprobs] | None = None  # one per new token when asked for (token texts empty)
-    finish_reason: str | None = None  # set once: "stop" (a stop token), "length", "abort" or "error"
-    stop_reason: int | None = None  # the stop token id that ended it (None for EOS)
+    # set once: "stop" (a stop token, or a grammar that is complete), "length", "abort", "error" or
+    # "grammar_error"
+    finish_reason: str | None = None
+    # the stop token id that ended it (None for EOS); a grammar's dead end: the grammar engine's reason
+    stop_reason: int | str | None = None
 
 
 class RequestDelta(msgspec.Struct, array_like=True):
@@ -75,6 +78,7 @@ class RequestDelta(msgspec.Struct, array_like=True):
     finished: bool = False  # all samples are done: nothing more comes for this request
     error: str | None = None  # why the engine failed or refused the request
     rejected: str | None = None  # not added: "queue_full" or "invalid" (error says why)
+    num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not prefilled
 
 
 class StepOutputs(msgspec.Struct, array_like=True):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .errors import EngineError, InvalidRequestError, QueueFullError, RequestFailedError
 from .messages import RequestDelta, SampleDelta
 from .output_holder import OutputHolder
+from .output_processor import is_stop_token
 from .outputs import TokenLogprobs
 from .request import Request
 from .text_processor import TextProcessor
@@ -67,6 +68,7 @@ class OutputTracker:
             tracked.holder.put(0, error)
             return []
         request = tracked.request
+        request.num_cached_tokens = delta.num_cached_tokens
         stops = [(request.request_id, s.index) for s in delta.samples if self._apply_sample(request, s)]
         if delta.finished:  # whatever a sample still lacks (an abort before its first token)
             for seq in request.live_seqs:
@@ -75,23 +77,28 @@ class OutputTracker:
         return stops
 
     def _apply_sample(self, request: Request, delta: SampleDelta) -> bool:
-        """Append a sample's new tokens; True if a stop string ended it here (the core has not seen it)."""
+        """Append a sample's new tokens; True if a stop string ended it here (the core has not seen it).
+        The core's finish comes with its last token; as in EngineCore, a stop token adds no text, and a
+        sample its grammar ended has its held-back text flushed (a dead end's token never arrives)."""
         seq = request.seqs[delta.index]
         if seq.finished:  # ended here by a stop string: the tokens the core sampled past it are dropped
             return False
         last = len(delta.token_ids) - 1
         for j, token_id in enumerate(delta.token_ids):
+            stop_token = j == last and delta.finish_reason == "stop" and is_stop_token(seq, token_id)
             seq.token_ids.append(token_id)
             if delta.logprobs is not None and seq.logprobs is not None:
                 seq.logprobs.append(self._named(delta.logprobs[j]))
-            ends = j == last and delta.finish_reason is not None
-            if ends:
+            if j == last and (stop_token or delta.finish_reason == "length"):
                 seq.finish_reason, seq.stop_reason = delta.finish_reason, delta.stop_reason
-            self.text.process(seq, token_id, stop_token=ends and delta.finish_reason == "stop")
-            if seq.finished and not ends:
+            self.text.process(seq, token_id, stop_token)
+            if seq.finished and j < last:
                 return True
-        if last < 0 and delta.finish_reason is not None:
-            seq.finish_reason, seq.stop_reason = delta.finish_reason, delta.stop_reason
+        if seq.finished or delta.finish_reason is None:
+            return seq.finished and delta.finish_reason is None
+        seq.finish_reason, seq.stop_reason = delta.finish_reason, delta.stop_reason
+        if delta.finish_reason not in ("abort", "error"):  # a grammar ended it
+            self.text.finish(seq)
         return False
 
     def _named(self, entry: TokenLogprobs) -> TokenLogprobs:

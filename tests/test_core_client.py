@@ -1,7 +1,8 @@
 """The engine core's process loop (engine/core_proc.py, here in a thread) and its client
 (engine/core_client.py) give what the in-process engine gives: the same tokens, text, stop strings,
-logprobs and n > 1 samples; aborts, stops and rejections free or refuse slots; a slow reader holds one
-piece of news; a failing core ends every stream."""
+logprobs and n > 1 samples, structured outputs (a grammar's end, its dead end) and prefix-cache hits;
+aborts, stops and rejections free or refuse slots; a slow reader holds one piece of news; a failing core
+ends every stream."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from fenwick_llm.engine.core_client import AsyncEngineClient
 from fenwick_llm.engine.core_proc import EngineCoreProc
 from fenwick_llm.engine.engine_core import EngineCore
 from fenwick_llm.engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from fenwick_llm.engine.grammar import GrammarError
 from fenwick_llm.engine.llm import LLM
 from fenwick_llm.engine.loader import load_model
 from fenwick_llm.engine.messages import Shutdown
 from fenwick_llm.engine.outputs import RequestOutput
 from fenwick_llm.engine.sampling_params import SamplingParams
 from fenwick_llm.engine.stats import EngineStats
+from fenwick_llm.engine.structured_params import StructuredOutputsParams
 from fenwick_llm.engine.tokenizer import Tokenizer
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -108,6 +111,22 @@ CASES = {
 }
 
 
+OBJECT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+STRUCTURED = {  # the grammar ends a sample ("stop" on a token that is text), cuts it, or dead-ends it
+    "json-n2-logprobs": dict(n=2, temperature=1.0, seed=5, logprobs=2, max_tokens=80,
+                             structured_outputs=StructuredOutputsParams(json=OBJECT)),
+    "choice-min-tokens": dict(temperature=1.0, seed=2, min_tokens=30, ignore_eos=True, max_tokens=40,
+                              structured_outputs=StructuredOutputsParams(choice=("yes", "no way"))),
+    "regex-stop-string": dict(temperature=1.0, seed=4, max_tokens=40, stop=["-"],
+                              structured_outputs=StructuredOutputsParams(regex=r"[A-Z]{3}-[0-9]{2,4}")),
+    "json-length": dict(max_tokens=3, structured_outputs=StructuredOutputsParams(json=OBJECT)),
+    "dead-end": dict(max_tokens=20, structured_outputs=StructuredOutputsParams(regex=r"[^\s\S]")),
+}
+CASES.update({name: ("Answer in JSON:", kw) for name, kw in STRUCTURED.items()})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 async def test_outputs_equal_the_in_process_engine(llm: LLM, client: AsyncEngineClient, case: str) -> None:
     prompt, kw = CASES[case]
@@ -119,6 +138,36 @@ async def test_outputs_equal_the_in_process_engine(llm: LLM, client: AsyncEngine
         assert (g.token_ids, g.text, g.finish_reason, g.stop_reason) == (
             w.token_ids, w.text, w.finish_reason, w.stop_reason)
         assert g.logprobs == w.logprobs
+    if case == "dead-end":
+        assert got.outputs[0].finish_reason == "grammar_error" and got.outputs[0].stop_reason
+
+
+async def test_grammars_compile_in_the_api_server_and_the_core_compiles_its_own(
+        core: CoreThread, client: AsyncEngineClient) -> None:
+    """A constraint that cannot compile is the request's error here, before the core sees it; one that
+    compiles is compiled once per side (the core's cache is its own process's)."""
+    bad = SamplingParams(structured_outputs=StructuredOutputsParams(regex="(unclosed"))
+    with pytest.raises(GrammarError, match="regular expression"):
+        await last(client, "x", bad, "bad")
+    assert not core.core.has_unfinished()
+    spec = StructuredOutputsParams(regex=r"[a-z]{4}")
+    assert client.grammars is not None and core.core.grammars is not None
+    assert client.grammars is not core.core.grammars
+    out = await last(client, "x", SamplingParams(max_tokens=10, structured_outputs=spec), "good")
+    assert out.outputs[0].finish_reason == "stop" and len(out.outputs[0].text) == 4
+    assert core.core.grammars.get(spec)[1] is False  # cached in the core by then
+
+
+async def test_cached_tokens_reach_the_client(llm: LLM, client: AsyncEngineClient) -> None:
+    """A prompt that extends an earlier one restores the earlier one's state (its end is saved):
+    num_cached_tokens and the tokens as in the in-process engine."""
+    prompt = list(range(40, 72))  # no other test's prefix: the module's LLM keeps its cache
+    prompts = [prompt, [*prompt, 3]]
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    want = [llm.generate(p, params)[0] for p in prompts]
+    got = [await last(client, p, params, f"again-{i}") for i, p in enumerate(prompts)]
+    assert [g.num_cached_tokens for g in got] == [w.num_cached_tokens for w in want] == [0, len(prompt)]
+    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
 
 
 async def test_stop_strings_end_the_sample_here_and_free_the_slot(llm: LLM, core: CoreThread,
