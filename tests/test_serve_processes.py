@@ -1,10 +1,12 @@
 """`fenwick serve`'s process layout (server/launcher.py), for real: two API servers on one port in front of
-the engine core's process. Streams, one /metrics view, aborts that free slots, SIGTERM's drain; an API
-server's death leaves the rest serving; the core's death ends every stream and the server exits 1."""
+the engine core's process. Structured outputs and prefix-cache hits whichever API server answers; streams,
+one /metrics view, aborts that free slots, SIGTERM's drain; an API server's death leaves the rest serving;
+the core's death ends every stream and the server exits 1."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -14,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_utils import ServerProcess, metric, parse_sse
+from server_utils import ServerProcess, assert_error, metric, parse_sse
 
 FLAGS = "--device cpu --max-num-seqs 8 --max-model-len 512 --api-server-count 2".split()
 ENGINE_METRICS = ("fenwick_generation_tokens_total", "fenwick_prompt_tokens_total",
@@ -60,6 +62,46 @@ def two(tiny_model_dir: Path) -> Any:
 def fresh(tiny_model_dir: Path) -> Any:
     with ServerProcess(["--model", str(tiny_model_dir), *FLAGS]) as server:
         yield server
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"]}
+
+
+def test_structured_outputs_and_prefix_cache_hits_across_api_servers(two: ServerProcess) -> None:
+    """Each API server compiles a request's grammar (a 400 for one that cannot compile), the core enforces
+    it; the core's prefix cache serves requests of either API server, and cached_tokens reaches the
+    response; /metrics counts both once."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    chat = {"messages": [{"role": "user", "content": "Who?"}], "max_tokens": 100, "temperature": 1.0}
+    kind = 'kind="json_schema"'
+    with httpx.Client(base_url=two.url, timeout=120, headers={"connection": "close"}) as http:
+        before = http.get("/metrics").text
+        for seed in range(4):  # a new connection each: either API server answers
+            r = http.post("/v1/chat/completions", json={**chat, "seed": seed, "response_format": fmt})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            person = json.loads(choice["message"]["content"])
+            assert choice["finish_reason"] == "stop" and set(person) == {"name", "age"}
+            assert isinstance(person["name"], str) and 0 <= person["age"] <= 99
+            bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "strin"}}}
+            assert_error(http.post("/v1/chat/completions", json={**chat, "response_format": bad}), 400,
+                         "response_format")
+        prompt = list(range(40, 104))
+        mid = wait_for(two.url, lambda t: metric(t, "fenwick_structured_requests_total", kind) - metric(
+            before, "fenwick_structured_requests_total", kind) == 4)
+        first = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}).json()
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        again = http.post("/v1/completions", json={"prompt": [*prompt, 3], "max_tokens": 2}).json()
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt)
+        after = wait_for(two.url, lambda t: metric(t, "fenwick_prefix_cache_hits_total")
+                         - metric(mid, "fenwick_prefix_cache_hits_total") >= len(prompt))
+    assert metric(mid, "fenwick_structured_requests_total", kind) - metric(
+        before, "fenwick_structured_requests_total", kind) == 4
+    assert metric(after, "fenwick_prefix_cache_hits_total") - metric(
+        mid, "fenwick_prefix_cache_hits_total") == len(prompt)
+    assert metric(after, "fenwick_prefix_cache_bytes", 'tier="device"') > 0
 
 
 async def test_an_api_server_dies_and_the_rest_serve_on(two: ServerProcess) -> None:
