@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import EngineConfig
-from .detokenizer import StopStrings
-from .errors import InvalidRequestError, PromptTooLongError
+from .errors import InvalidRequestError
 from .grammar import compiler_for
+from .input_processor import InputProcessor
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 from .prefix_cache import PrefixCache, PrefixCacheConfig
-from .request import Request
+from .request import Request, RequestStatus
 from .sampler import Sampler, SamplerOutput, TokenMask
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -50,7 +50,8 @@ def make_prefix_cache(pool: StatePool, interval: int) -> PrefixCache | None:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None,
+                 detokenize: bool = True) -> None:
         from .runner import ModelRunner
 
         self.config = config
@@ -76,16 +77,16 @@ class EngineCore:
             self.pool.allocator, self.prefix_cache)
         self.runner = ModelRunner(model, self.pool, config)
         self.sampler = Sampler(config.torch_device, config.seed)
-        self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0))
-        # a longer text cannot fit max_model_len: no token decodes to more characters than its vocabulary
-        # entry has, so the check needs no tokenization (tokenizing megabytes takes seconds)
-        token_chars = int(getattr(tokenizer, "max_token_chars", 64))
-        self.max_prompt_chars = int(config.max_model_len or mc.max_model_len) * token_chars
+        # detokenize=False: the engine-core process, whose API servers turn token ids into text
+        self.outputs = OutputProcessor(tokenizer, int(config.max_model_len or 0), detokenize)
         eos = set(mc.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
-        self.grammars = compiler_for(tokenizer, mc.vocab_size, sorted(self.eos_token_ids))  # None: cannot
+        self.grammars = compiler_for(tokenizer, mc.vocab_size, sorted(eos))  # None: cannot
+        self.inputs = InputProcessor(tokenizer, max_model_len=int(config.max_model_len or mc.max_model_len),
+                                     vocab_size=mc.vocab_size, eos_token_ids=frozenset(eos),
+                                     max_num_seqs=self.scheduler.config.max_num_seqs, grammars=self.grammars)
+        self.max_prompt_chars = self.inputs.max_prompt_chars
         self.structured = StructuredOutputs(self.grammars, config.torch_device, self.pool.num_slots)
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self.stats_listeners: list[StatsListener] = []
@@ -96,50 +97,10 @@ class EngineCore:
 
     # ---- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> Request:
-        """Validate and tokenize; raises InvalidRequestError / PromptTooLongError. Thread-safe (no state);
-        its cost grows with the prompt, so the online engine runs it off the event loop."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        limit = int(self.config.max_model_len or 0)
-        vocab = self.model_config.vocab_size
-        if isinstance(prompt, str):
-            text: str | None = prompt
-            if len(prompt) > self.max_prompt_chars:
-                raise PromptTooLongError(
-                    f"this model's maximum context length is {limit} tokens; a prompt of {len(prompt)} "
-                    f"characters is longer than that ({self.max_prompt_chars} characters at most)")
-            try:
-                prompt.encode("utf-8")
-                ids = list(self.tokenizer.encode(prompt)) if prompt else []
-            except (UnicodeError, TypeError, ValueError) as e:  # lone surrogates: the request's fault
-                raise InvalidRequestError(f"the prompt cannot be tokenized: {e}") from None
-        else:
-            text, ids = None, list(prompt)
-            if len(ids) > limit:
-                raise PromptTooLongError(f"this model's maximum context length is {limit} tokens; the prompt "
-                                         f"has {len(ids)}")
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - len(ids)
-        if len(ids) + max(max_tokens, 1) > limit:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {limit} tokens; the request needs "
-                f"{len(ids) + max_tokens} "
-                f"({len(ids)} in the prompt, {max_tokens} for the completion)")
-        n_max = min(self.scheduler.config.max_num_seqs, self.pool.num_slots)
-        if params.n > n_max:
-            raise InvalidRequestError(f"n={params.n} exceeds the {n_max} sequences the engine runs at once")
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise InvalidRequestError(f"logprobs must be at most the vocabulary size {vocab}")
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}")
-        self.structured.compile(params)  # here, off the step loop (a cache hit if the server compiled it)
-        stops = StopStrings(params.stop) if params.stop else None
-        return Request(request_id, text, ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids,
-                       stop_strings=stops)
+        """Validate and tokenize (engine/input_processor.py), compile a grammar (cached); raises
+        InvalidRequestError / PromptTooLongError. Thread-safe (no state); its cost grows with the prompt,
+        so the online engine runs it off the event loop."""
+        return self.inputs.make_request(request_id, prompt, params)
 
     def add_request(self, request: Request) -> None:
         """Queue a request (QueueFullError when the waiting queue is full)."""
@@ -157,6 +118,22 @@ class EngineCore:
             return None
         now = time.monotonic()
         self._pending_finished.append(self._finished_stats(request, now, "abort"))
+        return self._retire(request)
+
+    def finish_sample(self, request_id: str, index: int) -> RequestOutput | None:
+        """End one decoding sample with "stop" (a stop string its API server matched in the text) and free
+        its slot now; the request's final output once all its samples are done, else None."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.DECODE or not 0 <= index < request.params.n:
+            return None
+        seq = request.seqs[index]
+        if seq.finished:
+            return None
+        seq.finish_reason = "stop"
+        self.scheduler.free_finished(request, self._fed_last())
+        if not request.finished:
+            return None
+        self._pending_finished.append(self._finished_stats(request, time.monotonic(), None))
         return self._retire(request)
 
     def _retire(self, request: Request, error: str | None = None) -> RequestOutput:
@@ -187,7 +164,7 @@ class EngineCore:
             self.runner.copy_snapshots([*sched.snapshots.before, *sched.snapshots.restores])
         else:
             touched, failed = self._run(sched, stats)
-            fed_last = frozenset(self._speculated[0]) if self._speculated is not None else frozenset()
+            fed_last = self._fed_last()
             for request in touched:
                 error = failed.get(request.request_id)
                 if error is not None:
@@ -294,6 +271,10 @@ class EngineCore:
         def queue_next(token_ids: torch.Tensor) -> None:
             self._speculated = (ids, self.runner.decode_next(token_ids, slots))
         return queue_next
+
+    def _fed_last(self) -> frozenset[int]:
+        """Ids of the sequences whose last token the decode queued ahead has absorbed (overlap_decode)."""
+        return frozenset(self._speculated[0]) if self._speculated is not None else frozenset()
 
     def _finished_stats(self, request: Request, now: float, reason: str | None) -> FinishedRequestStats:
         reasons = [s.finish_reason for s in request.seqs if s.finish_reason]

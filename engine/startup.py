@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+import logging
 
 
 @functools.cache
@@ -20,3 +21,11 @@ def freeze_heap() -> None:
     gc.collect()
     gc.freeze()
     _unfreeze_at_exit()
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """Each process of `fenwick serve` logs to stderr, named (fenwick-core, fenwick-api-0, ...)."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)

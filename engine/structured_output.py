@@ -22,7 +22,6 @@ from .errors import InvalidRequestError
 from .grammar import GrammarCompiler, first_line
 from .request import Request, Sequence
 from .sampler import TokenMask
-from .sampling_params import SamplingParams
 
 GRAMMAR_ERROR = "grammar_error"  # finish_reason of a sequence whose grammar reached a dead end
 PARALLEL_FROM = 4  # rows from which llguidance's thread pool fills the masks (one row: no hand-off)
@@ -40,14 +39,6 @@ class StructuredOutputs:
     @property
     def num_active(self) -> int:
         return len(self._matchers)
-
-    def compile(self, params: SamplingParams) -> None:
-        """Compile (or find in the cache) a request's grammar; GrammarError names what is wrong."""
-        if params.structured_outputs is None:
-            return
-        if self.compiler is None:
-            raise InvalidRequestError("structured outputs are not available: no grammar engine")
-        self.compiler.get(params.structured_outputs)
 
     def add(self, request: Request) -> None:
         """One matcher per sample of a constrained request (the grammar is normally cached already)."""

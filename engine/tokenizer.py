@@ -9,6 +9,7 @@ when a generation prompt is asked for.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -107,7 +108,7 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
-    @property
+    @functools.cached_property
     def max_token_chars(self) -> int:
         """Characters of the longest vocabulary entry: no token decodes to more (byte-level entries hold
         one character per byte), so a text longer than n times this has more than n tokens."""

@@ -58,7 +58,7 @@ def max_model_len_of(engine: EngineClient) -> int:
 def create_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     model_name = config.served_model_name or engine.served_model_name
-    metrics = Metrics()
+    metrics = Metrics(config.metrics_dir)
     engine.add_stats_listener(metrics.observe)
     metrics.watch_engine(lambda: engine.is_running)
     shutdown = Shutdown(config.shutdown_timeout)

@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="characters a chat template may render",
     )
     serve.add_argument(
+        "--api-server-count", type=int, default=limits.api_server_count,
+        help="API server processes sharing the port (HTTP, tokenizing, detokenizing, SSE); the engine core "
+        "runs in a process of its own",
+    )
+    serve.add_argument(
+        "--stream-interval", type=int, default=limits.stream_interval,
+        help="send streamed deltas every this many tokens (the first and the last at once)",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=60.0,
@@ -253,6 +262,8 @@ def build_configs(
         trust_request_chat_template=args.trust_request_chat_template,
         chat_template_timeout=args.chat_template_timeout,
         max_prompt_chars=args.max_prompt_chars,
+        api_server_count=args.api_server_count,
+        stream_interval=args.stream_interval,
     )
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without authentication (no --api-key, no FENWICK_API_KEY)", args.host)
@@ -260,23 +271,17 @@ def build_configs(
 
 
 def serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from ..engine.startup import configure_logging
+
+    configure_logging(args.log_level)
     try:
         engine_config, server_config = build_configs(args, os.environ)
     except ValueError as exc:
         raise SystemExit(f"fenwick serve: {exc}") from None
 
-    from ..engine.async_llm import AsyncLLM
-    from ..engine.startup import freeze_heap
-    from . import http_server
-    from .app import create_app
+    from .launcher import launch
 
-    engine = AsyncLLM(engine_config)
-    freeze_heap()  # the loaded model and engine out of the garbage collector's sight
-    app = create_app(engine, server_config)
-    return http_server.run(app, engine, server_config)
+    return launch(engine_config, server_config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

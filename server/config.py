@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -45,6 +45,9 @@ class ServerConfig:
     trust_request_chat_template: bool = False  # allow a request's own chat_template (rendered in a sandbox)
     chat_template_timeout: float = 2.0  # seconds a request's chat template may render
     max_prompt_chars: int = 1 << 20  # characters a chat template may render
+    api_server_count: int = 1  # API server processes sharing the port (fenwick serve; docs/serving.md)
+    stream_interval: int = 1  # streamed deltas every this many tokens (and the first and last)
+    metrics_dir: str | None = None  # prometheus_client's multiprocess directory (set by server/launcher.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -54,7 +57,8 @@ class ServerConfig:
                 raise ValueError("api_key must be non-empty when given (--no-api-key: no authentication)")
             object.__setattr__(self, "api_key", self.api_key.strip())
         positive = ("max_header_bytes", "max_connections", "max_prompts", "max_n", "max_stop_chars",
-                    "max_prompt_chars", "header_timeout", "chat_template_timeout")
+                    "max_prompt_chars", "header_timeout", "chat_template_timeout", "api_server_count",
+                    "stream_interval")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -72,6 +76,16 @@ class ServerConfig:
         if unknown:
             raise ValueError(f"sampling_defaults has unknown fields: {sorted(unknown)}")
         object.__setattr__(self, "sampling_defaults", MappingProxyType(dict(self.sampling_defaults)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled for the API server processes (spawn): a MappingProxyType does not pickle."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        kwargs["sampling_defaults"] = dict(self.sampling_defaults)
+        return (_server_config, (kwargs,))
+
+
+def _server_config(kwargs: dict[str, Any]) -> ServerConfig:
+    return ServerConfig(**kwargs)
 
 
 def default_max_tokens_from_generation_config(generation_config: Mapping[str, Any]) -> int | None:

@@ -82,8 +82,24 @@ class FenwickServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run(app: FastAPI, engine: Any, config: ServerConfig) -> int:
-    """Serve until SIGTERM / SIGINT (0) or until the engine dies (1)."""
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket; reuse_port: one of several processes' on the same port. Its protocol is TCP by
+    name, as asyncio's own are: the sockets it accepts then get TCP_NODELAY from asyncio (with protocol 0
+    they keep Nagle's algorithm, which holds the first streamed chunk back for a delayed ACK, ~40 ms)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0][4]
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    return sock
+
+
+def run(app: FastAPI, engine: Any, config: ServerConfig, sock: socket.socket | None = None) -> int:
+    """Serve until SIGTERM / SIGINT (0) or until the engine dies (1); on `sock` if given (http_server.listen),
+    else on config.host and config.port."""
     uvicorn_config = uvicorn.Config(
         app,
         host=config.host,
@@ -99,5 +115,5 @@ def run(app: FastAPI, engine: Any, config: ServerConfig) -> int:
     add_death_listener = getattr(engine, "add_death_listener", None)
     if add_death_listener is not None:
         add_death_listener(server.engine_death)
-    server.run()
+    server.run(sockets=None if sock is None else [sock])
     return 1 if server.engine_died else 0

@@ -1,8 +1,18 @@
-"""Prometheus metrics (DESIGN §6), fed from the engine's EngineStats. The only prometheus_client import."""
+"""Prometheus metrics (DESIGN §6), fed from the engine's EngineStats. The only prometheus_client import.
+
+With several API server processes (server/launcher.py) the metrics live in prometheus_client's
+multiprocess mode: every process writes its values to files in one directory (PROMETHEUS_MULTIPROC_DIR,
+set by the launcher before they start) and any of them renders the sum, so /metrics is one view whichever
+process answers. Each engine stat has one writer: the core sends its EngineStats to one API server only
+(engine/core_proc.py), so counters and histograms count once; the gauges keep the most recent write, so a
+new writer (after that API server died) takes over. HTTP counts are written by the process that served.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import collections
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +23,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..engine.stats import EngineStats
 
@@ -61,18 +73,55 @@ _COMPILE_BUCKETS = (
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-class Metrics:
-    """One registry per app, so several apps in one process never collide."""
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """histogram.observe(v) for each value, as one write per bucket touched and one to the sum: a step
+    of 256 streams has 256 inter-token latencies, and in multiprocess mode every write goes to a file."""
+    if len(values) < 2:
+        for v in values:
+            histogram.observe(v)
+        return
+    bounds = histogram._upper_bounds  # prometheus_client's own: the buckets' upper bounds, +Inf last
+    counts = collections.Counter(bisect.bisect_left(bounds, v) for v in values)  # the first bound >= v
+    histogram._sum.inc(sum(values))
+    for i, n in counts.items():
+        histogram._buckets[i].inc(n)
+
+
+class EngineUp:
+    """fenwick_engine_up, read at each scrape from this process's view of the engine."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)
-        self.running = Gauge("fenwick_num_requests_running", "Requests holding a state slot", registry=r)
-        self.waiting = Gauge("fenwick_num_requests_waiting", "Requests queued for a state slot", registry=r)
-        self.slots_used = Gauge("fenwick_state_slots_used", "State slots in use", registry=r)
-        self.slots_total = Gauge("fenwick_state_slots_total", "State slots allocated", registry=r)
-        self.state_memory = Gauge("fenwick_state_memory_bytes", "Bytes of the state pool", registry=r)
+        self.is_running: Callable[[], bool] = lambda: False
+
+    def collect(self) -> Iterator[Metric]:
+        doc = "1 while the engine's step loop runs, 0 once it has stopped"
+        up = GaugeMetricFamily("fenwick_engine_up", doc)
+        up.add_metric([], 1.0 if self.is_running() else 0.0)
+        yield up
+
+
+class Metrics:
+    """One registry per app, so several apps in one process never collide; multiprocess_dir: the
+    directory that API server processes share (see above)."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        r = CollectorRegistry()  # where this process's metrics register
+        self.registry = r  # what /metrics renders
+        if multiprocess_dir is not None:
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry, path=multiprocess_dir)
+        ProcessCollector(registry=self.registry)
+        self.engine_up = EngineUp()
+        self.registry.register(self.engine_up)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, registry=r, multiprocess_mode="mostrecent")
+
+        self.running = gauge("fenwick_num_requests_running", "Requests holding a state slot")
+        self.waiting = gauge("fenwick_num_requests_waiting", "Requests queued for a state slot")
+        self.slots_used = gauge("fenwick_state_slots_used", "State slots in use")
+        self.slots_total = gauge("fenwick_state_slots_total", "State slots allocated")
+        self.state_memory = gauge("fenwick_state_memory_bytes", "Bytes of the state pool")
         self.prompt_tokens = Counter("fenwick_prompt_tokens_total", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("fenwick_generation_tokens_total", "Tokens generated", registry=r)
         self.request_success = Counter(
@@ -115,7 +164,8 @@ class Metrics:
             "fenwick_prefix_cache_hits_total", "Prompt tokens restored from the prefix cache", registry=r
         )
         self.prefix_cache_bytes = Gauge(
-            "fenwick_prefix_cache_bytes", "Bytes of prefix-cache snapshots held", ["tier"], registry=r
+            "fenwick_prefix_cache_bytes", "Bytes of prefix-cache snapshots held", ["tier"], registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.http_requests = Counter(
             "fenwick_http_requests_total", "HTTP responses by path and status", ["path", "status"], registry=r
@@ -129,43 +179,47 @@ class Metrics:
         self.structured_requests = Counter(
             "fenwick_structured_requests_total", "Constrained requests by kind", ["kind"], registry=r
         )
-        self.engine_up = Gauge(
-            "fenwick_engine_up", "1 while the engine's step loop runs, 0 once it has stopped", registry=r
-        )
         for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(finish_reason=reason)
+        self._gauges: tuple[int, ...] = ()  # the gauges' values as last set
+        self._cache_bytes: tuple[int, int] | None = None  # the prefix cache's bytes as last set
 
     def watch_engine(self, is_running: Callable[[], bool]) -> None:
         """fenwick_engine_up reads is_running() at each scrape."""
-        self.engine_up.set_function(lambda: 1.0 if is_running() else 0.0)
+        self.engine_up.is_running = is_running
 
     def observe(self, stats: EngineStats) -> None:
         """An engine stats listener: called after every step, from the engine's loop."""
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.slots_used.set(stats.slots_used)
-        self.slots_total.set(stats.slots_total)
-        self.state_memory.set(stats.state_memory_bytes)
+        gauges = (stats.num_running, stats.num_waiting, stats.slots_used, stats.slots_total,
+                  stats.state_memory_bytes)
+        if gauges != self._gauges:  # most steps change none: skip five file writes (multiprocess mode)
+            for gauge, value in zip((self.running, self.waiting, self.slots_used, self.slots_total,
+                                     self.state_memory), gauges, strict=True):
+                gauge.set(value)
+            self._gauges = gauges
         if stats.num_prompt_tokens:
             self.prompt_tokens.inc(stats.num_prompt_tokens)
         if stats.num_generation_tokens:
             self.generation_tokens.inc(stats.num_generation_tokens)
         if stats.iteration_tokens:
             self.iteration_tokens.observe(stats.iteration_tokens)
-        for t in stats.time_to_first_tokens:
-            self.ttft.observe(t)
-        for t in stats.inter_token_latencies:
-            self.itl.observe(t)
+        observe_all(self.ttft, stats.time_to_first_tokens)
+        observe_all(self.itl, stats.inter_token_latencies)
         cache = stats.prefix_cache
         if cache is not None:
-            self.prefix_cache_queries.inc(cache.queries)
-            self.prefix_cache_hits.inc(cache.hits)
-            self.prefix_cache_bytes.labels(tier="device").set(cache.device_bytes)
-            self.prefix_cache_bytes.labels(tier="host").set(cache.host_bytes)
+            if cache.queries:
+                self.prefix_cache_queries.inc(cache.queries)
+            if cache.hits:
+                self.prefix_cache_hits.inc(cache.hits)
+            held = (cache.device_bytes, cache.host_bytes)
+            if held != self._cache_bytes:
+                self.prefix_cache_bytes.labels(tier="device").set(cache.device_bytes)
+                self.prefix_cache_bytes.labels(tier="host").set(cache.host_bytes)
+                self._cache_bytes = held
         for done in stats.finished:
             self.request_success.labels(finish_reason=done.finish_reason).inc()
-            self.e2e.observe(done.e2e_latency)
-            self.queue_time.observe(done.queue_time)
+        observe_all(self.e2e, [done.e2e_latency for done in stats.finished])
+        observe_all(self.queue_time, [done.queue_time for done in stats.finished])
 
     def observe_structured(self, kind: str, compile_seconds: float | None) -> None:
         """A constrained request was accepted; compile_seconds when its grammar was not cached."""

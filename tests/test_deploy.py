@@ -391,8 +391,9 @@ def entrypoint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
     port = free_port()
     for flag, value in (("--model", str(model)), ("--host", "127.0.0.1"), ("--port", str(port))):
         argv[argv.index(flag) + 1] = value
-    # the console script of the interpreter running the tests first (a venv not on PATH), then PATH
-    exe = shutil.which(argv[0], path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    # the environment under test's console script first (its venv need not be activated), as for compose
+    exe = shutil.which(argv[0], path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                      os.environ.get("PATH", "")]))
     assert exe, f"{argv[0]} is not on PATH: pip install -e ."
     log = open(tmp_path_factory.getbasetemp() / "entrypoint.log", "w+b")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([exe, *argv[1:]], cwd=tmp_path_factory.getbasetemp(), stdout=log,

@@ -208,13 +208,13 @@ def test_stop_tokens_min_tokens_ignore_eos_and_max_tokens(llm: LLM) -> None:
     late = llm.generate(PROMPTS[2], SamplingParams(max_tokens=8, min_tokens=j + 1, stop_token_ids=[g[j]],
                                                    **GREEDY))[0].outputs[0]
     assert g[j] not in late.token_ids[:j + 1] and len(late.token_ids) > j + 1
-    core = llm.engine
-    saved, core.eos_token_ids = core.eos_token_ids, frozenset({g[j]})
+    inputs = llm.engine.inputs
+    saved, inputs.eos_token_ids = inputs.eos_token_ids, frozenset({g[j]})
     try:
         eos = llm.generate(PROMPTS[2], SamplingParams(max_tokens=8, temperature=0.0))[0].outputs[0]
         ignored = llm.generate(PROMPTS[2], SamplingParams(max_tokens=8, **GREEDY))[0].outputs[0]
     finally:
-        core.eos_token_ids = saved
+        inputs.eos_token_ids = saved
     assert eos.token_ids == g[:j + 1] and eos.finish_reason == "stop" and eos.stop_reason is None
     assert ignored.token_ids == g and ignored.finish_reason == "length"
     short = llm.generate(PROMPTS[2], SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0]
@@ -258,7 +258,7 @@ def test_random_traffic_with_aborts_frees_every_slot(llm: LLM) -> None:
         if rng.random() < 0.1 and core.scheduler.running:
             core.abort(rng.choice(list(core.scheduler.running)))
     assert core.pool.allocator.num_used == 0 and core.pool.allocator.num_free == core.pool.num_slots
-    assert not core.requests and not core.sampler._generators and not core.outputs._detok
+    assert not core.requests and not core.sampler._generators and not core.outputs.text._detok
 
 
 def test_overlap_decode_queues_steps_and_matches_serial(tiny_model_dir: Path,
