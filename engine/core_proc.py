@@ -6,6 +6,10 @@ holding, per request of its own, the token ids sampled since the last message. T
 detokenize (EngineCore(detokenize=False)): text and stop strings are the API servers' work; a stop string
 they find comes back as a stop a step or two later, and they drop the tokens past it.
 
+A constrained request whose grammar the core has not compiled yet waits in `compiling` while a worker
+thread compiles it (llguidance releases the GIL while it builds), so the running requests' steps go on;
+it joins the engine once its grammar is ready.
+
 If a step raises, every API server is told (StepOutputs.dead) and the process exits 1; the API servers
 also watch this process, so a kill -9 reaches them too. Messages: engine/messages.py.
 """
@@ -17,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -48,6 +53,7 @@ from .stats import EngineStats
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 500  # while idle, how often the loop looks up from the socket to see whether its parent lives
+COMPILE_POLL_MS = 1  # while idle but for grammars compiling, how often the loop looks at them
 POLLIN = int(zmq.POLLIN)  # a plain int: pyzmq's flag enums cost microseconds per operation
 
 
@@ -88,6 +94,9 @@ class EngineCoreProc:
         self.outbox: dict[bytes, list[RequestDelta]] = {}  # this turn's news, by API server
         self.stats: list[EngineStats] = []
         core.add_stats_listener(self.stats.append)
+        # request id -> (its API server, the request, its grammar's compile in the worker)
+        self.compiling: dict[str, tuple[bytes, AddRequest, Future[Any]]] = {}
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         self.stopping = False
         self._decode = msgspec.msgpack.Decoder(CoreInput).decode
         self._encode = msgspec.msgpack.Encoder().encode
@@ -103,7 +112,11 @@ class EngineCoreProc:
     def run(self) -> None:
         """Until Shutdown (or the parent's death): inputs, one step, outputs."""
         while not self.stopping:
-            got = self._receive(block=not self.core.has_unfinished())
+            idle = not self.core.has_unfinished()
+            if idle and self.compiling:
+                self.poller.poll(COMPILE_POLL_MS)
+            got = self._receive(block=idle and not self.compiling)
+            got = self._admit_compiled() or got
             if got or self.core.has_unfinished():  # an abort alone still steps, so the stats show it
                 self._collect(self.core.step(stream=False))
             self._send()
@@ -116,6 +129,7 @@ class EngineCoreProc:
                 self.socket.send_multipart([identity, payload])
         self.socket.close(linger=1000 if dead is not None else 0)
         self.context.term()
+        self._compiler.shutdown(wait=False, cancel_futures=True)
 
     def _receive(self, block: bool) -> bool:
         while block and not self.stopping and not self.poller.poll(IDLE_POLL_MS):
@@ -147,6 +161,9 @@ class EngineCoreProc:
             for add in message.adds:
                 self._add(identity, add)
             for request_id in message.aborts:
+                if self.compiling.pop(request_id, None) is not None:  # not in the engine yet, nor ever
+                    self._queue(identity, RequestDelta(request_id, [], finished=True))
+                    continue
                 out = self.core.abort(request_id)
                 if out is not None:
                     self._final(out)
@@ -172,6 +189,27 @@ class EngineCoreProc:
             self.stopping = True
 
     def _add(self, identity: bytes, add: AddRequest) -> None:
+        spec, grammars = add.params.structured_outputs, self.core.grammars
+        if spec is not None and grammars is not None and not grammars.is_cached(spec):
+            self.compiling[add.request_id] = (identity, add, self._compiler.submit(grammars.get, spec))
+            return
+        self._admit(identity, add)
+
+    def _admit_compiled(self) -> bool:
+        """Requests whose grammar is ready join the engine (a compile error is the request's); whether any
+        did."""
+        ready = [rid for rid, (_, _, compile_) in self.compiling.items() if compile_.done()]
+        for request_id in ready:
+            identity, add, compile_ = self.compiling.pop(request_id)
+            error = compile_.exception()
+            if error is None:
+                self._admit(identity, add)
+            else:  # the API server compiled it already, so this is unexpected; still the request's alone
+                self._queue(identity, RequestDelta(request_id, [], finished=True, error=str(error),
+                                                   rejected="invalid"))
+        return bool(ready)
+
+    def _admit(self, identity: bytes, add: AddRequest) -> None:
         ids, vocab = add.prompt_token_ids, self.core.model_config.vocab_size
         try:
             if not ids or min(ids) < 0 or max(ids) >= vocab:  # an embedding out of range would kill the step
@@ -189,6 +227,10 @@ class EngineCoreProc:
         self.owners[add.request_id] = _Owned(identity, [0] * add.params.n, [False] * add.params.n)
 
     def _abort_all(self, whose: Callable[[bytes], bool]) -> None:
+        for request_id, (identity, _, _) in list(self.compiling.items()):
+            if whose(identity):
+                del self.compiling[request_id]
+                self._queue(identity, RequestDelta(request_id, [], finished=True))
         for request_id, owned in list(self.owners.items()):
             if whose(owned.identity):
                 out = self.core.abort(request_id)

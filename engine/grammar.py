@@ -74,6 +74,10 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str, str | None], CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
 
+    def is_cached(self, params: StructuredOutputsParams) -> bool:
+        with self._lock:
+            return params.key in self._cache
+
     def get(self, params: StructuredOutputsParams) -> tuple[CompiledGrammar, bool]:
         """(the compiled grammar, whether this call compiled it); GrammarError if it cannot compile."""
         key = params.key

@@ -263,3 +263,45 @@ async def test_a_failing_core_ends_every_stream(core: CoreThread, client: AsyncE
     assert len(deaths) == 1 and not client.is_running
     with pytest.raises(EngineDeadError):
         await last(client, [5], SamplingParams(), "late")
+
+
+async def test_a_new_grammar_compiles_beside_the_running_steps(core: CoreThread,
+                                                               client: AsyncEngineClient) -> None:
+    """A grammar the core has not seen compiles in a worker thread: the running requests keep stepping
+    meanwhile, the constrained request joins once it is ready, and one aborted while it waits for its
+    grammar ends without ever taking a slot."""
+    grammars = core.core.grammars
+    assert grammars is not None
+    gate, started = threading.Event(), threading.Event()
+    compile_ = grammars.compile
+
+    def slow(params: StructuredOutputsParams) -> Any:
+        started.set()
+        gate.wait(30)
+        return compile_(params)
+
+    grammars.compile = slow  # type: ignore[method-assign]
+    runner = client.generate([5, 6, 7], SamplingParams(max_tokens=100, **GREEDY), "runs")
+    try:
+        await runner.__anext__()  # type: ignore[attr-defined]
+        tokens = client.outputs.requests["runs"].request.seqs[0].token_ids
+        five = SamplingParams(max_tokens=10, structured_outputs=StructuredOutputsParams(regex=r"[a-z]{5}"))
+        waits = asyncio.create_task(last(client, "x", five, "waits"))
+        await until(started.is_set)
+        seen = len(tokens)
+        await until(lambda: len(tokens) >= seen + 5)  # steps go on while the grammar compiles
+        assert not waits.done() and "waits" in core.proc.compiling
+
+        three = SamplingParams(max_tokens=10, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}"))
+        gone = asyncio.create_task(last(client, "y", three, "gone"))
+        await until(lambda: "gone" in core.proc.compiling)
+        await client.abort("gone")
+        assert "gone" not in core.proc.compiling and core.core.pool.allocator.num_used == 1
+        assert (await asyncio.wait_for(gone, 10)).finished
+    finally:
+        gate.set()
+        await runner.aclose()  # type: ignore[attr-defined]
+    out = await asyncio.wait_for(waits, 30)
+    assert out.outputs[0].finish_reason == "stop" and len(out.outputs[0].text) == 5
+    await until(lambda: not core.proc.compiling and core.core.pool.allocator.num_used == 0)
+    assert "gone" not in core.core.requests
