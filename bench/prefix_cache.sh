@@ -50,7 +50,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import fenwick_llm.server.cli" || exit 1
 
 t0=$SECONDS
-[ -f "$MODEL_DIR/config.json" ] || python3 tools/make_random_model.py --hidden 768 --layers 24 --tokenizer word \
+[ -f "$MODEL_DIR/config.json" ] || python3 -m fenwick_llm.tools.make_random_model --hidden 768 --layers 24 --tokenizer word \
     --out "$MODEL_DIR" || exit 1
 VOCAB=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$MODEL_DIR/config.json")
 echo "model ready after $((SECONDS - t0)) s" | tee -a "$OUT/commands.txt"

@@ -32,7 +32,7 @@ assert '$DEVICE' == 'cpu' or torch.cuda.is_available()" \
     || { echo "missing packages or no GPU: see the header of $0"; exit 1; }
 
 t0=$SECONDS
-[ -f "$MODEL_DIR/config.json" ] || python3 tools/make_random_model.py --hidden 768 --layers 24 --out "$MODEL_DIR" \
+[ -f "$MODEL_DIR/config.json" ] || python3 -m fenwick_llm.tools.make_random_model --hidden 768 --layers 24 --out "$MODEL_DIR" \
     || exit 1
 python3 bench/state_memory.py --config "$MODEL_DIR/config.json" >"$OUT/state_memory.md"
 VOCAB=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$MODEL_DIR/config.json")
