@@ -8,7 +8,7 @@ word-level one whose text of any ids encodes back to those ids: a random model's
 to the tokens it generated, as a trained model's mostly do (a BPE re-tokenizes random ids differently),
 which multi-turn chat benchmarks of the prefix cache need. Both have the demo model's chat template.
 
-    python -m fenwick_llm.tools.make_random_model --hidden 768 --layers 24 --out /tmp/fenwick-250m   # ~259 M params
+    python -m fenwick_llm.tools.make_random_model --hidden 768 --layers 24 --out /tmp/fenwick-250m  # 259 M
 """
 
 from __future__ import annotations
