@@ -194,11 +194,14 @@ def connections(port: int, owners: list[int]) -> dict[int, int]:
         f = line.split()
         if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":  # local port, ESTABLISHED
             inodes.add(f"socket:[{f[9]}]")
-    held = {}
-    for pid in owners:
-        fds = Path(f"/proc/{pid}/fd")
-        held[pid] = sum(1 for fd in fds.iterdir() if os.readlink(fd) in inodes)
-    return held
+    return {pid: sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if _link(fd) in inodes) for pid in owners}
+
+
+def _link(fd: Path) -> str | None:
+    try:
+        return os.readlink(fd)
+    except FileNotFoundError:  # closed since the listing (another file the process had open)
+        return None
 
 
 async def test_the_core_dies_and_every_stream_ends_and_the_server_exits_1(fresh: ServerProcess) -> None:
