@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from server_up import wait_healthy
 
 HERE = Path(__file__).resolve().parent
 
@@ -98,18 +98,7 @@ def http(a: argparse.Namespace, count: int | None, out_dir: Path) -> dict[str, A
     with open(out_dir / "server.log", "wb") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + a.startup_timeout
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"fenwick serve exited ({server.returncode}): see {out_dir}/server.log")
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"fenwick serve not healthy in {a.startup_timeout} s")
-                time.sleep(0.5)
+            wait_healthy(url, server, a.startup_timeout, out_dir / "server.log")
             vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
             runs = {}
             for i, c in enumerate(a.concurrency):  # one client run per level, to count the server's CPU

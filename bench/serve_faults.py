@@ -30,6 +30,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import httpx
+from server_up import wait_healthy
 
 
 class Server:
@@ -51,16 +52,7 @@ class Server:
                *a.server_args.split()]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + a.startup_timeout
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"fenwick serve did not start: see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(self.url, self.proc, a.startup_timeout, self.log_path)
 
     def pids(self) -> dict[str, int]:
         text = self.log_path.read_text(errors="replace")

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from server_up import wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMAS: dict[str, dict] = json.loads((REPO / "tests" / "data" / "json_schemas.json").read_text())
@@ -167,16 +168,7 @@ def bench_http(a: argparse.Namespace) -> dict[str, Any]:
     log = open(Path(tempfile.gettempdir()) / f"bench-structured-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc, 600, log.name)
         for constrained in (False, True):  # warm-up: graphs, the grammar's compile
             asyncio.run(_load(url, constrained, a.concurrency, a.concurrency, 8))
         runs: dict[str, list[dict[str, float]]] = {"unconstrained": [], "json_schema": []}
