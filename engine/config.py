@@ -54,6 +54,9 @@ class EngineConfig:
     prefill_graph_max_tokens: int | None = None
     prefill_graph_max_seqs: int = 16
     seed: int = 0  # generator of requests without their own seed
+    # torch intra-op threads of the engine-core process (`fenwick serve`); None: torch's count capped by the
+    # CPUs the process may use, its affinity and cgroup quota (engine/cpus.py)
+    cpu_threads: int | None = None
     served_model_name: str | None = None  # name in the API; None: the model directory's name
     memory_fraction: float = 0.9  # of free GPU memory / available RAM for the state pool
     # keep snapshots of request states by token prefix and restore them into new requests (prefix_cache.py)
@@ -109,6 +112,8 @@ class EngineConfig:
             fix(self, "prefill_graph_max_tokens", self.max_num_batched_tokens)
         if self.prefill_graph_max_tokens < 0 or self.prefill_graph_max_seqs < 1:
             raise ValueError("prefill_graph_max_tokens must be >= 0 and prefill_graph_max_seqs >= 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError("memory_fraction must be in (0, 1]")
         on_cuda = dev.type == "cuda"

@@ -47,7 +47,7 @@ from .messages import (
 )
 from .outputs import RequestOutput
 from .request import Request, RequestStatus
-from .startup import configure_logging, freeze_heap
+from .startup import configure_logging, freeze_heap, set_cpu_threads
 from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -281,6 +281,7 @@ def run_engine_core(config: EngineConfig, address: str, ready: Connection, log_l
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level)
     try:
+        threads = set_cpu_threads(config.cpu_threads)
         proc = EngineCoreProc(EngineCore(config, detokenize=False), address, parent_pid=os.getppid())
         freeze_heap()  # the loaded model and engine out of the garbage collector's sight
     except BaseException as e:
@@ -289,7 +290,8 @@ def run_engine_core(config: EngineConfig, address: str, ready: Connection, log_l
         sys.exit(1)
     ready.send(("ready", proc.info()))
     ready.close()
-    logger.info("engine core ready: %d slots, listening on %s", proc.info().max_num_seqs, address)
+    logger.info("engine core ready: %d slots, cpu threads %d, listening on %s", proc.info().max_num_seqs,
+                threads, address)
     try:
         proc.run()
     except Exception as e:

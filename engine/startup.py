@@ -29,3 +29,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 def configure_logging(level: str) -> None:
     """Each process of `fenwick serve` logs to stderr, named (fenwick-core, fenwick-api-0, ...)."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+
+def set_cpu_threads(requested: int | None) -> int:
+    """torch's intra-op threads for this process: `requested`, or None for torch's own count capped by the
+    CPUs this process may use (engine/cpus.py: its affinity and cgroup quota). The count set."""
+    import torch
+
+    from .cpus import usable_cpus
+
+    threads = requested if requested is not None else min(torch.get_num_threads(), usable_cpus())
+    if threads < 1:
+        raise ValueError(f"cpu threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    serve.add_argument(
+        "--cpu-threads", type=int, default=None,
+        help="torch threads of the engine core (default: torch's count, capped by the CPUs the process may "
+             "use: its affinity and its container's CPU quota)",
+    )
     limits = ServerConfig()
     serve.add_argument(
         "--max-body-bytes", type=int, default=limits.max_body_bytes, help="larger bodies get 413"
@@ -221,7 +226,7 @@ def build_configs(
         engine_kwargs["max_model_len"] = args.max_model_len
     if args.max_waiting is not None:
         engine_kwargs["max_waiting"] = args.max_waiting
-    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed"):
+    for key in ("max_num_batched_tokens", "state_dtype", "memory_fraction", "seed", "cpu_threads"):
         if getattr(args, key) is not None:
             engine_kwargs[key] = getattr(args, key)
     engine_kwargs["enforce_eager"] = args.enforce_eager

@@ -129,7 +129,10 @@ def complete(port: int) -> None:
 @pytest.fixture(scope="module")
 def container(image: str) -> Iterator[str]:
     name = f"{TAG}-run"
-    docker("run", "--detach", "--name", name, "--publish", "127.0.0.1::8000", image)
+    # one CPU's quota: the engine core must size torch's threads from it, not from the machine's cores (a
+    # thread per core, throttled by the quota and sharing them with the tests beside it, made CI's steps
+    # many times slower)
+    docker("run", "--detach", "--name", name, "--cpus", "1", "--publish", "127.0.0.1::8000", image)
     try:
         wait_healthy(name)
         yield name
@@ -144,6 +147,8 @@ def test_docker_run_serves_as_non_root(container: str) -> None:
     status = docker("exec", container, "cat", "/proc/1/status").stdout  # the server itself, PID 1
     uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
     assert set(uids) == {USER}
+    logs = docker("logs", container)
+    assert "cpu threads 1," in logs.stdout + logs.stderr  # from `--cpus 1` (engine/cpus.py)
 
 
 def test_docker_stop_drains_a_running_stream(container: str) -> None:

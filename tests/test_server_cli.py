@@ -70,13 +70,15 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
             "7",
             "--enforce-eager",
             "--no-overlap-decode",
+            "--cpu-threads",
+            "3",
         ]
     )
     engine_config, server_config = cli.build_configs(args)
     assert engine_config.max_num_seqs == 3 and engine_config.max_model_len == 128
     assert engine_config.state_dtype == "bfloat16" and engine_config.max_num_batched_tokens == 256
     assert engine_config.memory_fraction == 0.5 and engine_config.seed == 7
-    assert engine_config.enforce_eager
+    assert engine_config.enforce_eager and engine_config.cpu_threads == 3
     assert engine_config.overlap_decode is False and not engine_config.use_overlap_decode
     assert engine_config.prefill_graph_max_tokens == 256  # prompt graphs up to the step budget
     assert engine_config.served_model_name == server_config.served_model_name == "my-model"
@@ -86,13 +88,16 @@ def test_build_configs(tiny_model_dir: Path, tmp_path: Path) -> None:
         server_config.port = 1  # type: ignore[misc]
     defaults, _ = cli.build_configs(cli.build_parser().parse_args(["serve", "--model", str(model)]))
     assert defaults.state_dtype == "float32" and not defaults.enforce_eager
-    assert defaults.overlap_decode is None
+    assert defaults.overlap_decode is None and defaults.cpu_threads is None
     assert defaults.prefill_graph_max_tokens == defaults.max_num_batched_tokens
     too_long = cli.build_parser().parse_args(
         ["serve", "--model", str(model), "--max-model-len", str(1 << 30)]
     )
     with pytest.raises(ValueError, match="max_model_len"):
         cli.build_configs(too_long)
+    no_threads = cli.build_parser().parse_args(["serve", "--model", str(model), "--cpu-threads", "0"])
+    with pytest.raises(ValueError, match="cpu_threads"):
+        cli.build_configs(no_threads)
 
 
 def test_server_config_validation() -> None:
