@@ -59,6 +59,8 @@ class ServerProcess:
             "127.0.0.1",
             "--port",
             str(self.port),
+            # as conftest's _one_torch_thread: the engine core beside the other pytest worker on 2 cores
+            *([] if "--cpu-threads" in args else ["--cpu-threads", "1"]),
             *args,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
